@@ -1,0 +1,690 @@
+//! The service's configuration: upstream Parsec's `config.toml` layout, checked strictly.
+//!
+//! Parsing happens in two steps. `serde` turns the TOML text into the `File*` structs below,
+//! which mirror upstream's layout; unknown keys and ill-typed values fail there, and the TOML
+//! library reports the line and column. `Config::from_file_text` then checks what types alone
+//! cannot (names that refer to each other, providers built into this binary, limits) and
+//! resolves everything into the `Config` the service runs on. Its errors name the line of the
+//! table they are about.
+
+use log::LevelFilter;
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The configuration used when no file is given and `/etc/parsec/config.toml` does not exist.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+/// Where the service looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/parsec/config.toml";
+
+/// Everything the service needs to run, resolved and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub log_level: LevelFilter,
+    pub log_target: LogTarget,
+    pub log_timestamp: bool,
+    pub allow_root: bool,
+    pub body_len_limit: usize,
+    pub buffer_size_limit: usize,
+    pub socket_path: PathBuf,
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+    pub authenticator: AuthenticatorKind,
+    pub admins: Vec<String>,
+    pub providers: Vec<ProviderSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum LogTarget {
+    #[serde(rename = "stderr")]
+    Stderr,
+    #[serde(rename = "syslog")]
+    Syslog,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthenticatorKind {
+    Direct,
+    UnixPeerCredentials,
+    /// Accepted by the parser so that the error can say it is not supported.
+    JwtSvid,
+}
+
+/// One enabled provider, in config order (the first is the clients' default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderSettings {
+    pub name: String,
+    /// Where the key store keeps this provider's name-to-key mappings.
+    pub key_store_dir: PathBuf,
+    pub kind: ProviderKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderKind {
+    MbedCrypto {
+        /// Where Mbed TLS keeps its key files.
+        storage_dir: PathBuf,
+    },
+}
+
+/// Values given on the command line that replace the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub socket_path: Option<PathBuf>,
+    pub store_dir: Option<PathBuf>,
+}
+
+/// A configuration error, ready to print: `FILE[:LINE]: what is wrong and what is expected`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the configuration comes from, kept so that SIGHUP can read it again.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file, or `None` for the embedded default.
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+    /// Relative paths are resolved against the directory the service was started in, even
+    /// after a provider changed the working directory.
+    pub base_dir: PathBuf,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path, &self.overrides)?,
+            None => Config::from_file_text("(embedded default)", EMBEDDED_DEFAULT, &self.overrides)?,
+        };
+        let base = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = self.base_dir.join(&*p);
+            }
+        };
+        base(&mut config.socket_path);
+        for provider in &mut config.providers {
+            base(&mut provider.key_store_dir);
+            match &mut provider.kind {
+                ProviderKind::MbedCrypto { storage_dir } => base(storage_dir),
+            }
+        }
+        Ok(config)
+    }
+
+    /// A name for log lines.
+    pub fn describe(&self) -> String {
+        match &self.path {
+            Some(path) => path.display().to_string(),
+            None => "(embedded default)".into(),
+        }
+    }
+}
+
+// ---- The file's layout (upstream's names) ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    core_settings: FileCoreSettings,
+    listener: Option<FileListener>,
+    authenticator: Option<FileAuthenticator>,
+    #[serde(default)]
+    key_manager: Vec<FileKeyManager>,
+    #[serde(default)]
+    provider: Vec<FileProvider>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileCoreSettings {
+    log_level: Option<FileLogLevel>,
+    log_target: Option<LogTarget>,
+    log_timestamp: Option<bool>,
+    log_error_details: Option<bool>,
+    allow_root: Option<bool>,
+    body_len_limit: Option<u64>,
+    buffer_size_limit: Option<u64>,
+    allow_deprecated: Option<bool>,
+    /// Upstream's worker pool; this service has one thread by design.
+    thread_pool_size: Option<u64>,
+    /// Upstream's polling interval; this service blocks in the event loop instead.
+    idle_listener_sleep_duration: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum FileLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    listener_type: FileListenerType,
+    /// Milliseconds a client has to send its whole request.
+    timeout: u64,
+    socket_path: Option<String>,
+    max_connections: Option<u64>,
+}
+
+#[derive(Deserialize)]
+enum FileListenerType {
+    DomainSocket,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuthenticator {
+    auth_type: AuthenticatorKind,
+    admins: Option<Vec<FileAdmin>>,
+    workload_endpoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeyManager {
+    name: String,
+    manager_type: FileManagerType,
+    store_path: Option<String>,
+    sqlite_db_path: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+enum FileManagerType {
+    OnDisk,
+    SQLite,
+}
+
+/// Every provider type upstream knows, so that a config written for upstream parses and a
+/// provider missing from this build is named as such rather than as a syntax error.
+#[derive(Deserialize)]
+#[serde(tag = "provider_type", deny_unknown_fields)]
+// The TPM and PKCS#11 keys are parsed (so upstream configs are checked) before those
+// providers are built in; they are read once their features exist.
+#[allow(dead_code)]
+enum FileProvider {
+    MbedCrypto {
+        name: Option<String>,
+        key_info_manager: String,
+        storage_dir: Option<String>,
+    },
+    Tpm {
+        name: Option<String>,
+        key_info_manager: String,
+        tcti: Option<String>,
+        owner_hierarchy_auth: Option<String>,
+        endorsement_hierarchy_auth: Option<String>,
+        skip_if_no_tpm: Option<bool>,
+    },
+    Pkcs11 {
+        name: Option<String>,
+        key_info_manager: String,
+        library_path: Option<String>,
+        slot_number: Option<u64>,
+        serial_number: Option<String>,
+        user_pin: Option<String>,
+        software_public_operations: Option<bool>,
+        allow_export: Option<bool>,
+    },
+    TrustedService {
+        name: Option<String>,
+        key_info_manager: String,
+    },
+    CryptoAuthLib {
+        name: Option<String>,
+        key_info_manager: String,
+    },
+}
+
+impl FileProvider {
+    fn type_name(&self) -> &'static str {
+        match self {
+            FileProvider::MbedCrypto { .. } => "MbedCrypto",
+            FileProvider::Tpm { .. } => "Tpm",
+            FileProvider::Pkcs11 { .. } => "Pkcs11",
+            FileProvider::TrustedService { .. } => "TrustedService",
+            FileProvider::CryptoAuthLib { .. } => "CryptoAuthLib",
+        }
+    }
+
+    fn common(&self) -> (&Option<String>, &String) {
+        match self {
+            FileProvider::MbedCrypto {
+                name,
+                key_info_manager,
+                ..
+            }
+            | FileProvider::Tpm {
+                name,
+                key_info_manager,
+                ..
+            }
+            | FileProvider::Pkcs11 {
+                name,
+                key_info_manager,
+                ..
+            }
+            | FileProvider::TrustedService {
+                name,
+                key_info_manager,
+            }
+            | FileProvider::CryptoAuthLib {
+                name,
+                key_info_manager,
+            } => (name, key_info_manager),
+        }
+    }
+}
+
+/// Finds the line of the `index`-th occurrence of a table header such as `[[provider]]`,
+/// so that errors found after parsing can still point at the right place.
+fn line_of_table(text: &str, header: &str, index: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| line.trim_start().starts_with(header))
+        .nth(index)
+        .map(|(number, _)| number + 1)
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::from_file_text(&file, &text, overrides)
+    }
+
+    /// Parses and checks config text; `file` is only used in error messages.
+    pub fn from_file_text(
+        file: &str,
+        text: &str,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let error = |line: Option<usize>, message: String| ConfigError {
+            file: file.to_string(),
+            line,
+            message,
+        };
+        let parsed: FileConfig = toml::from_str(text).map_err(|e| {
+            // The TOML library's message already carries line, column and the expected values.
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().trim().to_string();
+            error(line, message)
+        })?;
+
+        let core = &parsed.core_settings;
+        let core_line = line_of_table(text, "[core_settings]", 0);
+        for (key, set) in [
+            ("thread_pool_size", core.thread_pool_size.is_some()),
+            (
+                "idle_listener_sleep_duration",
+                core.idle_listener_sleep_duration.is_some(),
+            ),
+            ("log_error_details", core.log_error_details.is_some()),
+            ("allow_deprecated", core.allow_deprecated.is_some()),
+        ] {
+            if set {
+                log::info!("{file}: core_settings.{key} is accepted for compatibility with upstream Parsec and has no effect here");
+            }
+        }
+        let body_len_limit = core.body_len_limit.unwrap_or(1 << 20);
+        let buffer_size_limit = core.buffer_size_limit.unwrap_or(1 << 20);
+        for (key, value) in [
+            ("body_len_limit", body_len_limit),
+            ("buffer_size_limit", buffer_size_limit),
+        ] {
+            if value == 0 || value > u32::MAX as u64 {
+                return Err(error(
+                    core_line,
+                    format!("core_settings.{key} = {value} is out of range: expected a number of bytes from 1 to 4294967295"),
+                ));
+            }
+        }
+
+        let listener = parsed.listener.as_ref().ok_or_else(|| {
+            error(
+                None,
+                "the [listener] table is missing: expected listener_type = \"DomainSocket\", timeout (ms) and socket_path".into(),
+            )
+        })?;
+        let listener_line = line_of_table(text, "[listener]", 0);
+        let FileListenerType::DomainSocket = listener.listener_type;
+        if listener.timeout == 0 || listener.timeout > 3_600_000 {
+            return Err(error(
+                listener_line,
+                format!(
+                    "listener.timeout = {} is out of range: expected milliseconds from 1 to 3600000",
+                    listener.timeout
+                ),
+            ));
+        }
+        let max_connections = listener.max_connections.unwrap_or(256);
+        if max_connections == 0 || max_connections > 65_536 {
+            return Err(error(
+                listener_line,
+                format!("listener.max_connections = {max_connections} is out of range: expected 1 to 65536"),
+            ));
+        }
+        let socket_path = match (&overrides.socket_path, &listener.socket_path) {
+            (Some(path), _) => path.clone(),
+            (None, Some(path)) if !path.is_empty() => PathBuf::from(path),
+            (None, Some(_)) => {
+                return Err(error(
+                    listener_line,
+                    "listener.socket_path is empty: expected the path of the Unix socket".into(),
+                ))
+            }
+            (None, None) => PathBuf::from("/run/parsec/parsec.sock"),
+        };
+
+        let authenticator = parsed.authenticator.as_ref().ok_or_else(|| {
+            error(
+                None,
+                "the [authenticator] table is missing: expected auth_type = \"Direct\" or \"UnixPeerCredentials\"".into(),
+            )
+        })?;
+        let auth_line = line_of_table(text, "[authenticator]", 0);
+        if authenticator.auth_type == AuthenticatorKind::JwtSvid {
+            return Err(error(
+                auth_line,
+                "auth_type = \"JwtSvid\" is not supported by this service: expected \"Direct\" or \"UnixPeerCredentials\"".into(),
+            ));
+        }
+        if authenticator.workload_endpoint.is_some() {
+            return Err(error(
+                auth_line,
+                "workload_endpoint only applies to auth_type = \"JwtSvid\", which this service does not support".into(),
+            ));
+        }
+        let admins: Vec<String> = authenticator
+            .admins
+            .iter()
+            .flatten()
+            .map(|admin| admin.name.clone())
+            .collect();
+        if let Some(empty) = admins.iter().position(|name| name.is_empty()) {
+            return Err(error(
+                auth_line,
+                format!("admins entry {} has an empty name: expected an application name (a UID for UnixPeerCredentials)", empty + 1),
+            ));
+        }
+        if authenticator.auth_type == AuthenticatorKind::UnixPeerCredentials {
+            if let Some(bad) = admins.iter().find(|name| name.parse::<u32>().is_err()) {
+                return Err(error(
+                    auth_line,
+                    format!("admin \"{bad}\" is not a UID: with UnixPeerCredentials, application names are numeric UIDs"),
+                ));
+            }
+        }
+
+        let mut managers = Vec::new();
+        for (index, manager) in parsed.key_manager.iter().enumerate() {
+            let line = line_of_table(text, "[[key_manager]]", index);
+            if managers.iter().any(|(name, _): &(String, PathBuf)| *name == manager.name) {
+                return Err(error(
+                    line,
+                    format!("a second [[key_manager]] is named \"{}\": names must be unique", manager.name),
+                ));
+            }
+            let path = match (manager.manager_type, &manager.store_path, &manager.sqlite_db_path) {
+                (FileManagerType::OnDisk, Some(path), None) => path.clone(),
+                (FileManagerType::OnDisk, None, None) => "/var/lib/parsec/mappings".to_string(),
+                (FileManagerType::SQLite, None, Some(path)) => path.clone(),
+                (FileManagerType::SQLite, None, None) => {
+                    "/var/lib/parsec/kim-mappings/sqlite/sqlite-key-info-manager.sqlite3".to_string()
+                }
+                (FileManagerType::OnDisk, _, Some(_)) => {
+                    return Err(error(line, "sqlite_db_path belongs to manager_type = \"SQLite\": use store_path for \"OnDisk\"".into()))
+                }
+                (FileManagerType::SQLite, Some(_), _) => {
+                    return Err(error(line, "store_path belongs to manager_type = \"OnDisk\": use sqlite_db_path for \"SQLite\"".into()))
+                }
+            };
+            let path = match &overrides.store_dir {
+                Some(dir) => dir.clone(),
+                None => PathBuf::from(path),
+            };
+            managers.push((manager.name.clone(), path));
+        }
+
+        let mut providers: Vec<ProviderSettings> = Vec::new();
+        for (index, provider) in parsed.provider.iter().enumerate() {
+            let line = line_of_table(text, "[[provider]]", index);
+            let (name, manager) = provider.common();
+            let type_name = provider.type_name();
+            let Some((_, key_store_dir)) = managers.iter().find(|(n, _)| n == manager) else {
+                return Err(error(
+                    line,
+                    format!("key_info_manager = \"{manager}\" names no [[key_manager]]: expected one of {:?}",
+                        managers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()),
+                ));
+            };
+            let name = name.clone().unwrap_or_else(|| default_provider_name(type_name));
+            let kind = match provider {
+                #[cfg(feature = "mbed-crypto-provider")]
+                FileProvider::MbedCrypto { storage_dir, .. } => ProviderKind::MbedCrypto {
+                    storage_dir: storage_dir
+                        .as_ref()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| key_store_dir.join("mbed-crypto")),
+                },
+                _ => {
+                    return Err(error(
+                        line,
+                        format!(
+                            "provider_type = \"{type_name}\" is not built into this binary: expected one of {:?}, or rebuild with cargo feature {}",
+                            built_in_providers(),
+                            feature_of(type_name)
+                        ),
+                    ))
+                }
+            };
+            if providers.iter().any(|p| std::mem::discriminant(&p.kind) == std::mem::discriminant(&kind)) {
+                return Err(error(
+                    line,
+                    format!("a second provider of type \"{type_name}\": each provider type may be configured once"),
+                ));
+            }
+            if providers.iter().any(|p| p.name == name) {
+                return Err(error(line, format!("a second provider is named \"{name}\": names must be unique")));
+            }
+            providers.push(ProviderSettings {
+                name,
+                key_store_dir: key_store_dir.clone(),
+                kind,
+            });
+        }
+        if providers.is_empty() {
+            log::warn!("{file}: no [[provider]] is configured: only core operations will be served");
+        }
+
+        Ok(Config {
+            log_level: match core.log_level.unwrap_or(FileLogLevel::Warn) {
+                FileLogLevel::Off => LevelFilter::Off,
+                FileLogLevel::Error => LevelFilter::Error,
+                FileLogLevel::Warn => LevelFilter::Warn,
+                FileLogLevel::Info => LevelFilter::Info,
+                FileLogLevel::Debug => LevelFilter::Debug,
+                FileLogLevel::Trace => LevelFilter::Trace,
+            },
+            log_target: core.log_target.unwrap_or(LogTarget::Stderr),
+            log_timestamp: core.log_timestamp.unwrap_or(false),
+            allow_root: core.allow_root.unwrap_or(false),
+            body_len_limit: body_len_limit as usize,
+            buffer_size_limit: buffer_size_limit as usize,
+            socket_path,
+            read_timeout: Duration::from_millis(listener.timeout),
+            max_connections: max_connections as usize,
+            authenticator: authenticator.auth_type,
+            admins,
+            providers,
+        })
+    }
+}
+
+fn default_provider_name(type_name: &str) -> String {
+    match type_name {
+        "MbedCrypto" => "mbed-crypto-provider".into(),
+        "Tpm" => "tpm-provider".into(),
+        "Pkcs11" => "pkcs11-provider".into(),
+        other => format!("{}-provider", other.to_lowercase()),
+    }
+}
+
+fn feature_of(type_name: &str) -> &'static str {
+    match type_name {
+        "MbedCrypto" => "mbed-crypto-provider",
+        "Tpm" => "tpm-provider",
+        "Pkcs11" => "pkcs11-provider",
+        _ => "(none: this service does not implement it)",
+    }
+}
+
+/// The provider types compiled into this binary.
+pub fn built_in_providers() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut list = Vec::new();
+    #[cfg(feature = "mbed-crypto-provider")]
+    list.push("MbedCrypto");
+    list
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_file_text("test.toml", text, &Overrides::default())
+    }
+
+    const GOOD: &str = r#"
+[core_settings]
+log_level = "info"
+thread_pool_size = 8
+
+[listener]
+listener_type = "DomainSocket"
+timeout = 200
+socket_path = "/tmp/p.sock"
+
+[authenticator]
+auth_type = "Direct"
+admins = [ { name = "root-app" } ]
+
+[[key_manager]]
+name = "sqlite-manager"
+manager_type = "SQLite"
+sqlite_db_path = "/tmp/kim.sqlite3"
+
+[[provider]]
+provider_type = "MbedCrypto"
+key_info_manager = "sqlite-manager"
+"#;
+
+    #[test]
+    fn upstream_layout_is_accepted() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.log_level, LevelFilter::Info);
+        assert_eq!(config.socket_path, PathBuf::from("/tmp/p.sock"));
+        assert_eq!(config.admins, vec!["root-app".to_string()]);
+        assert_eq!(config.providers.len(), 1);
+        assert_eq!(config.providers[0].key_store_dir, PathBuf::from("/tmp/kim.sqlite3"));
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        parse(EMBEDDED_DEFAULT).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let text = GOOD.replace("timeout = 200", "timeout = 200\ncolour = \"blue\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(9), "{err}");
+        assert!(err.message.contains("colour"), "{err}");
+        assert!(err.to_string().starts_with("test.toml:9: "), "{err}");
+    }
+
+    #[test]
+    fn bad_value_says_what_is_expected() {
+        let err = parse(&GOOD.replace("\"info\"", "\"loud\"")).unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains("expected one of"), "{err}");
+    }
+
+    #[test]
+    fn dangling_key_manager_is_rejected_at_the_provider_line() {
+        let err = parse(&GOOD.replace("key_info_manager = \"sqlite-manager\"", "key_info_manager = \"nope\"")).unwrap_err();
+        assert_eq!(err.line, Some(20), "{err}");
+        assert!(err.message.contains("names no [[key_manager]]"), "{err}");
+    }
+
+    #[test]
+    fn provider_missing_from_build_is_named() {
+        let text = GOOD.replace("provider_type = \"MbedCrypto\"", "provider_type = \"Tpm\"\ntcti = \"device:/dev/tpmrm0\"");
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("not built into this binary"), "{err}");
+        assert!(err.message.contains("tpm-provider"), "{err}");
+    }
+
+    #[test]
+    fn non_numeric_admin_with_peer_credentials_is_rejected() {
+        let text = GOOD.replace("auth_type = \"Direct\"", "auth_type = \"UnixPeerCredentials\"");
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("not a UID"), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_paths() {
+        let overrides = Overrides {
+            socket_path: Some("/x/s.sock".into()),
+            store_dir: Some("/x/store".into()),
+        };
+        let config = Config::from_file_text("t", GOOD, &overrides).unwrap();
+        assert_eq!(config.socket_path, PathBuf::from("/x/s.sock"));
+        assert_eq!(config.providers[0].key_store_dir, PathBuf::from("/x/store"));
+        assert_eq!(
+            config.providers[0].kind,
+            ProviderKind::MbedCrypto { storage_dir: "/x/store/mbed-crypto".into() }
+        );
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let err = parse(&GOOD.replace("timeout = 200", "timeout = 0")).unwrap_err();
+        assert!(err.message.contains("listener.timeout"), "{err}");
+    }
+}

@@ -1,0 +1,297 @@
+//! From a decoded request to a response: authenticate, decode the body, run the operation
+//! (core operations here, the rest in the provider the header names), encode the result.
+//!
+//! Every failure is logged once, here, with the application, provider, opcode, the native
+//! cause and a hint; the client gets the status alone.
+
+use crate::authenticators::{Application, Authenticator, PeerCredentials};
+use crate::config::Config;
+use crate::error::OpError;
+use crate::key_store::KeyStore;
+use crate::providers::{self, AppKeys, Limits, Provider};
+use parsec_interface::operations::list_keys::KeyInfo;
+use parsec_interface::operations::list_providers::ProviderInfo;
+use parsec_interface::operations::{
+    delete_client, list_authenticators, list_clients, list_keys, list_opcodes, list_providers,
+    ping, Convert, NativeOperation, NativeResult,
+};
+use parsec_interface::operations_protobuf::ProtobufConverter;
+use parsec_interface::requests::request::RequestHeader;
+use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
+use std::collections::HashSet;
+
+const CORE_UUID: &str = "47049873-2a43-4845-9d72-831eab668784";
+const CORE_OPCODES: &[Opcode] = &[
+    Opcode::Ping,
+    Opcode::ListProviders,
+    Opcode::ListOpcodes,
+    Opcode::ListAuthenticators,
+    Opcode::ListKeys,
+    Opcode::ListClients,
+    Opcode::DeleteClient,
+];
+
+/// Everything that answers requests: the authenticator, the providers and the key store.
+pub struct Dispatcher {
+    authenticator: Authenticator,
+    providers: Vec<Box<dyn Provider>>,
+    store: KeyStore,
+    converter: ProtobufConverter,
+}
+
+impl Dispatcher {
+    /// Opens the key store and starts every configured provider, in config order.
+    pub fn new(config: &Config) -> Result<Dispatcher, String> {
+        let roots: Vec<(ProviderId, std::path::PathBuf)> = config
+            .providers
+            .iter()
+            .map(|p| (providers::id_of(&p.kind), p.key_store_dir.clone()))
+            .collect();
+        let (store, damaged) =
+            KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
+        for entry in &damaged {
+            log::error!(
+                "key store: skipping damaged entry {}: {}; its key is unusable until the file is restored or removed",
+                entry.path.display(),
+                entry.reason
+            );
+        }
+        let limits = Limits {
+            buffer_size_limit: config.buffer_size_limit,
+        };
+        let mut built = Vec::new();
+        for settings in &config.providers {
+            let provider = providers::build(settings, &store, limits)
+                .map_err(|e| format!("provider \"{}\" failed to start: {e}", settings.name))?;
+            built.push(provider);
+        }
+        log::info!(
+            "key store: {} keys loaded, {} damaged entries skipped",
+            store.len(),
+            damaged.len()
+        );
+        Ok(Dispatcher {
+            authenticator: Authenticator::new(config.authenticator, config.admins.clone()),
+            providers: built,
+            store,
+            converter: ProtobufConverter {},
+        })
+    }
+
+    /// Answers one request. Never fails: errors become a response status.
+    pub fn dispatch(&mut self, request: Request, peer: Option<PeerCredentials>) -> Response {
+        let header = request.header;
+        let mut app_name = None;
+        let outcome = self.authenticate(&request, peer).and_then(|app| {
+            app_name = app.as_ref().map(|a| a.name.clone());
+            let operation = self
+                .converter
+                .body_to_operation(request.body, header.opcode)
+                .map_err(|status| OpError::new(status, format!("decoding the {:?} body: {status}", header.opcode), crate::error::hint_for(status)))?;
+            let result = self.execute(&header, operation, app.as_ref())?;
+            self.converter.result_to_body(result).map_err(|status| {
+                OpError::new(status, format!("encoding the result: {status}"), "report this as a bug")
+            })
+        });
+        match outcome {
+            Ok(body) => {
+                let mut response = Response::from_request_header(header, ResponseStatus::Success);
+                response.body = body;
+                response
+            }
+            Err(error) => {
+                log::warn!(
+                    "request failed: app={} provider={:?} opcode={:?} status={:?} cause=\"{}\" hint=\"{}\"",
+                    app_name.as_deref().unwrap_or("(unauthenticated)"),
+                    header.provider,
+                    header.opcode,
+                    error.status,
+                    error.cause,
+                    error.hint
+                );
+                Response::from_request_header(header, error.status)
+            }
+        }
+    }
+
+    fn authenticate(
+        &self,
+        request: &Request,
+        peer: Option<PeerCredentials>,
+    ) -> Result<Option<Application>, OpError> {
+        let auth_type = request.header.auth_type;
+        if auth_type == AuthType::NoAuth {
+            return Ok(None);
+        }
+        if auth_type != self.authenticator.auth_type() {
+            return Err(OpError::new(
+                ResponseStatus::AuthenticatorNotRegistered,
+                format!(
+                    "request uses {auth_type:?}, the service uses {:?}",
+                    self.authenticator.auth_type()
+                ),
+                "the client must use the authenticator ListAuthenticators reports",
+            ));
+        }
+        self.authenticator
+            .authenticate(&request.auth, peer)
+            .map(Some)
+    }
+
+    fn execute(
+        &mut self,
+        header: &RequestHeader,
+        operation: NativeOperation,
+        app: Option<&Application>,
+    ) -> Result<NativeResult, OpError> {
+        let opcode = header.opcode;
+        if (header.provider == ProviderId::Core) != opcode.is_core() {
+            return Err(OpError::new(
+                ResponseStatus::InvalidHeader,
+                format!("{opcode:?} sent to {:?}", header.provider),
+                "core operations go to the core provider (0), cryptographic ones to a crypto provider",
+            ));
+        }
+        let needs_app = !matches!(
+            opcode,
+            Opcode::Ping | Opcode::ListProviders | Opcode::ListOpcodes | Opcode::ListAuthenticators
+        );
+        let app = match (needs_app, app) {
+            (true, None) => return Err(OpError::status(ResponseStatus::NotAuthenticated)),
+            (_, app) => app,
+        };
+        if opcode.is_admin() && !app.is_some_and(|a| a.is_admin) {
+            return Err(OpError::status(ResponseStatus::AdminOperation));
+        }
+        if header.provider == ProviderId::Core {
+            return self.execute_core(operation, app);
+        }
+        let app = app.expect("checked above: provider operations need an application");
+        let provider = self
+            .providers
+            .iter_mut()
+            .find(|p| p.id() == header.provider)
+            .ok_or_else(|| {
+                OpError::new(
+                    ResponseStatus::ProviderNotRegistered,
+                    format!("{:?} is not enabled", header.provider),
+                    crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
+                )
+            })?;
+        if !provider.opcodes().contains(&opcode) {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorNotSupported,
+                format!("{:?} does not implement {opcode:?}", header.provider),
+                "see ListOpcodes for what this provider serves",
+            ));
+        }
+        let keys = AppKeys::new(&mut self.store, &app.name, header.provider);
+        provider.execute(operation, keys)
+    }
+
+    fn execute_core(
+        &mut self,
+        operation: NativeOperation,
+        app: Option<&Application>,
+    ) -> Result<NativeResult, OpError> {
+        match operation {
+            NativeOperation::Ping(_) => Ok(NativeResult::Ping(ping::Result {
+                wire_protocol_version_maj: 1,
+                wire_protocol_version_min: 0,
+            })),
+            NativeOperation::ListProviders(_) => {
+                let mut providers: Vec<ProviderInfo> = self.providers.iter().map(|p| p.info()).collect();
+                providers.push(core_info());
+                Ok(NativeResult::ListProviders(list_providers::Result { providers }))
+            }
+            NativeOperation::ListOpcodes(op) => {
+                let opcodes: &[Opcode] = if op.provider_id == ProviderId::Core {
+                    CORE_OPCODES
+                } else {
+                    self.providers
+                        .iter()
+                        .find(|p| p.id() == op.provider_id)
+                        .map(|p| p.opcodes())
+                        .ok_or_else(|| OpError::new(
+                            ResponseStatus::ProviderNotRegistered,
+                            format!("ListOpcodes for {:?}, which is not enabled", op.provider_id),
+                            crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
+                        ))?
+                };
+                Ok(NativeResult::ListOpcodes(list_opcodes::Result {
+                    opcodes: opcodes.iter().copied().collect::<HashSet<_>>(),
+                }))
+            }
+            NativeOperation::ListAuthenticators(_) => {
+                Ok(NativeResult::ListAuthenticators(list_authenticators::Result {
+                    authenticators: vec![self.authenticator.info()],
+                }))
+            }
+            NativeOperation::ListKeys(_) => {
+                let app = app.expect("ListKeys needs an application");
+                let enabled: Vec<u8> = self.providers.iter().map(|p| p.id() as u8).collect();
+                let keys = self
+                    .store
+                    .keys_of(&app.name)
+                    .filter(|(k, _)| enabled.contains(&k.provider))
+                    .filter_map(|(k, e)| {
+                        let provider_id = ProviderId::try_from(k.provider).ok()?;
+                        Some(KeyInfo {
+                            provider_id,
+                            name: k.name.clone(),
+                            attributes: e.attributes,
+                        })
+                    })
+                    .collect();
+                Ok(NativeResult::ListKeys(list_keys::Result { keys }))
+            }
+            NativeOperation::ListClients(_) => Ok(NativeResult::ListClients(list_clients::Result {
+                clients: self.store.applications(),
+            })),
+            NativeOperation::DeleteClient(op) => {
+                self.delete_client(&op.client)?;
+                Ok(NativeResult::DeleteClient(delete_client::Result {}))
+            }
+            other => Err(OpError::new(
+                ResponseStatus::PsaErrorNotSupported,
+                format!("{:?} is not a core operation", other.opcode()),
+                "send it to a crypto provider",
+            )),
+        }
+    }
+
+    /// Destroys every key of one application in every enabled provider.
+    fn delete_client(&mut self, client: &str) -> Result<(), OpError> {
+        let triples: Vec<_> = self
+            .store
+            .keys_of(client)
+            .map(|(k, _)| k.clone())
+            .filter(|k| self.providers.iter().any(|p| p.id() as u8 == k.provider))
+            .collect();
+        for triple in triples {
+            let entry = self.store.remove(&triple)?;
+            if let Some(provider) = self.providers.iter_mut().find(|p| p.id() as u8 == triple.provider) {
+                if let Err(e) = provider.destroy_material(&entry) {
+                    log::warn!(
+                        "DeleteClient: key \"{}\" of \"{client}\" forgotten, its material not destroyed: {e}",
+                        triple.name
+                    );
+                }
+            }
+        }
+        log::info!("DeleteClient: every key of \"{client}\" destroyed");
+        Ok(())
+    }
+}
+
+fn core_info() -> ProviderInfo {
+    ProviderInfo {
+        uuid: uuid::Uuid::parse_str(CORE_UUID).expect("constant UUID"),
+        description: "Software provider that implements only administrative (i.e. no cryptographic) operations".into(),
+        vendor: String::new(),
+        version_maj: 0,
+        version_min: 1,
+        version_rev: 0,
+        id: ProviderId::Core,
+    }
+}

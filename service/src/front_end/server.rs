@@ -1,0 +1,400 @@
+//! The event loop: one thread, one `mio::Poll`, serving every client.
+//!
+//! Tokens: the listening socket, the signal pipe, then one per connection. Each connection
+//! carries a deadline fixed when it is accepted (now + `listener.timeout`); deadlines are
+//! queued in accept order, so they are sorted and expiring them is O(1) per connection.
+//! A request is answered as soon as its last byte arrives, within the same wake-up, so a
+//! slow or silent client only ever holds its own connection.
+
+use super::connection::{Connection, Progress};
+use super::framing;
+use crate::authenticators::PeerCredentials;
+use crate::config::{Config, ConfigSource, ProviderKind};
+use crate::dispatcher::Dispatcher;
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use parsec_interface::requests::{Response, ResponseStatus};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const FIRST_CONNECTION: usize = 2;
+/// How long shutdown waits for responses still being written.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+pub struct Server {
+    poll: Poll,
+    listener: UnixListener,
+    socket_path: PathBuf,
+    signals: Signals,
+    connections: HashMap<Token, Connection>,
+    deadlines: VecDeque<(Instant, Token)>,
+    next_token: usize,
+    dispatcher: Dispatcher,
+    config: Config,
+    source: ConfigSource,
+    /// When a refused connection was last logged, to keep a flood out of the log.
+    last_refusal_log: Option<Instant>,
+}
+
+/// Binds the service's socket, refusing to steal it from a running service.
+fn bind(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the socket directory {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another service is already listening on {}: stop it or choose another listener.socket_path",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Any local user may connect; who may do what is the authenticator's business, and
+    // who may reach the socket at all is the socket directory's mode.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+fn peer_credentials(stream: &UnixStream) -> Option<PeerCredentials> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials as PeerCred};
+    match getsockopt(stream, PeerCred) {
+        Ok(cred) => Some(PeerCredentials {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        }),
+        Err(e) => {
+            log::warn!("cannot read SO_PEERCRED of a new connection: {e}");
+            None
+        }
+    }
+}
+
+impl Server {
+    pub fn new(config: Config, source: ConfigSource, dispatcher: Dispatcher) -> Result<Server, String> {
+        let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+        let mut listener = bind(&config.socket_path)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| format!("cannot watch the socket: {e}"))?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        Ok(Server {
+            poll,
+            listener,
+            socket_path: config.socket_path.clone(),
+            signals,
+            connections: HashMap::new(),
+            deadlines: VecDeque::new(),
+            next_token: FIRST_CONNECTION,
+            dispatcher,
+            config,
+            source,
+            last_refusal_log: None,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT, then removes the socket.
+    pub fn run(mut self) -> Result<(), String> {
+        log::info!(
+            "listening on {} ({} providers, up to {} connections)",
+            self.socket_path.display(),
+            self.config.providers.len(),
+            self.config.max_connections
+        );
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .deadlines
+                .front()
+                .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("event loop failed: {e}"));
+            }
+            let mut stop = false;
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => {
+                        let pending: Vec<i32> = self.signals.pending().collect();
+                        for signal in pending {
+                            match signal {
+                                SIGHUP => self.reload(),
+                                _ => {
+                                    log::info!("signal {signal}: finishing and shutting down");
+                                    stop = true;
+                                }
+                            }
+                        }
+                    }
+                    token => self.serve(token),
+                }
+            }
+            self.expire();
+            if stop {
+                self.shutdown();
+                return Ok(());
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("accept failed: {e} (is the file descriptor limit too low?)");
+                    return;
+                }
+            };
+            if self.connections.len() >= self.config.max_connections {
+                // Closed at once: the client sees the end of the stream, never a hang.
+                let now = Instant::now();
+                if self
+                    .last_refusal_log
+                    .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    log::warn!(
+                        "refusing connections: {} open, listener.max_connections = {}",
+                        self.connections.len(),
+                        self.config.max_connections
+                    );
+                    self.last_refusal_log = Some(now);
+                }
+                continue;
+            }
+            let token = Token(self.next_token);
+            self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONNECTION);
+            if let Err(e) = self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE)
+            {
+                log::error!("cannot watch a new connection: {e}");
+                continue;
+            }
+            let peer = peer_credentials(&stream);
+            let deadline = Instant::now() + self.config.read_timeout;
+            self.connections
+                .insert(token, Connection::new(stream, peer, deadline));
+            self.deadlines.push_back((deadline, token));
+            // The request may already be there.
+            self.serve(token);
+        }
+    }
+
+    /// Moves one connection forward: read, answer, write.
+    fn serve(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        if !connection.is_writing() {
+            let response = match connection.read(self.config.body_len_limit) {
+                Ok(Progress::Pending) => return,
+                Ok(Progress::Closed) => {
+                    log::debug!("client closed its connection before sending a whole request");
+                    self.close(token);
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("reading a request failed: {e}");
+                    self.close(token);
+                    return;
+                }
+                Ok(Progress::Reject(status)) => {
+                    log::warn!("request rejected before its body: status={status:?} ({status})");
+                    Response::from_status(status)
+                }
+                Ok(Progress::Frame(frame)) => {
+                    match framing::decode(&frame, self.config.body_len_limit) {
+                        Ok(request) => self.dispatcher.dispatch(request, connection.peer),
+                        Err(status) => {
+                            log::warn!("request rejected: status={status:?} ({status})");
+                            Response::from_status(status)
+                        }
+                    }
+                }
+            };
+            connection.respond(framing::encode(response));
+        }
+        match connection.write() {
+            Ok(true) => self.close(token),
+            Ok(false) => {
+                if let Err(e) =
+                    self.poll
+                        .registry()
+                        .reregister(&mut connection.stream, token, Interest::WRITABLE)
+                {
+                    log::debug!("cannot wait to write a response: {e}");
+                    self.close(token);
+                }
+            }
+            Err(e) => {
+                log::debug!("writing a response failed: {e}");
+                self.close(token);
+            }
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(mut connection) = self.connections.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut connection.stream);
+        }
+    }
+
+    /// Closes every connection whose deadline has passed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(deadline, token)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(connection) = self.connections.get_mut(&token) else {
+                continue;
+            };
+            if connection.deadline != deadline {
+                continue; // the token was reused by a later connection
+            }
+            if !connection.is_writing() {
+                log::warn!(
+                    "client{} sent no complete request within {} ms: closing its connection",
+                    connection
+                        .peer
+                        .map(|p| format!(" (uid {}, pid {})", p.uid, p.pid))
+                        .unwrap_or_default(),
+                    self.config.read_timeout.as_millis()
+                );
+                // Tell it why, as upstream does, if its socket has room.
+                connection.respond(framing::encode(Response::from_status(
+                    ResponseStatus::ConnectionError,
+                )));
+                let _ = connection.write();
+            } else {
+                log::warn!("client did not read its response in time: closing its connection");
+            }
+            self.close(token);
+        }
+    }
+
+    /// Reads the config again and switches to it if it is valid; otherwise keeps running
+    /// on the old one and says why.
+    fn reload(&mut self) {
+        let source = self.source.describe();
+        log::info!("SIGHUP: reloading {source}");
+        let config = match self.source.load() {
+            Ok(config) => config,
+            Err(e) => {
+                log::error!("SIGHUP: {e}; keeping the running configuration");
+                return;
+            }
+        };
+        let storage_of = |c: &Config| -> Vec<PathBuf> {
+            c.providers
+                .iter()
+                .map(|p| match &p.kind {
+                    ProviderKind::MbedCrypto { storage_dir } => storage_dir.clone(),
+                })
+                .collect()
+        };
+        let (old, new) = (storage_of(&self.config), storage_of(&config));
+        if old.iter().any(|dir| !new.contains(dir)) && !old.is_empty() && !new.is_empty() {
+            log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
+            return;
+        }
+        let dispatcher = match Dispatcher::new(&config) {
+            Ok(dispatcher) => dispatcher,
+            Err(e) => {
+                log::error!("SIGHUP: {e}; keeping the running configuration");
+                return;
+            }
+        };
+        if config.socket_path != self.socket_path {
+            match bind(&config.socket_path) {
+                Ok(mut listener) => {
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut listener, LISTENER, Interest::READABLE)
+                    {
+                        log::error!("SIGHUP: cannot watch the new socket: {e}; keeping the running configuration");
+                        let _ = std::fs::remove_file(&config.socket_path);
+                        return;
+                    }
+                    let _ = self.poll.registry().deregister(&mut self.listener);
+                    let _ = std::fs::remove_file(&self.socket_path);
+                    self.listener = listener;
+                    self.socket_path = config.socket_path.clone();
+                }
+                Err(e) => {
+                    log::error!("SIGHUP: {e}; keeping the running configuration");
+                    return;
+                }
+            }
+        }
+        if config.log_target != self.config.log_target {
+            log::warn!("SIGHUP: core_settings.log_target changes take effect at the next start");
+        }
+        crate::logging::set_level(config.log_level);
+        self.dispatcher = dispatcher;
+        self.config = config;
+        log::info!("SIGHUP: {source} reloaded, listening on {}", self.socket_path.display());
+    }
+
+    /// Stops listening, sends the responses still being written, removes the socket.
+    fn shutdown(&mut self) {
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        if let Err(e) = std::fs::remove_file(&self.socket_path) {
+            log::warn!("cannot remove {}: {e}", self.socket_path.display());
+        }
+        let until = Instant::now() + DRAIN_TIME;
+        let mut events = Events::with_capacity(64);
+        let writing: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.is_writing())
+            .map(|(t, _)| *t)
+            .collect();
+        let idle: Vec<Token> = self
+            .connections
+            .keys()
+            .filter(|t| !writing.contains(t))
+            .copied()
+            .collect();
+        for token in idle {
+            self.close(token);
+        }
+        while !self.connections.is_empty() && Instant::now() < until {
+            let _ = self
+                .poll
+                .poll(&mut events, Some(until.saturating_duration_since(Instant::now())));
+            for event in events.iter() {
+                if self.connections.contains_key(&event.token()) {
+                    self.serve(event.token());
+                }
+            }
+        }
+        log::info!("stopped");
+    }
+}

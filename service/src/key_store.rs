@@ -1,0 +1,447 @@
+//! The key store: which key, of which application, in which provider, is which provider key.
+//!
+//! Every key is one small file, written crash-safely (write a temporary file, fsync it,
+//! rename it over the final name, fsync the directory), so that after a `kill -9` or a power
+//! cut at any moment a key is either wholly there or wholly absent. The layout is
+//!
+//! ```text
+//! <root>/<hex(application)>/<provider id>/<hex(key name)>.key
+//! ```
+//!
+//! and each file holds `PKS1`, the payload length (u32 LE), the payload's CRC-32 (u32 LE)
+//! and the payload: a bincode-encoded [`StoredEntry`]. A file whose checksum, length or
+//! names do not match is reported by path at start-up and skipped; temporary files left by
+//! an interrupted write are removed. See docs/key-store.md.
+
+use crate::error::OpError;
+use parsec_interface::operations::psa_key_attributes::Attributes;
+use parsec_interface::requests::{ProviderId, ResponseStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"PKS1";
+const HEADER_LEN: usize = 12;
+/// Longest application or key name, in bytes: the hex file name must fit in 255 bytes.
+pub const MAX_NAME_LEN: usize = 120;
+
+/// The full name of a key: nobody but `app` can reach it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyTriple {
+    pub app: String,
+    pub provider: u8,
+    pub name: String,
+}
+
+impl KeyTriple {
+    pub fn new(app: &str, provider: ProviderId, name: &str) -> Self {
+        KeyTriple {
+            app: app.to_string(),
+            provider: provider as u8,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// What the store remembers about a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// The provider's own handle for the key (a PSA key id, a TPM blob, a CKA_ID...).
+    pub key_id: Vec<u8>,
+    pub attributes: Attributes,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    app: String,
+    provider: u8,
+    name: String,
+    entry: KeyEntry,
+}
+
+/// An entry that could not be read at start-up.
+#[derive(Debug)]
+pub struct DamagedEntry {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub struct KeyStore {
+    /// The directory each provider's entries live in.
+    roots: BTreeMap<u8, PathBuf>,
+    entries: BTreeMap<KeyTriple, KeyEntry>,
+}
+
+impl KeyStore {
+    /// Opens the store for the given providers, loading every entry found.
+    ///
+    /// Entries of providers not listed stay on disk untouched, so that disabling a provider
+    /// in the config and enabling it again loses nothing.
+    pub fn open(roots: &[(ProviderId, PathBuf)]) -> io::Result<(KeyStore, Vec<DamagedEntry>)> {
+        let mut store = KeyStore {
+            roots: roots.iter().map(|(p, dir)| (*p as u8, dir.clone())).collect(),
+            entries: BTreeMap::new(),
+        };
+        let mut damaged = Vec::new();
+        for (provider, root) in store.roots.clone() {
+            fs::create_dir_all(&root)?;
+            for app_dir in read_dir_sorted(&root)? {
+                let provider_dir = app_dir.join(provider.to_string());
+                if !provider_dir.is_dir() {
+                    continue;
+                }
+                for path in read_dir_sorted(&provider_dir)? {
+                    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    if file_name.ends_with(".tmp") {
+                        log::warn!(
+                            "key store: removing {}, left by a write that did not finish",
+                            path.display()
+                        );
+                        let _ = fs::remove_file(&path);
+                        continue;
+                    }
+                    match read_entry(&path, provider) {
+                        Ok(stored) => {
+                            store.entries.insert(
+                                KeyTriple {
+                                    app: stored.app,
+                                    provider,
+                                    name: stored.name,
+                                },
+                                stored.entry,
+                            );
+                        }
+                        Err(reason) => damaged.push(DamagedEntry { path, reason }),
+                    }
+                }
+            }
+        }
+        Ok((store, damaged))
+    }
+
+    pub fn get(&self, key: &KeyTriple) -> Option<&KeyEntry> {
+        self.entries.get(key)
+    }
+
+    pub fn contains(&self, key: &KeyTriple) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Stores a new entry durably; it is only visible once it is on disk.
+    pub fn insert(&mut self, key: KeyTriple, entry: KeyEntry) -> Result<(), OpError> {
+        if self.entries.contains_key(&key) {
+            return Err(OpError::status(ResponseStatus::PsaErrorAlreadyExists));
+        }
+        let path = self.path_of(&key)?;
+        let stored = StoredEntry {
+            app: key.app.clone(),
+            provider: key.provider,
+            name: key.name.clone(),
+            entry,
+        };
+        write_entry(&path, &stored).map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        self.entries.insert(key, stored.entry);
+        Ok(())
+    }
+
+    /// Removes an entry durably and returns it.
+    pub fn remove(&mut self, key: &KeyTriple) -> Result<KeyEntry, OpError> {
+        if !self.entries.contains_key(key) {
+            return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
+        }
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(OpError::storage(&format!("removing {}", path.display()), &e)),
+        }
+        if let Some(dir) = path.parent() {
+            sync_dir(dir).map_err(|e| OpError::storage(&format!("syncing {}", dir.display()), &e))?;
+        }
+        Ok(self.entries.remove(key).expect("checked above"))
+    }
+
+    /// Every key of one application, in name order.
+    pub fn keys_of<'a>(&'a self, app: &'a str) -> impl Iterator<Item = (&'a KeyTriple, &'a KeyEntry)> + 'a {
+        self.entries.iter().filter(move |(k, _)| k.app == app)
+    }
+
+    /// Every key held by one provider.
+    pub fn keys_in(&self, provider: ProviderId) -> impl Iterator<Item = (&KeyTriple, &KeyEntry)> {
+        let provider = provider as u8;
+        self.entries.iter().filter(move |(k, _)| k.provider == provider)
+    }
+
+    /// The applications that own at least one key.
+    pub fn applications(&self) -> Vec<String> {
+        let mut apps: Vec<String> = self.entries.keys().map(|k| k.app.clone()).collect();
+        apps.dedup();
+        apps
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn path_of(&self, key: &KeyTriple) -> Result<PathBuf, OpError> {
+        for (what, name) in [("application name", &key.app), ("key name", &key.name)] {
+            if name.is_empty() || name.len() > MAX_NAME_LEN {
+                return Err(OpError::new(
+                    ResponseStatus::PsaErrorInvalidArgument,
+                    format!("{what} of {} bytes", name.len()),
+                    "names must be 1 to 120 bytes of UTF-8",
+                ));
+            }
+        }
+        let root = self.roots.get(&key.provider).ok_or_else(|| {
+            OpError::new(
+                ResponseStatus::ProviderNotRegistered,
+                format!("no key store directory for provider {}", key.provider),
+                "enable the provider in the config",
+            )
+        })?;
+        Ok(root
+            .join(hex(&key.app))
+            .join(key.provider.to_string())
+            .join(format!("{}.key", hex(&key.name))))
+    }
+}
+
+fn read_dir_sorted(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+fn hex(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Encodes an entry as it is stored on disk.
+fn encode(stored: &StoredEntry) -> Vec<u8> {
+    let payload = bincode::serialize(stored).expect("serialising plain data cannot fail");
+    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn decode(bytes: &[u8]) -> Result<StoredEntry, String> {
+    if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
+        return Err("not a key store entry (bad magic)".into());
+    }
+    let len = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() != len {
+        return Err(format!("truncated: {} payload bytes, header says {len}", payload.len()));
+    }
+    if crc32(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    bincode::deserialize(payload).map_err(|e| format!("undecodable payload: {e}"))
+}
+
+fn read_entry(path: &Path, provider: u8) -> Result<StoredEntry, String> {
+    let bytes = fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
+    let stored = decode(&bytes)?;
+    // The names inside must be the ones the path claims: a file copied into another
+    // application's directory must not hand that application the key.
+    let expected = path
+        .parent()
+        .and_then(Path::parent)
+        .and_then(|d| d.file_name())
+        .and_then(|n| n.to_str())
+        .map(str::to_string);
+    let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if stored.provider != provider
+        || expected != Some(hex(&stored.app))
+        || file != format!("{}.key", hex(&stored.name))
+    {
+        return Err("its contents name another application, provider or key than its path".into());
+    }
+    Ok(stored)
+}
+
+fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
+    let dir = path.parent().expect("entry paths have a parent");
+    if !dir.is_dir() {
+        // <root>/<app>/<provider>: make the directories the store creates durable too.
+        let app_dir = dir.parent().expect("entry directories sit in an application directory");
+        let root = app_dir.parent().expect("application directories sit in the root");
+        fs::create_dir_all(dir)?;
+        sync_dir(app_dir)?;
+        sync_dir(root)?;
+    }
+    let file_name = path.file_name().expect("entry paths have a file name");
+    let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(&encode(stored))?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// CRC-32 (IEEE 802.3), bitwise: entries are small and written rarely.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in data {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parsec_interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+    use parsec_interface::operations::psa_key_attributes::{
+        EccFamily, Lifetime, Policy, Type, UsageFlags,
+    };
+
+    fn attributes() -> Attributes {
+        let mut usage = UsageFlags::default();
+        usage.set_sign_hash();
+        Attributes {
+            lifetime: Lifetime::Persistent,
+            key_type: Type::EccKeyPair {
+                curve_family: EccFamily::SecpR1,
+            },
+            bits: 256,
+            policy: Policy {
+                usage_flags: usage,
+                permitted_algorithms: AsymmetricSignature::Ecdsa {
+                    hash_alg: Hash::Sha256.into(),
+                }
+                .into(),
+            },
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pks-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn entry(id: u8) -> KeyEntry {
+        KeyEntry {
+            key_id: vec![id, 0, 0, 0],
+            attributes: attributes(),
+        }
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn entries_survive_reopening() {
+        let dir = temp_dir("reopen");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, damaged) = KeyStore::open(&roots).unwrap();
+        assert!(damaged.is_empty());
+        let a = KeyTriple::new("app/with/slashes", ProviderId::MbedCrypto, "clé ✓");
+        let b = KeyTriple::new("other", ProviderId::MbedCrypto, "k");
+        store.insert(a.clone(), entry(1)).unwrap();
+        store.insert(b.clone(), entry(2)).unwrap();
+        assert_eq!(
+            store.insert(a.clone(), entry(3)).unwrap_err().status,
+            ResponseStatus::PsaErrorAlreadyExists
+        );
+        store.remove(&b).unwrap();
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert!(damaged.is_empty());
+        assert_eq!(store.get(&a), Some(&entry(1)));
+        assert!(!store.contains(&b));
+        assert_eq!(store.applications(), vec!["app/with/slashes".to_string()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_and_half_written_entries_are_skipped() {
+        let dir = temp_dir("damaged");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let good = KeyTriple::new("a", ProviderId::MbedCrypto, "good");
+        let bad = KeyTriple::new("a", ProviderId::MbedCrypto, "bad");
+        store.insert(good.clone(), entry(1)).unwrap();
+        store.insert(bad.clone(), entry(2)).unwrap();
+        let bad_path = store.path_of(&bad).unwrap();
+        let mut bytes = fs::read(&bad_path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xFF;
+        fs::write(&bad_path, bytes).unwrap();
+        let tmp = bad_path.parent().unwrap().join(".x.key.tmp");
+        fs::write(&tmp, b"PKS1").unwrap();
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].path, bad_path);
+        assert!(damaged[0].reason.contains("checksum"));
+        assert!(store.contains(&good));
+        assert!(!tmp.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_entry_moved_to_another_application_is_refused() {
+        let dir = temp_dir("moved");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let victim = KeyTriple::new("victim", ProviderId::MbedCrypto, "k");
+        store.insert(victim.clone(), entry(1)).unwrap();
+        let src = store.path_of(&victim).unwrap();
+        let thief = KeyTriple::new("thief", ProviderId::MbedCrypto, "k");
+        let dst = store.path_of(&thief).unwrap();
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(&src, &dst).unwrap();
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert!(!store.contains(&thief));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn overlong_names_are_invalid_arguments() {
+        let dir = temp_dir("long");
+        let (mut store, _) = KeyStore::open(&[(ProviderId::MbedCrypto, dir.clone())]).unwrap();
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let err = store
+            .insert(KeyTriple::new("a", ProviderId::MbedCrypto, &long), entry(1))
+            .unwrap_err();
+        assert_eq!(err.status, ResponseStatus::PsaErrorInvalidArgument);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

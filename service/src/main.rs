@@ -1,0 +1,138 @@
+//! `parsec`: the service's command line.
+
+use parsec_service::config::{ConfigSource, Overrides, DEFAULT_CONFIG_PATH};
+use parsec_service::dispatcher::Dispatcher;
+use parsec_service::front_end::server::Server;
+use parsec_service::{config, logging};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: parsec [--config FILE] [--socket PATH] [--store DIR]
+       parsec --check-config FILE
+       parsec --version | --help
+
+  --config FILE        configuration (default: /etc/parsec/config.toml if it exists,
+                       else the embedded default: software provider, /run/parsec/parsec.sock)
+  --socket PATH        listen on PATH instead of listener.socket_path
+  --store DIR          keep every provider's key store (and Mbed TLS key files) in DIR
+  --check-config FILE  check FILE and exit: 0 if it is valid, 1 with the reason if not
+";
+
+struct Args {
+    config: Option<PathBuf>,
+    check: Option<PathBuf>,
+    overrides: Overrides,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args {
+        config: None,
+        check: None,
+        overrides: Overrides::default(),
+    };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(arg) = it.next() {
+        let arg = arg.to_string_lossy().to_string();
+        let mut value = |name: &str| {
+            it.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--config" | "-c" => args.config = Some(value("--config")?),
+            "--check-config" => args.check = Some(value("--check-config")?),
+            "--socket" => args.overrides.socket_path = Some(value("--socket")?),
+            "--store" => args.overrides.store_dir = Some(value("--store")?),
+            "--version" | "-V" => {
+                println!("parsec {} (providers: {})", env!("CARGO_PKG_VERSION"), config::built_in_providers().join(", "));
+                return Ok(None);
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parsec: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+
+    if let Some(file) = args.check {
+        let source = ConfigSource {
+            path: Some(file.clone()),
+            overrides: args.overrides,
+            base_dir,
+        };
+        return match source.load() {
+            Ok(config) => {
+                println!(
+                    "{}: valid; providers in order: [{}]; socket {}",
+                    file.display(),
+                    config.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                    config.socket_path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("parsec: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    let path = args.config.or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+        default.exists().then_some(default)
+    });
+    let source = ConfigSource {
+        path,
+        overrides: args.overrides,
+        base_dir,
+    };
+    let config = match source.load() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("parsec: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = logging::init(config.log_target, config.log_level, config.log_timestamp) {
+        eprintln!("parsec: {e}");
+        return ExitCode::FAILURE;
+    }
+    if nix::unistd::geteuid().is_root() && !config.allow_root {
+        log::error!(
+            "refusing to run as root: run the service as its own user, or set core_settings.allow_root = true in {}",
+            source.describe()
+        );
+        return ExitCode::FAILURE;
+    }
+    log::info!("parsec {} starting with {}", env!("CARGO_PKG_VERSION"), source.describe());
+    let dispatcher = match Dispatcher::new(&config) {
+        Ok(dispatcher) => dispatcher,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = Server::new(config, source, dispatcher).and_then(Server::run);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

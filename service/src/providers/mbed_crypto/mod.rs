@@ -1,0 +1,443 @@
+//! The software provider: PSA Crypto as implemented by Mbed TLS, through `psa-crypto`.
+//!
+//! Keys are PSA persistent keys. Mbed TLS stores each in a file `00000000XXXXXXXX.psa_its`
+//! (XXXXXXXX = the key id in hex) in the process's working directory, so the provider makes
+//! `storage_dir` the working directory at start-up; every other path the service uses is
+//! absolute by then. The key store maps (application, name) to the key id.
+//!
+//! Ordering makes crashes harmless: a key is created in Mbed TLS before its store entry is
+//! written, and its store entry is removed before the key is destroyed, so a crash leaves at
+//! worst key material no entry names. Start-up destroys such orphans.
+
+mod capabilities;
+
+use super::{AppKeys, Limits, Provider};
+use crate::error::OpError;
+use crate::key_store::{KeyEntry, KeyStore};
+use parsec_interface::operations::list_providers::ProviderInfo;
+use parsec_interface::operations::{
+    can_do_crypto, psa_aead_decrypt, psa_aead_encrypt, psa_asymmetric_decrypt,
+    psa_asymmetric_encrypt, psa_destroy_key, psa_export_key, psa_export_public_key,
+    psa_generate_key, psa_generate_random, psa_hash_compare, psa_hash_compute, psa_import_key,
+    psa_raw_key_agreement, psa_sign_hash, psa_verify_hash, NativeOperation, NativeResult,
+};
+use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
+use parsec_interface::secrecy::{ExposeSecret, Secret};
+use psa_crypto::operations::{
+    aead, asym_encryption, asym_signature, hash, key_agreement, key_management, other,
+};
+use psa_crypto::types::key::{Attributes, Id};
+use psa_crypto::types::status::Error as PsaError;
+use std::collections::BTreeSet;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+const UUID: &str = "1c1139dc-ad7c-47dc-ad6b-db6fdb466552";
+/// PSA's range of key ids an application may choose.
+const FIRST_KEY_ID: u32 = 1;
+const LAST_KEY_ID: u32 = 0x3FFF_FFFF;
+
+const OPCODES: &[Opcode] = &[
+    Opcode::PsaGenerateKey,
+    Opcode::PsaImportKey,
+    Opcode::PsaExportKey,
+    Opcode::PsaExportPublicKey,
+    Opcode::PsaDestroyKey,
+    Opcode::PsaSignHash,
+    Opcode::PsaVerifyHash,
+    Opcode::PsaAsymmetricEncrypt,
+    Opcode::PsaAsymmetricDecrypt,
+    Opcode::PsaAeadEncrypt,
+    Opcode::PsaAeadDecrypt,
+    Opcode::PsaHashCompute,
+    Opcode::PsaHashCompare,
+    Opcode::PsaRawKeyAgreement,
+    Opcode::PsaGenerateRandom,
+    Opcode::CanDoCrypto,
+];
+
+pub struct MbedCryptoProvider {
+    /// Key ids in use, by the store or by Mbed TLS.
+    used_ids: BTreeSet<u32>,
+    next_id: u32,
+    limits: Limits,
+}
+
+/// Decodes a PSA error for the operator's log.
+fn psa_error(operation: &str, err: PsaError) -> OpError {
+    let hint = match err {
+        PsaError::InsufficientStorage => "the file system holding the Mbed TLS key files is full",
+        PsaError::StorageFailure | PsaError::DataCorrupt | PsaError::DataInvalid => {
+            "a key file in the provider's storage_dir is unreadable or damaged"
+        }
+        PsaError::InsufficientMemory => "Mbed TLS ran out of key slots or heap",
+        PsaError::InvalidSignature => "the signature does not match the hash and the key",
+        PsaError::NotPermitted => "the key's policy does not allow this use: check its usage flags and permitted algorithm",
+        PsaError::NotSupported => "Mbed TLS does not support this key type, size or algorithm",
+        PsaError::InvalidArgument => "the parameters do not fit the key or the algorithm (sizes, salt, nonce, key data)",
+        PsaError::InvalidPadding => "the ciphertext was not made with this key and algorithm",
+        _ => "see the Mbed TLS documentation for this status",
+    };
+    OpError::new(ResponseStatus::from(err), format!("{operation}: PSA_ERROR_{err:?}"), hint)
+}
+
+fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
+    let bytes: [u8; 4] = entry.key_id.as_slice().try_into().map_err(|_| {
+        OpError::new(
+            ResponseStatus::PsaErrorCorruptionDetected,
+            format!("key store entry holds a {}-byte key id", entry.key_id.len()),
+            "the key store entry is not an Mbed Crypto entry: remove it",
+        )
+    })?;
+    Ok(u32::from_le_bytes(bytes))
+}
+
+/// Ids of the key files Mbed TLS has in the working directory.
+fn key_files_on_disk() -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    if let Ok(dir) = std::fs::read_dir(".") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(stem) = name.strip_suffix(".psa_its") else {
+                continue;
+            };
+            if stem.len() == 16 && stem.starts_with("00000000") {
+                if let Ok(id) = u32::from_str_radix(&stem[8..], 16) {
+                    if (FIRST_KEY_ID..=LAST_KEY_ID).contains(&id) {
+                        ids.insert(id);
+                    }
+                }
+            }
+        }
+    }
+    ids
+}
+
+impl MbedCryptoProvider {
+    pub fn new(storage_dir: &Path, store: &KeyStore, limits: Limits) -> Result<Self, String> {
+        std::fs::create_dir_all(storage_dir)
+            .map_err(|e| format!("cannot create storage_dir {}: {e}", storage_dir.display()))?;
+        std::env::set_current_dir(storage_dir)
+            .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
+        psa_crypto::init().map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
+
+        let mut referenced = BTreeSet::new();
+        for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
+            match key_id_of(entry) {
+                Ok(id) => {
+                    referenced.insert(id);
+                }
+                Err(e) => log::error!(
+                    "mbed-crypto: key \"{}\" of \"{}\": {e}",
+                    triple.name,
+                    triple.app
+                ),
+            }
+        }
+        for orphan in key_files_on_disk().difference(&referenced) {
+            // A crash between creating a key and storing its name, or between forgetting a
+            // name and destroying its key, leaves such a file. Nobody can reach it: destroy it.
+            log::warn!("mbed-crypto: destroying key {orphan}, which no key store entry names (left by an interrupted create or destroy)");
+            if let Ok(id) = Id::from_persistent_key_id(*orphan) {
+                // SAFETY: the service is single-threaded, so no other use of this key can be
+                // in flight while it is destroyed.
+                if let Err(e) = unsafe { key_management::destroy(id) } {
+                    log::error!("mbed-crypto: cannot destroy orphan key {orphan}: PSA_ERROR_{e:?}");
+                }
+            }
+        }
+        for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
+            if let Ok(id) = key_id_of(entry) {
+                if Id::from_persistent_key_id(id).is_err() {
+                    log::error!(
+                        "mbed-crypto: key \"{}\" of \"{}\" has no key file {:016x}.psa_its in {}: requests for it will fail",
+                        triple.name,
+                        triple.app,
+                        id,
+                        storage_dir.display()
+                    );
+                }
+            }
+        }
+        let next_id = referenced.iter().next_back().map_or(FIRST_KEY_ID, |id| id + 1);
+        log::info!(
+            "mbed-crypto: {} keys, key files in {}",
+            referenced.len(),
+            storage_dir.display()
+        );
+        Ok(MbedCryptoProvider {
+            used_ids: referenced,
+            next_id,
+            limits,
+        })
+    }
+
+    /// A key id no key uses.
+    fn allocate_id(&mut self) -> Result<u32, OpError> {
+        for _ in 0..=(LAST_KEY_ID - FIRST_KEY_ID) {
+            let id = self.next_id;
+            self.next_id = if id >= LAST_KEY_ID { FIRST_KEY_ID } else { id + 1 };
+            if !self.used_ids.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(OpError::new(
+            ResponseStatus::PsaErrorInsufficientStorage,
+            "every PSA key id is in use",
+            "destroy keys that are no longer needed",
+        ))
+    }
+
+    fn open(&self, keys: &AppKeys<'_>, name: &str) -> Result<(Id, Attributes), OpError> {
+        let entry = keys.get(name)?;
+        let id = key_id_of(entry)?;
+        let id = Id::from_persistent_key_id(id).map_err(|e| {
+            let mut error = psa_error("opening the key", e);
+            if e == PsaError::DoesNotExist {
+                error.status = ResponseStatus::PsaErrorStorageFailure;
+                error.hint = "the key's file is missing from storage_dir: restore it from a backup or destroy the key";
+            }
+            error
+        })?;
+        Ok((id, entry.attributes))
+    }
+
+    /// Creates a key with `make`, then records it; undoes the key if it cannot be recorded.
+    fn create_key(
+        &mut self,
+        keys: &mut AppKeys<'_>,
+        name: &str,
+        attributes: Attributes,
+        what: &str,
+        make: impl FnOnce(Attributes, u32) -> Result<Id, PsaError>,
+    ) -> Result<(), OpError> {
+        keys.ensure_free(name)?;
+        let id = self.allocate_id()?;
+        let key = make(attributes, id).map_err(|e| psa_error(what, e))?;
+        self.used_ids.insert(id);
+        let entry = KeyEntry {
+            key_id: id.to_le_bytes().to_vec(),
+            attributes,
+        };
+        if let Err(e) = keys.create(name, entry) {
+            // SAFETY: single-threaded service: nothing else uses the key being undone.
+            if unsafe { key_management::destroy(key) }.is_ok() {
+                self.used_ids.remove(&id);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn destroy_id(&mut self, id: u32) -> Result<(), OpError> {
+        let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
+        // SAFETY: single-threaded service: no operation on this key can be in flight.
+        unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
+        self.used_ids.remove(&id);
+        Ok(())
+    }
+
+    fn check_output(&self, size: usize) -> Result<(), OpError> {
+        if size > self.limits.buffer_size_limit {
+            return Err(OpError::new(
+                ResponseStatus::ResponseTooLarge,
+                format!("{size} bytes asked for, limit {}", self.limits.buffer_size_limit),
+                "raise core_settings.buffer_size_limit or ask for less",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a PSA call writing into a buffer of `size` bytes and returns the bytes written.
+    fn output(
+        &self,
+        size: usize,
+        what: &str,
+        call: impl FnOnce(&mut [u8]) -> Result<usize, PsaError>,
+    ) -> Result<Zeroizing<Vec<u8>>, OpError> {
+        self.check_output(size)?;
+        let mut buffer = Zeroizing::new(vec![0u8; size]);
+        let written = call(&mut buffer).map_err(|e| psa_error(what, e))?;
+        buffer.truncate(written);
+        Ok(buffer)
+    }
+}
+
+impl Provider for MbedCryptoProvider {
+    fn id(&self) -> ProviderId {
+        ProviderId::MbedCrypto
+    }
+
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
+            description: "User space software provider, based on Mbed TLS PSA Crypto".into(),
+            vendor: "Arm".into(),
+            version_maj: 0,
+            version_min: 1,
+            version_rev: 0,
+            id: ProviderId::MbedCrypto,
+        }
+    }
+
+    fn opcodes(&self) -> &'static [Opcode] {
+        OPCODES
+    }
+
+    fn execute(&mut self, op: NativeOperation, mut keys: AppKeys<'_>) -> Result<NativeResult, OpError> {
+        match op {
+            NativeOperation::PsaGenerateKey(op) => {
+                self.create_key(&mut keys, &op.key_name, op.attributes, "psa_generate_key", |attributes, id| {
+                    key_management::generate(attributes, Some(id))
+                })?;
+                Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
+            }
+            NativeOperation::PsaImportKey(op) => {
+                let data = op.data;
+                self.create_key(&mut keys, &op.key_name, op.attributes, "psa_import_key", |attributes, id| {
+                    key_management::import(attributes, Some(id), data.expose_secret())
+                })?;
+                Ok(NativeResult::PsaImportKey(psa_import_key::Result {}))
+            }
+            NativeOperation::PsaExportPublicKey(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                let size = attributes
+                    .export_public_key_output_size()
+                    .map_err(|e| psa_error("sizing the public key", e))?;
+                let data = self.output(size, "psa_export_public_key", |buf| {
+                    key_management::export_public(id, buf)
+                })?;
+                Ok(NativeResult::PsaExportPublicKey(psa_export_public_key::Result { data }))
+            }
+            NativeOperation::PsaExportKey(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                let size = attributes
+                    .export_key_output_size()
+                    .map_err(|e| psa_error("sizing the key", e))?;
+                let data = self.output(size, "psa_export_key", |buf| key_management::export(id, buf))?;
+                Ok(NativeResult::PsaExportKey(psa_export_key::Result {
+                    data: Secret::new(data.to_vec()),
+                }))
+            }
+            NativeOperation::PsaDestroyKey(op) => {
+                let entry = keys.remove(&op.key_name)?;
+                let id = key_id_of(&entry)?;
+                if let Err(e) = self.destroy_id(id) {
+                    // The name is gone, so the client's request succeeded; the file will be
+                    // destroyed as an orphan at the next start.
+                    log::warn!("mbed-crypto: key {id} of \"{}\" forgotten but not destroyed: {e}", keys.app());
+                }
+                Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
+            }
+            NativeOperation::PsaSignHash(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .sign_output_size(op.alg)
+                    .map_err(|e| psa_error("sizing the signature", e))?;
+                let signature = self.output(size, "psa_sign_hash", |buf| {
+                    asym_signature::sign_hash(id, op.alg, &op.hash, buf)
+                })?;
+                Ok(NativeResult::PsaSignHash(psa_sign_hash::Result { signature }))
+            }
+            NativeOperation::PsaVerifyHash(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                asym_signature::verify_hash(id, op.alg, &op.hash, &op.signature)
+                    .map_err(|e| psa_error("psa_verify_hash", e))?;
+                Ok(NativeResult::PsaVerifyHash(psa_verify_hash::Result {}))
+            }
+            NativeOperation::PsaAsymmetricEncrypt(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .asymmetric_encrypt_output_size(op.alg)
+                    .map_err(|e| psa_error("sizing the ciphertext", e))?;
+                let salt = op.salt.as_deref().map(|s| s.as_slice());
+                let ciphertext = self.output(size, "psa_asymmetric_encrypt", |buf| {
+                    asym_encryption::encrypt(id, op.alg, &op.plaintext, salt, buf)
+                })?;
+                Ok(NativeResult::PsaAsymmetricEncrypt(psa_asymmetric_encrypt::Result { ciphertext }))
+            }
+            NativeOperation::PsaAsymmetricDecrypt(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .asymmetric_decrypt_output_size(op.alg)
+                    .map_err(|e| psa_error("sizing the plaintext", e))?;
+                let salt = op.salt.as_deref().map(|s| s.as_slice());
+                let plaintext = self.output(size, "psa_asymmetric_decrypt", |buf| {
+                    asym_encryption::decrypt(id, op.alg, &op.ciphertext, salt, buf)
+                })?;
+                Ok(NativeResult::PsaAsymmetricDecrypt(psa_asymmetric_decrypt::Result { plaintext }))
+            }
+            NativeOperation::PsaAeadEncrypt(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .aead_encrypt_output_size(op.alg, op.plaintext.len())
+                    .map_err(|e| psa_error("sizing the ciphertext", e))?;
+                let ciphertext = self.output(size, "psa_aead_encrypt", |buf| {
+                    aead::encrypt(id, op.alg, &op.nonce, &op.additional_data, &op.plaintext, buf)
+                })?;
+                Ok(NativeResult::PsaAeadEncrypt(psa_aead_encrypt::Result { ciphertext }))
+            }
+            NativeOperation::PsaAeadDecrypt(op) => {
+                let (id, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .aead_decrypt_output_size(op.alg, op.ciphertext.len())
+                    .map_err(|e| psa_error("sizing the plaintext", e))?;
+                let plaintext = self.output(size, "psa_aead_decrypt", |buf| {
+                    aead::decrypt(id, op.alg, &op.nonce, &op.additional_data, &op.ciphertext, buf)
+                })?;
+                Ok(NativeResult::PsaAeadDecrypt(psa_aead_decrypt::Result { plaintext }))
+            }
+            NativeOperation::PsaHashCompute(op) => {
+                let hash = self.output(op.alg.hash_length(), "psa_hash_compute", |buf| {
+                    hash::hash_compute(op.alg, &op.input, buf)
+                })?;
+                Ok(NativeResult::PsaHashCompute(psa_hash_compute::Result { hash }))
+            }
+            NativeOperation::PsaHashCompare(op) => {
+                hash::hash_compare(op.alg, &op.input, &op.hash)
+                    .map_err(|e| psa_error("psa_hash_compare", e))?;
+                Ok(NativeResult::PsaHashCompare(psa_hash_compare::Result {}))
+            }
+            NativeOperation::PsaRawKeyAgreement(op) => {
+                let (id, attributes) = self.open(&keys, &op.private_key_name)?;
+                op.validate(attributes)?;
+                let size = attributes
+                    .raw_key_agreement_output_size(op.alg)
+                    .map_err(|e| psa_error("sizing the shared secret", e))?;
+                let secret = self.output(size, "psa_raw_key_agreement", |buf| {
+                    key_agreement::raw_key_agreement(op.alg, id, &op.peer_key, buf)
+                })?;
+                Ok(NativeResult::PsaRawKeyAgreement(psa_raw_key_agreement::Result {
+                    shared_secret: Secret::new(secret.to_vec()),
+                }))
+            }
+            NativeOperation::PsaGenerateRandom(op) => {
+                let random_bytes = self.output(op.size, "psa_generate_random", |buf| {
+                    other::generate_random(buf).map(|()| buf.len())
+                })?;
+                Ok(NativeResult::PsaGenerateRandom(psa_generate_random::Result { random_bytes }))
+            }
+            NativeOperation::CanDoCrypto(op) => {
+                capabilities::check(op.check_type, op.attributes)?;
+                Ok(NativeResult::CanDoCrypto(can_do_crypto::Result {}))
+            }
+            other => Err(OpError::new(
+                ResponseStatus::PsaErrorNotSupported,
+                format!("{:?} is not implemented by the Mbed Crypto provider", other.opcode()),
+                "see ListOpcodes for what this provider serves",
+            )),
+        }
+    }
+
+    fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
+        let id = key_id_of(entry)?;
+        self.destroy_id(id)
+    }
+}

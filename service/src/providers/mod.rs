@@ -1,0 +1,125 @@
+//! Providers: where keys live and cryptography happens.
+//!
+//! Every provider implements [`Provider`]. A provider is built in by its cargo feature and
+//! enabled by a `[[provider]]` table in the config; adding one touches its own folder, one
+//! feature, and the match in [`build`].
+//!
+//! A provider never sees the key store directly: it is handed an [`AppKeys`], a view of the
+//! store restricted to the calling application and to itself, so one application cannot
+//! name, use, overwrite or destroy another's keys whatever the provider does.
+
+use crate::config::{ProviderKind, ProviderSettings};
+use crate::error::OpError;
+use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
+use parsec_interface::operations::list_providers::ProviderInfo;
+use parsec_interface::operations::{NativeOperation, NativeResult};
+use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
+
+#[cfg(feature = "mbed-crypto-provider")]
+pub mod mbed_crypto;
+
+/// Limits every provider applies to what it produces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest output buffer one operation may produce, in bytes.
+    pub buffer_size_limit: usize,
+}
+
+pub trait Provider {
+    /// Which provider this is on the wire.
+    fn id(&self) -> ProviderId;
+
+    /// What ListProviders says about it.
+    fn info(&self) -> ProviderInfo;
+
+    /// The operations it serves (ListOpcodes).
+    fn opcodes(&self) -> &'static [Opcode];
+
+    /// Runs one operation for one application.
+    fn execute(&mut self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
+
+    /// Destroys the key material behind an entry that has already left the key store
+    /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
+    fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError>;
+}
+
+/// Builds the provider a config table describes, and tidies up what a crash may have left
+/// behind (key material that no store entry refers to).
+pub fn build(
+    settings: &ProviderSettings,
+    store: &KeyStore,
+    limits: Limits,
+) -> Result<Box<dyn Provider>, String> {
+    match &settings.kind {
+        #[cfg(feature = "mbed-crypto-provider")]
+        ProviderKind::MbedCrypto { storage_dir } => {
+            let provider = mbed_crypto::MbedCryptoProvider::new(storage_dir, store, limits)?;
+            Ok(Box::new(provider))
+        }
+    }
+}
+
+/// The wire id of a configured provider, known before it is built.
+pub fn id_of(kind: &ProviderKind) -> ProviderId {
+    match kind {
+        ProviderKind::MbedCrypto { .. } => ProviderId::MbedCrypto,
+    }
+}
+
+/// The key store as one application sees it through one provider.
+pub struct AppKeys<'a> {
+    store: &'a mut KeyStore,
+    app: &'a str,
+    provider: ProviderId,
+}
+
+impl<'a> AppKeys<'a> {
+    pub fn new(store: &'a mut KeyStore, app: &'a str, provider: ProviderId) -> Self {
+        AppKeys { store, app, provider }
+    }
+
+    pub fn app(&self) -> &str {
+        self.app
+    }
+
+    fn triple(&self, name: &str) -> KeyTriple {
+        KeyTriple::new(self.app, self.provider, name)
+    }
+
+    /// The entry of an existing key.
+    pub fn get(&self, name: &str) -> Result<&KeyEntry, OpError> {
+        self.store.get(&self.triple(name)).ok_or_else(|| {
+            OpError::new(
+                ResponseStatus::PsaErrorDoesNotExist,
+                format!("no key named \"{name}\""),
+                "the application has no key of that name in this provider: see ListKeys",
+            )
+        })
+    }
+
+    /// Fails with PsaErrorAlreadyExists if the name is taken.
+    pub fn ensure_free(&self, name: &str) -> Result<(), OpError> {
+        if self.store.contains(&self.triple(name)) {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorAlreadyExists,
+                format!("a key named \"{name}\" exists already"),
+                "destroy it first or choose another name",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a new key; only once this returns may the client be told it exists.
+    pub fn create(&mut self, name: &str, entry: KeyEntry) -> Result<(), OpError> {
+        self.store.insert(self.triple(name), entry)
+    }
+
+    /// Forgets a key and returns its entry, so that the provider can destroy the material.
+    pub fn remove(&mut self, name: &str) -> Result<KeyEntry, OpError> {
+        let triple = self.triple(name);
+        if !self.store.contains(&triple) {
+            return Err(self.get(name).unwrap_err());
+        }
+        self.store.remove(&triple)
+    }
+}
