@@ -1,0 +1,243 @@
+//! A real daemon on a real socket, for the end-to-end tests.
+#![allow(dead_code)]
+
+use parsec_client::auth::Authentication;
+use parsec_client::core::ipc_handler::unix_socket::Handler;
+use parsec_client::BasicClient;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_parsec");
+
+/// Serialises the one moment parsec-client reads the socket path from the environment.
+static ENV: Mutex<()> = Mutex::new(());
+
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// The config the tests run with; `auth` is "Direct" or "UnixPeerCredentials".
+pub fn config_text(socket: &Path, store: &Path, auth: &str, admins: &[&str]) -> String {
+    let admins = admins
+        .iter()
+        .map(|a| format!("{{ name = \"{a}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[core_settings]
+log_level = "debug"
+allow_root = true
+
+[listener]
+listener_type = "DomainSocket"
+timeout = 1000
+socket_path = "{}"
+
+[authenticator]
+auth_type = "{auth}"
+admins = [ {admins} ]
+
+[[key_manager]]
+name = "on-disk"
+manager_type = "OnDisk"
+store_path = "{}"
+
+[[provider]]
+provider_type = "MbedCrypto"
+key_info_manager = "on-disk"
+"#,
+        socket.display(),
+        store.display()
+    )
+}
+
+impl Daemon {
+    /// A daemon with Direct authentication and "admin" as its admin.
+    pub fn start(name: &str) -> Daemon {
+        Daemon::start_with(name, "Direct", &["admin"])
+    }
+
+    pub fn start_with(name: &str, auth: &str, admins: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("parsec-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("parsec.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_text(&socket, &dir.join("store"), auth, admins)).unwrap();
+        let mut daemon = Daemon {
+            log: dir.join("parsec.log"),
+            dir,
+            socket,
+            config,
+            child: None,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the process and waits until it answers a ping.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.raw_ping_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {status} during start-up; log:\n{}", self.log_text());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not start; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn raw_ping_ok(&self) -> bool {
+        let Ok(mut stream) = UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        if stream.write_all(&ping_frame()).is_err() {
+            return false;
+        }
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).is_ok() && response.len() >= 36 && response[32..34] == [0, 0]
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait();
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("daemon did not exit; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A parsec-client for `app` with Direct authentication.
+    pub fn client(&self, app: &str) -> BasicClient {
+        let mut client = self.naked_client();
+        client.set_auth_data(Authentication::Direct(app.to_string()));
+        client.set_default_provider().expect("default provider");
+        client
+    }
+
+    /// A parsec-client that configures itself as a real application would
+    /// (ListAuthenticators, ListProviders).
+    pub fn default_client(&self, app: Option<&str>) -> BasicClient {
+        let mut client = self.naked_client();
+        client.set_default_auth(app.map(str::to_string)).expect("default auth");
+        client.set_default_provider().expect("default provider");
+        client
+    }
+
+    pub fn naked_client(&self) -> BasicClient {
+        let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("PARSEC_SERVICE_ENDPOINT", format!("unix:{}", self.socket.display()));
+        let mut client = BasicClient::new_naked().expect("client");
+        drop(guard);
+        client.set_ipc_handler(Box::new(
+            Handler::new(self.socket.clone(), Some(Duration::from_secs(30))).expect("socket exists"),
+        ));
+        client
+    }
+
+    /// Sends raw bytes and returns the raw response (until the service closes).
+    pub fn raw(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut stream = UnixStream::connect(&self.socket).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        response
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A request header: magic, size 30, version 1.0, then the fields given.
+pub fn header(provider: u8, opcode: u32, body_len: u32, auth_type: u8, auth_len: u16) -> [u8; 36] {
+    let mut h = [0u8; 36];
+    h[0..4].copy_from_slice(&0x5EC0_A710u32.to_le_bytes());
+    h[4..6].copy_from_slice(&30u16.to_le_bytes());
+    h[6] = 1;
+    h[7] = 0;
+    h[10] = provider;
+    h[21] = auth_type;
+    h[22..26].copy_from_slice(&body_len.to_le_bytes());
+    h[26..28].copy_from_slice(&auth_len.to_le_bytes());
+    h[28..32].copy_from_slice(&opcode.to_le_bytes());
+    h
+}
+
+/// A complete, valid Ping request (empty body, no authentication).
+pub fn ping_frame() -> Vec<u8> {
+    header(0, 1, 0, 0, 0).to_vec()
+}
+
+/// The status field of a raw response.
+pub fn status_of(response: &[u8]) -> u16 {
+    assert!(response.len() >= 36, "short response: {response:?}");
+    u16::from_le_bytes([response[32], response[33]])
+}
