@@ -102,14 +102,17 @@ impl Authenticator {
                 if claimed != peer.uid {
                     return Err(OpError::new(
                         ResponseStatus::AuthenticationError,
-                        format!("claimed UID {claimed}, socket peer is UID {} (pid {})", peer.uid, peer.pid),
+                        format!(
+                            "claimed UID {claimed}, socket peer is UID {} (pid {})",
+                            peer.uid, peer.pid
+                        ),
                         "a client may only speak for its own UID",
                     ));
                 }
                 claimed.to_string()
             }
         };
-        let is_admin = self.admins.iter().any(|admin| *admin == name);
+        let is_admin = self.admins.contains(&name);
         Ok(Application { name, is_admin })
     }
 }
@@ -119,7 +122,11 @@ mod tests {
     use super::*;
 
     fn peer(uid: u32) -> Option<PeerCredentials> {
-        Some(PeerCredentials { uid, gid: uid, pid: 1 })
+        Some(PeerCredentials {
+            uid,
+            gid: uid,
+            pid: 1,
+        })
     }
 
     #[test]
@@ -128,23 +135,36 @@ mod tests {
         let app = auth
             .authenticate(&RequestAuth::new(b"boss".to_vec()), None)
             .unwrap();
-        assert_eq!(app, Application { name: "boss".into(), is_admin: true });
+        assert_eq!(
+            app,
+            Application {
+                name: "boss".into(),
+                is_admin: true
+            }
+        );
         let app = auth
             .authenticate(&RequestAuth::new(b"worker".to_vec()), None)
             .unwrap();
         assert!(!app.is_admin);
         assert!(auth.authenticate(&RequestAuth::new(vec![]), None).is_err());
-        assert!(auth.authenticate(&RequestAuth::new(vec![0xff, 0xfe]), None).is_err());
+        assert!(auth
+            .authenticate(&RequestAuth::new(vec![0xff, 0xfe]), None)
+            .is_err());
     }
 
     #[test]
     fn peer_credentials_must_match_the_claim() {
         let auth = Authenticator::new(AuthenticatorKind::UnixPeerCredentials, vec!["0".into()]);
         let uid_1000 = RequestAuth::new(1000u32.to_le_bytes().to_vec());
-        assert_eq!(auth.authenticate(&uid_1000, peer(1000)).unwrap().name, "1000");
+        assert_eq!(
+            auth.authenticate(&uid_1000, peer(1000)).unwrap().name,
+            "1000"
+        );
         let err = auth.authenticate(&uid_1000, peer(1001)).unwrap_err();
         assert_eq!(err.status, ResponseStatus::AuthenticationError);
-        assert!(auth.authenticate(&RequestAuth::new(vec![1, 2]), peer(1)).is_err());
+        assert!(auth
+            .authenticate(&RequestAuth::new(vec![1, 2]), peer(1))
+            .is_err());
         assert!(auth.authenticate(&uid_1000, None).is_err());
         let root = RequestAuth::new(0u32.to_le_bytes().to_vec());
         assert!(auth.authenticate(&root, peer(0)).unwrap().is_admin);

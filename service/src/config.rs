@@ -109,7 +109,9 @@ impl ConfigSource {
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = match &self.path {
             Some(path) => Config::load(path, &self.overrides)?,
-            None => Config::from_file_text("(embedded default)", EMBEDDED_DEFAULT, &self.overrides)?,
+            None => {
+                Config::from_file_text("(embedded default)", EMBEDDED_DEFAULT, &self.overrides)?
+            }
         };
         let base = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -326,6 +328,10 @@ impl Config {
     }
 
     /// Parses and checks config text; `file` is only used in error messages.
+    #[cfg_attr(
+        not(feature = "mbed-crypto-provider"),
+        allow(unused_variables, unused_mut, unreachable_code)
+    )]
     pub fn from_file_text(
         file: &str,
         text: &str,
@@ -453,10 +459,16 @@ impl Config {
         let mut managers = Vec::new();
         for (index, manager) in parsed.key_manager.iter().enumerate() {
             let line = line_of_table(text, "[[key_manager]]", index);
-            if managers.iter().any(|(name, _): &(String, PathBuf)| *name == manager.name) {
+            if managers
+                .iter()
+                .any(|(name, _): &(String, PathBuf)| *name == manager.name)
+            {
                 return Err(error(
                     line,
-                    format!("a second [[key_manager]] is named \"{}\": names must be unique", manager.name),
+                    format!(
+                        "a second [[key_manager]] is named \"{}\": names must be unique",
+                        manager.name
+                    ),
                 ));
             }
             let path = match (manager.manager_type, &manager.store_path, &manager.sqlite_db_path) {
@@ -492,7 +504,9 @@ impl Config {
                         managers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()),
                 ));
             };
-            let name = name.clone().unwrap_or_else(|| default_provider_name(type_name));
+            let name = name
+                .clone()
+                .unwrap_or_else(|| default_provider_name(type_name));
             let kind = match provider {
                 #[cfg(feature = "mbed-crypto-provider")]
                 FileProvider::MbedCrypto { storage_dir, .. } => ProviderKind::MbedCrypto {
@@ -512,14 +526,20 @@ impl Config {
                     ))
                 }
             };
-            if providers.iter().any(|p| std::mem::discriminant(&p.kind) == std::mem::discriminant(&kind)) {
+            if providers
+                .iter()
+                .any(|p| std::mem::discriminant(&p.kind) == std::mem::discriminant(&kind))
+            {
                 return Err(error(
                     line,
                     format!("a second provider of type \"{type_name}\": each provider type may be configured once"),
                 ));
             }
             if providers.iter().any(|p| p.name == name) {
-                return Err(error(line, format!("a second provider is named \"{name}\": names must be unique")));
+                return Err(error(
+                    line,
+                    format!("a second provider is named \"{name}\": names must be unique"),
+                ));
             }
             providers.push(ProviderSettings {
                 name,
@@ -528,7 +548,9 @@ impl Config {
             });
         }
         if providers.is_empty() {
-            log::warn!("{file}: no [[provider]] is configured: only core operations will be served");
+            log::warn!(
+                "{file}: no [[provider]] is configured: only core operations will be served"
+            );
         }
 
         Ok(Config {
@@ -575,11 +597,12 @@ fn feature_of(type_name: &str) -> &'static str {
 
 /// The provider types compiled into this binary.
 pub fn built_in_providers() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut list = Vec::new();
-    #[cfg(feature = "mbed-crypto-provider")]
-    list.push("MbedCrypto");
-    list
+    [
+        #[cfg(feature = "mbed-crypto-provider")]
+        "MbedCrypto",
+    ]
+    .into_iter()
+    .collect()
 }
 
 #[cfg(test)]
@@ -621,7 +644,10 @@ key_info_manager = "sqlite-manager"
         assert_eq!(config.socket_path, PathBuf::from("/tmp/p.sock"));
         assert_eq!(config.admins, vec!["root-app".to_string()]);
         assert_eq!(config.providers.len(), 1);
-        assert_eq!(config.providers[0].key_store_dir, PathBuf::from("/tmp/kim.sqlite3"));
+        assert_eq!(
+            config.providers[0].key_store_dir,
+            PathBuf::from("/tmp/kim.sqlite3")
+        );
     }
 
     #[test]
@@ -647,14 +673,21 @@ key_info_manager = "sqlite-manager"
 
     #[test]
     fn dangling_key_manager_is_rejected_at_the_provider_line() {
-        let err = parse(&GOOD.replace("key_info_manager = \"sqlite-manager\"", "key_info_manager = \"nope\"")).unwrap_err();
+        let err = parse(&GOOD.replace(
+            "key_info_manager = \"sqlite-manager\"",
+            "key_info_manager = \"nope\"",
+        ))
+        .unwrap_err();
         assert_eq!(err.line, Some(20), "{err}");
         assert!(err.message.contains("names no [[key_manager]]"), "{err}");
     }
 
     #[test]
     fn provider_missing_from_build_is_named() {
-        let text = GOOD.replace("provider_type = \"MbedCrypto\"", "provider_type = \"Tpm\"\ntcti = \"device:/dev/tpmrm0\"");
+        let text = GOOD.replace(
+            "provider_type = \"MbedCrypto\"",
+            "provider_type = \"Tpm\"\ntcti = \"device:/dev/tpmrm0\"",
+        );
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("not built into this binary"), "{err}");
         assert!(err.message.contains("tpm-provider"), "{err}");
@@ -662,7 +695,10 @@ key_info_manager = "sqlite-manager"
 
     #[test]
     fn non_numeric_admin_with_peer_credentials_is_rejected() {
-        let text = GOOD.replace("auth_type = \"Direct\"", "auth_type = \"UnixPeerCredentials\"");
+        let text = GOOD.replace(
+            "auth_type = \"Direct\"",
+            "auth_type = \"UnixPeerCredentials\"",
+        );
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("not a UID"), "{err}");
     }
@@ -678,7 +714,9 @@ key_info_manager = "sqlite-manager"
         assert_eq!(config.providers[0].key_store_dir, PathBuf::from("/x/store"));
         assert_eq!(
             config.providers[0].kind,
-            ProviderKind::MbedCrypto { storage_dir: "/x/store/mbed-crypto".into() }
+            ProviderKind::MbedCrypto {
+                storage_dir: "/x/store/mbed-crypto".into()
+            }
         );
     }
 

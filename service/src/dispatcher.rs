@@ -87,10 +87,20 @@ impl Dispatcher {
             let operation = self
                 .converter
                 .body_to_operation(request.body, header.opcode)
-                .map_err(|status| OpError::new(status, format!("decoding the {:?} body: {status}", header.opcode), crate::error::hint_for(status)))?;
+                .map_err(|status| {
+                    OpError::new(
+                        status,
+                        format!("decoding the {:?} body: {status}", header.opcode),
+                        crate::error::hint_for(status),
+                    )
+                })?;
             let result = self.execute(&header, operation, app.as_ref())?;
             self.converter.result_to_body(result).map_err(|status| {
-                OpError::new(status, format!("encoding the result: {status}"), "report this as a bug")
+                OpError::new(
+                    status,
+                    format!("encoding the result: {status}"),
+                    "report this as a bug",
+                )
             })
         });
         match outcome {
@@ -200,9 +210,12 @@ impl Dispatcher {
                 wire_protocol_version_min: 0,
             })),
             NativeOperation::ListProviders(_) => {
-                let mut providers: Vec<ProviderInfo> = self.providers.iter().map(|p| p.info()).collect();
+                let mut providers: Vec<ProviderInfo> =
+                    self.providers.iter().map(|p| p.info()).collect();
                 providers.push(core_info());
-                Ok(NativeResult::ListProviders(list_providers::Result { providers }))
+                Ok(NativeResult::ListProviders(list_providers::Result {
+                    providers,
+                }))
             }
             NativeOperation::ListOpcodes(op) => {
                 let opcodes: &[Opcode] = if op.provider_id == ProviderId::Core {
@@ -212,21 +225,26 @@ impl Dispatcher {
                         .iter()
                         .find(|p| p.id() == op.provider_id)
                         .map(|p| p.opcodes())
-                        .ok_or_else(|| OpError::new(
-                            ResponseStatus::ProviderNotRegistered,
-                            format!("ListOpcodes for {:?}, which is not enabled", op.provider_id),
-                            crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
-                        ))?
+                        .ok_or_else(|| {
+                            OpError::new(
+                                ResponseStatus::ProviderNotRegistered,
+                                format!(
+                                    "ListOpcodes for {:?}, which is not enabled",
+                                    op.provider_id
+                                ),
+                                crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
+                            )
+                        })?
                 };
                 Ok(NativeResult::ListOpcodes(list_opcodes::Result {
                     opcodes: opcodes.iter().copied().collect::<HashSet<_>>(),
                 }))
             }
-            NativeOperation::ListAuthenticators(_) => {
-                Ok(NativeResult::ListAuthenticators(list_authenticators::Result {
+            NativeOperation::ListAuthenticators(_) => Ok(NativeResult::ListAuthenticators(
+                list_authenticators::Result {
                     authenticators: vec![self.authenticator.info()],
-                }))
-            }
+                },
+            )),
             NativeOperation::ListKeys(_) => {
                 let app = app.expect("ListKeys needs an application");
                 let enabled: Vec<u8> = self.providers.iter().map(|p| p.id() as u8).collect();
@@ -245,9 +263,11 @@ impl Dispatcher {
                     .collect();
                 Ok(NativeResult::ListKeys(list_keys::Result { keys }))
             }
-            NativeOperation::ListClients(_) => Ok(NativeResult::ListClients(list_clients::Result {
-                clients: self.store.applications(),
-            })),
+            NativeOperation::ListClients(_) => {
+                Ok(NativeResult::ListClients(list_clients::Result {
+                    clients: self.store.applications(),
+                }))
+            }
             NativeOperation::DeleteClient(op) => {
                 self.delete_client(&op.client)?;
                 Ok(NativeResult::DeleteClient(delete_client::Result {}))
@@ -270,7 +290,11 @@ impl Dispatcher {
             .collect();
         for triple in triples {
             let entry = self.store.remove(&triple)?;
-            if let Some(provider) = self.providers.iter_mut().find(|p| p.id() as u8 == triple.provider) {
+            if let Some(provider) = self
+                .providers
+                .iter_mut()
+                .find(|p| p.id() as u8 == triple.provider)
+            {
                 if let Err(e) = provider.destroy_material(&entry) {
                     log::warn!(
                         "DeleteClient: key \"{}\" of \"{client}\" forgotten, its material not destroyed: {e}",

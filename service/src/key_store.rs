@@ -81,7 +81,10 @@ impl KeyStore {
     /// in the config and enabling it again loses nothing.
     pub fn open(roots: &[(ProviderId, PathBuf)]) -> io::Result<(KeyStore, Vec<DamagedEntry>)> {
         let mut store = KeyStore {
-            roots: roots.iter().map(|(p, dir)| (*p as u8, dir.clone())).collect(),
+            roots: roots
+                .iter()
+                .map(|(p, dir)| (*p as u8, dir.clone()))
+                .collect(),
             entries: BTreeMap::new(),
         };
         let mut damaged = Vec::new();
@@ -141,7 +144,8 @@ impl KeyStore {
             name: key.name.clone(),
             entry,
         };
-        write_entry(&path, &stored).map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        write_entry(&path, &stored)
+            .map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
         self.entries.insert(key, stored.entry);
         Ok(())
     }
@@ -155,23 +159,34 @@ impl KeyStore {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(OpError::storage(&format!("removing {}", path.display()), &e)),
+            Err(e) => {
+                return Err(OpError::storage(
+                    &format!("removing {}", path.display()),
+                    &e,
+                ))
+            }
         }
         if let Some(dir) = path.parent() {
-            sync_dir(dir).map_err(|e| OpError::storage(&format!("syncing {}", dir.display()), &e))?;
+            sync_dir(dir)
+                .map_err(|e| OpError::storage(&format!("syncing {}", dir.display()), &e))?;
         }
         Ok(self.entries.remove(key).expect("checked above"))
     }
 
     /// Every key of one application, in name order.
-    pub fn keys_of<'a>(&'a self, app: &'a str) -> impl Iterator<Item = (&'a KeyTriple, &'a KeyEntry)> + 'a {
+    pub fn keys_of<'a>(
+        &'a self,
+        app: &'a str,
+    ) -> impl Iterator<Item = (&'a KeyTriple, &'a KeyEntry)> + 'a {
         self.entries.iter().filter(move |(k, _)| k.app == app)
     }
 
     /// Every key held by one provider.
     pub fn keys_in(&self, provider: ProviderId) -> impl Iterator<Item = (&KeyTriple, &KeyEntry)> {
         let provider = provider as u8;
-        self.entries.iter().filter(move |(k, _)| k.provider == provider)
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.provider == provider)
     }
 
     /// The applications that own at least one key.
@@ -244,7 +259,10 @@ fn decode(bytes: &[u8]) -> Result<StoredEntry, String> {
     let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     let payload = &bytes[HEADER_LEN..];
     if payload.len() != len {
-        return Err(format!("truncated: {} payload bytes, header says {len}", payload.len()));
+        return Err(format!(
+            "truncated: {} payload bytes, header says {len}",
+            payload.len()
+        ));
     }
     if crc32(payload) != crc {
         return Err("checksum mismatch".into());
@@ -277,8 +295,12 @@ fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
     let dir = path.parent().expect("entry paths have a parent");
     if !dir.is_dir() {
         // <root>/<app>/<provider>: make the directories the store creates durable too.
-        let app_dir = dir.parent().expect("entry directories sit in an application directory");
-        let root = app_dir.parent().expect("application directories sit in the root");
+        let app_dir = dir
+            .parent()
+            .expect("entry directories sit in an application directory");
+        let root = app_dir
+            .parent()
+            .expect("application directories sit in the root");
         fs::create_dir_all(dir)?;
         sync_dir(app_dir)?;
         sync_dir(root)?;

@@ -27,7 +27,11 @@ impl Log for StderrLogger {
                 .unwrap_or_default();
             line.push_str(&format!("{}.{:03} ", now.as_secs(), now.subsec_millis()));
         }
-        line.push_str(&format!("[{:<5} parsec] {}\n", record.level(), record.args()));
+        line.push_str(&format!(
+            "[{:<5} parsec] {}\n",
+            record.level(),
+            record.args()
+        ));
         // A closed stderr must not take the service down.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }

@@ -45,7 +45,11 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--socket" => args.overrides.socket_path = Some(value("--socket")?),
             "--store" => args.overrides.store_dir = Some(value("--store")?),
             "--version" | "-V" => {
-                println!("parsec {} (providers: {})", env!("CARGO_PKG_VERSION"), config::built_in_providers().join(", "));
+                println!(
+                    "parsec {} (providers: {})",
+                    env!("CARGO_PKG_VERSION"),
+                    config::built_in_providers().join(", ")
+                );
                 return Ok(None);
             }
             "--help" | "-h" => {
@@ -80,7 +84,12 @@ fn main() -> ExitCode {
                 println!(
                     "{}: valid; providers in order: [{}]; socket {}",
                     file.display(),
-                    config.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                    config
+                        .providers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     config.socket_path.display()
                 );
                 ExitCode::SUCCESS
@@ -119,7 +128,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    log::info!("parsec {} starting with {}", env!("CARGO_PKG_VERSION"), source.describe());
+    log::info!(
+        "parsec {} starting with {}",
+        env!("CARGO_PKG_VERSION"),
+        source.describe()
+    );
     let dispatcher = match Dispatcher::new(&config) {
         Ok(dispatcher) => dispatcher,
         Err(e) => {

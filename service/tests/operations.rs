@@ -3,11 +3,11 @@
 mod common;
 
 use common::Daemon;
+use parsec_client::auth::Authentication;
 use parsec_client::core::interface::operations::can_do_crypto::CheckType;
 use parsec_client::core::interface::operations::psa_algorithm::*;
 use parsec_client::core::interface::operations::psa_key_attributes::*;
 use parsec_client::core::interface::requests::{AuthType, Opcode, ProviderId, ResponseStatus};
-use parsec_client::auth::Authentication;
 use parsec_client::error::Error;
 
 fn service_error<T: std::fmt::Debug>(result: Result<T, Error>) -> ResponseStatus {
@@ -22,11 +22,16 @@ pub fn ecc_p256_signing() -> Attributes {
     usage_flags.set_sign_hash().set_verify_hash().set_export();
     Attributes {
         lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair { curve_family: EccFamily::SecpR1 },
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
         bits: 256,
         policy: Policy {
             usage_flags,
-            permitted_algorithms: AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() }.into(),
+            permitted_algorithms: AsymmetricSignature::Ecdsa {
+                hash_alg: Hash::Sha256.into(),
+            }
+            .into(),
         },
     }
 }
@@ -38,7 +43,10 @@ fn rsa_encryption(alg: AsymmetricEncryption) -> Attributes {
         lifetime: Lifetime::Persistent,
         key_type: Type::RsaKeyPair,
         bits: 2048,
-        policy: Policy { usage_flags, permitted_algorithms: alg.into() },
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: alg.into(),
+        },
     }
 }
 
@@ -57,12 +65,21 @@ fn core_operations_describe_the_service() {
     assert_eq!(ids, vec![ProviderId::MbedCrypto, ProviderId::Core]);
     assert_eq!(client.implicit_provider(), ProviderId::MbedCrypto);
     let opcodes = client.list_opcodes(ProviderId::MbedCrypto).unwrap();
-    for opcode in [Opcode::PsaGenerateKey, Opcode::PsaSignHash, Opcode::PsaAeadEncrypt, Opcode::PsaRawKeyAgreement, Opcode::CanDoCrypto] {
+    for opcode in [
+        Opcode::PsaGenerateKey,
+        Opcode::PsaSignHash,
+        Opcode::PsaAeadEncrypt,
+        Opcode::PsaRawKeyAgreement,
+        Opcode::CanDoCrypto,
+    ] {
         assert!(opcodes.contains(&opcode), "{opcode:?} missing");
     }
     let core = client.list_opcodes(ProviderId::Core).unwrap();
     assert!(core.contains(&Opcode::ListClients) && core.contains(&Opcode::Ping));
-    assert_eq!(service_error(client.list_opcodes(ProviderId::Tpm)), ResponseStatus::ProviderNotRegistered);
+    assert_eq!(
+        service_error(client.list_opcodes(ProviderId::Tpm)),
+        ResponseStatus::ProviderNotRegistered
+    );
     let authenticators = client.list_authenticators().unwrap();
     assert_eq!(authenticators.len(), 1);
     assert_eq!(authenticators[0].id, AuthType::Direct);
@@ -80,10 +97,14 @@ fn ecc_keys_sign_verify_export_and_destroy() {
         service_error(client.psa_generate_key("ecc", ecc_p256_signing())),
         ResponseStatus::PsaErrorAlreadyExists
     );
-    let alg = AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() };
+    let alg = AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    };
     let signature = client.psa_sign_hash("ecc", &SHA256_OF_HELLO, alg).unwrap();
     assert_eq!(signature.len(), 64);
-    client.psa_verify_hash("ecc", &SHA256_OF_HELLO, alg, &signature).unwrap();
+    client
+        .psa_verify_hash("ecc", &SHA256_OF_HELLO, alg, &signature)
+        .unwrap();
     let mut tampered = signature.clone();
     tampered[10] ^= 1;
     assert_eq!(
@@ -97,12 +118,21 @@ fn ecc_keys_sign_verify_export_and_destroy() {
     let mut verify_only = UsageFlags::default();
     verify_only.set_verify_hash();
     let public_attributes = Attributes {
-        key_type: Type::EccPublicKey { curve_family: EccFamily::SecpR1 },
-        policy: Policy { usage_flags: verify_only, permitted_algorithms: alg.into() },
+        key_type: Type::EccPublicKey {
+            curve_family: EccFamily::SecpR1,
+        },
+        policy: Policy {
+            usage_flags: verify_only,
+            permitted_algorithms: alg.into(),
+        },
         ..ecc_p256_signing()
     };
-    client.psa_import_key("ecc-pub", &public, public_attributes).unwrap();
-    client.psa_verify_hash("ecc-pub", &SHA256_OF_HELLO, alg, &signature).unwrap();
+    client
+        .psa_import_key("ecc-pub", &public, public_attributes)
+        .unwrap();
+    client
+        .psa_verify_hash("ecc-pub", &SHA256_OF_HELLO, alg, &signature)
+        .unwrap();
     // The private key exports because its policy says so.
     assert_eq!(client.psa_export_key("ecc").unwrap().len(), 32);
     // A policy without the sign flag refuses to sign.
@@ -110,10 +140,18 @@ fn ecc_keys_sign_verify_export_and_destroy() {
         service_error(client.psa_sign_hash("ecc-pub", &SHA256_OF_HELLO, alg)),
         ResponseStatus::PsaErrorNotPermitted
     );
-    let names: Vec<String> = client.list_keys().unwrap().into_iter().map(|k| k.name).collect();
+    let names: Vec<String> = client
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
     assert_eq!(names, vec!["ecc".to_string(), "ecc-pub".to_string()]);
     client.psa_destroy_key("ecc").unwrap();
-    assert_eq!(service_error(client.psa_destroy_key("ecc")), ResponseStatus::PsaErrorDoesNotExist);
+    assert_eq!(
+        service_error(client.psa_destroy_key("ecc")),
+        ResponseStatus::PsaErrorDoesNotExist
+    );
     assert_eq!(
         service_error(client.psa_sign_hash("ecc", &SHA256_OF_HELLO, alg)),
         ResponseStatus::PsaErrorDoesNotExist
@@ -127,20 +165,33 @@ fn rsa_encrypts_decrypts_and_signs() {
     let client = daemon.client("app");
     for (name, alg) in [
         ("pkcs1", AsymmetricEncryption::RsaPkcs1v15Crypt),
-        ("oaep", AsymmetricEncryption::RsaOaep { hash_alg: Hash::Sha256 }),
+        (
+            "oaep",
+            AsymmetricEncryption::RsaOaep {
+                hash_alg: Hash::Sha256,
+            },
+        ),
     ] {
         client.psa_generate_key(name, rsa_encryption(alg)).unwrap();
-        let ciphertext = client.psa_asymmetric_encrypt(name, alg, b"secret", None).unwrap();
+        let ciphertext = client
+            .psa_asymmetric_encrypt(name, alg, b"secret", None)
+            .unwrap();
         assert_eq!(ciphertext.len(), 256);
-        let plaintext = client.psa_asymmetric_decrypt(name, alg, &ciphertext, None).unwrap();
+        let plaintext = client
+            .psa_asymmetric_decrypt(name, alg, &ciphertext, None)
+            .unwrap();
         assert_eq!(plaintext, b"secret");
         let mut bad = ciphertext.clone();
         bad[0] ^= 0xff;
-        assert!(client.psa_asymmetric_decrypt(name, alg, &bad, None).is_err());
+        assert!(client
+            .psa_asymmetric_decrypt(name, alg, &bad, None)
+            .is_err());
     }
     let mut usage_flags = UsageFlags::default();
     usage_flags.set_sign_hash().set_verify_hash();
-    let sign = AsymmetricSignature::RsaPkcs1v15Sign { hash_alg: Hash::Sha256.into() };
+    let sign = AsymmetricSignature::RsaPkcs1v15Sign {
+        hash_alg: Hash::Sha256.into(),
+    };
     client
         .psa_generate_key(
             "rsa-sign",
@@ -148,12 +199,19 @@ fn rsa_encrypts_decrypts_and_signs() {
                 lifetime: Lifetime::Persistent,
                 key_type: Type::RsaKeyPair,
                 bits: 2048,
-                policy: Policy { usage_flags, permitted_algorithms: sign.into() },
+                policy: Policy {
+                    usage_flags,
+                    permitted_algorithms: sign.into(),
+                },
             },
         )
         .unwrap();
-    let signature = client.psa_sign_hash("rsa-sign", &SHA256_OF_HELLO, sign).unwrap();
-    client.psa_verify_hash("rsa-sign", &SHA256_OF_HELLO, sign, &signature).unwrap();
+    let signature = client
+        .psa_sign_hash("rsa-sign", &SHA256_OF_HELLO, sign)
+        .unwrap();
+    client
+        .psa_verify_hash("rsa-sign", &SHA256_OF_HELLO, sign, &signature)
+        .unwrap();
     let public = client.psa_export_public_key("rsa-sign").unwrap();
     assert_eq!(public[0], 0x30, "DER RSAPublicKey");
 }
@@ -170,13 +228,20 @@ fn aead_hash_random_agreement_and_capabilities() {
         lifetime: Lifetime::Persistent,
         key_type: Type::Aes,
         bits: 128,
-        policy: Policy { usage_flags, permitted_algorithms: gcm.into() },
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: gcm.into(),
+        },
     };
     client.psa_import_key("aes", &[7u8; 16], aes).unwrap();
     let nonce = [1u8; 12];
-    let ciphertext = client.psa_aead_encrypt("aes", gcm, &nonce, b"header", b"payload").unwrap();
+    let ciphertext = client
+        .psa_aead_encrypt("aes", gcm, &nonce, b"header", b"payload")
+        .unwrap();
     assert_eq!(ciphertext.len(), 7 + 16);
-    let plaintext = client.psa_aead_decrypt("aes", gcm, &nonce, b"header", &ciphertext).unwrap();
+    let plaintext = client
+        .psa_aead_decrypt("aes", gcm, &nonce, b"header", &ciphertext)
+        .unwrap();
     assert_eq!(plaintext, b"payload");
     assert_eq!(
         service_error(client.psa_aead_decrypt("aes", gcm, &nonce, b"other header", &ciphertext)),
@@ -185,7 +250,9 @@ fn aead_hash_random_agreement_and_capabilities() {
     // Hashes.
     let hash = client.psa_hash_compute(Hash::Sha256, b"hello").unwrap();
     assert_eq!(hash, SHA256_OF_HELLO);
-    client.psa_hash_compare(Hash::Sha256, b"hello", &SHA256_OF_HELLO).unwrap();
+    client
+        .psa_hash_compare(Hash::Sha256, b"hello", &SHA256_OF_HELLO)
+        .unwrap();
     assert_eq!(
         service_error(client.psa_hash_compare(Hash::Sha256, b"hellO", &SHA256_OF_HELLO)),
         ResponseStatus::PsaErrorInvalidSignature
@@ -194,14 +261,19 @@ fn aead_hash_random_agreement_and_capabilities() {
     let random = client.psa_generate_random(64).unwrap();
     assert_eq!(random.len(), 64);
     assert_ne!(random, vec![0u8; 64]);
-    assert_eq!(service_error(client.psa_generate_random(2 << 20)), ResponseStatus::ResponseTooLarge);
+    assert_eq!(
+        service_error(client.psa_generate_random(2 << 20)),
+        ResponseStatus::ResponseTooLarge
+    );
     // Raw ECDH between two keys gives the same secret both ways.
     let ecdh = RawKeyAgreement::Ecdh;
     let mut derive = UsageFlags::default();
     derive.set_derive();
     let agreement = Attributes {
         lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair { curve_family: EccFamily::SecpR1 },
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
         bits: 256,
         policy: Policy {
             usage_flags: derive,
@@ -212,13 +284,22 @@ fn aead_hash_random_agreement_and_capabilities() {
     client.psa_generate_key("bob", agreement).unwrap();
     let alice_public = client.psa_export_public_key("alice").unwrap();
     let bob_public = client.psa_export_public_key("bob").unwrap();
-    let ab = client.psa_raw_key_agreement(ecdh, "alice", &bob_public).unwrap();
-    let ba = client.psa_raw_key_agreement(ecdh, "bob", &alice_public).unwrap();
+    let ab = client
+        .psa_raw_key_agreement(ecdh, "alice", &bob_public)
+        .unwrap();
+    let ba = client
+        .psa_raw_key_agreement(ecdh, "bob", &alice_public)
+        .unwrap();
     assert_eq!(ab.len(), 32);
     assert_eq!(ab, ba);
     // CanDoCrypto.
-    client.can_do_crypto(CheckType::Generate, common_p256()).unwrap();
-    let odd = Attributes { bits: 255, ..common_p256() };
+    client
+        .can_do_crypto(CheckType::Generate, common_p256())
+        .unwrap();
+    let odd = Attributes {
+        bits: 255,
+        ..common_p256()
+    };
     assert_eq!(
         service_error(client.can_do_crypto(CheckType::Generate, odd)),
         ResponseStatus::PsaErrorNotSupported
@@ -234,25 +315,53 @@ fn applications_cannot_reach_each_others_keys() {
     let daemon = Daemon::start("isolation");
     let alice = daemon.client("alice");
     let mallory = daemon.client("mallory");
-    let alg = AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() };
-    alice.psa_generate_key("shared-name", ecc_p256_signing()).unwrap();
+    let alg = AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    };
+    alice
+        .psa_generate_key("shared-name", ecc_p256_signing())
+        .unwrap();
     // Mallory sees nothing, can use nothing, destroy nothing, export nothing.
     assert!(mallory.list_keys().unwrap().is_empty());
-    assert_eq!(service_error(mallory.psa_sign_hash("shared-name", &SHA256_OF_HELLO, alg)), ResponseStatus::PsaErrorDoesNotExist);
-    assert_eq!(service_error(mallory.psa_export_public_key("shared-name")), ResponseStatus::PsaErrorDoesNotExist);
-    assert_eq!(service_error(mallory.psa_export_key("shared-name")), ResponseStatus::PsaErrorDoesNotExist);
-    assert_eq!(service_error(mallory.psa_destroy_key("shared-name")), ResponseStatus::PsaErrorDoesNotExist);
+    assert_eq!(
+        service_error(mallory.psa_sign_hash("shared-name", &SHA256_OF_HELLO, alg)),
+        ResponseStatus::PsaErrorDoesNotExist
+    );
+    assert_eq!(
+        service_error(mallory.psa_export_public_key("shared-name")),
+        ResponseStatus::PsaErrorDoesNotExist
+    );
+    assert_eq!(
+        service_error(mallory.psa_export_key("shared-name")),
+        ResponseStatus::PsaErrorDoesNotExist
+    );
+    assert_eq!(
+        service_error(mallory.psa_destroy_key("shared-name")),
+        ResponseStatus::PsaErrorDoesNotExist
+    );
     // Creating the same name makes Mallory's own key, not an overwrite of Alice's.
-    mallory.psa_generate_key("shared-name", ecc_p256_signing()).unwrap();
+    mallory
+        .psa_generate_key("shared-name", ecc_p256_signing())
+        .unwrap();
     let alice_public = alice.psa_export_public_key("shared-name").unwrap();
     let mallory_public = mallory.psa_export_public_key("shared-name").unwrap();
     assert_ne!(alice_public, mallory_public);
     mallory.psa_destroy_key("shared-name").unwrap();
-    let signature = alice.psa_sign_hash("shared-name", &SHA256_OF_HELLO, alg).unwrap();
-    alice.psa_verify_hash("shared-name", &SHA256_OF_HELLO, alg, &signature).unwrap();
+    let signature = alice
+        .psa_sign_hash("shared-name", &SHA256_OF_HELLO, alg)
+        .unwrap();
+    alice
+        .psa_verify_hash("shared-name", &SHA256_OF_HELLO, alg, &signature)
+        .unwrap();
     // UTF-8 names work and stay separate.
-    alice.psa_generate_key("clé-🔑", ecc_p256_signing()).unwrap();
-    assert!(alice.list_keys().unwrap().iter().any(|k| k.name == "clé-🔑"));
+    alice
+        .psa_generate_key("clé-🔑", ecc_p256_signing())
+        .unwrap();
+    assert!(alice
+        .list_keys()
+        .unwrap()
+        .iter()
+        .any(|k| k.name == "clé-🔑"));
 }
 
 #[test]
@@ -264,8 +373,14 @@ fn admins_list_and_delete_clients_and_others_cannot() {
     alice.psa_generate_key("a1", ecc_p256_signing()).unwrap();
     alice.psa_generate_key("a2", ecc_p256_signing()).unwrap();
     bob.psa_generate_key("b1", ecc_p256_signing()).unwrap();
-    assert_eq!(service_error(alice.list_clients()), ResponseStatus::AdminOperation);
-    assert_eq!(service_error(alice.delete_client("bob")), ResponseStatus::AdminOperation);
+    assert_eq!(
+        service_error(alice.list_clients()),
+        ResponseStatus::AdminOperation
+    );
+    assert_eq!(
+        service_error(alice.delete_client("bob")),
+        ResponseStatus::AdminOperation
+    );
     let mut clients = admin.list_clients().unwrap();
     clients.sort();
     assert_eq!(clients, vec!["alice".to_string(), "bob".to_string()]);
@@ -279,8 +394,14 @@ fn admins_list_and_delete_clients_and_others_cannot() {
     let mut anonymous = daemon.client("x");
     anonymous.set_auth_data(Authentication::None);
     assert_eq!(anonymous.ping().unwrap(), (1, 0));
-    assert_eq!(service_error(anonymous.list_keys()), ResponseStatus::NotAuthenticated);
-    assert_eq!(service_error(anonymous.list_clients()), ResponseStatus::NotAuthenticated);
+    assert_eq!(
+        service_error(anonymous.list_keys()),
+        ResponseStatus::NotAuthenticated
+    );
+    assert_eq!(
+        service_error(anonymous.list_clients()),
+        ResponseStatus::NotAuthenticated
+    );
     assert_eq!(
         service_error(anonymous.psa_generate_key("k", ecc_p256_signing())),
         ResponseStatus::NotAuthenticated
@@ -288,11 +409,16 @@ fn admins_list_and_delete_clients_and_others_cannot() {
     // A client using an authenticator the service does not run.
     let mut wrong = daemon.client("x");
     wrong.set_auth_data(Authentication::UnixPeerCredentials);
-    assert_eq!(service_error(wrong.list_keys()), ResponseStatus::AuthenticatorNotRegistered);
+    assert_eq!(
+        service_error(wrong.list_keys()),
+        ResponseStatus::AuthenticatorNotRegistered
+    );
     // Failed requests are logged with application, provider, opcode, cause and hint.
     let log = daemon.log_text();
     assert!(
-        log.contains("request failed: app=alice provider=Core opcode=ListClients status=AdminOperation"),
+        log.contains(
+            "request failed: app=alice provider=Core opcode=ListClients status=AdminOperation"
+        ),
         "{log}"
     );
     assert!(log.contains("hint="), "{log}");

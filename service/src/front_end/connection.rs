@@ -14,9 +14,18 @@ use std::time::Instant;
 const CHUNK: usize = 16 * 1024;
 
 enum State {
-    Header { buf: [u8; HEADER_LEN], filled: usize },
-    Payload { frame: Vec<u8>, total: usize },
-    Writing { out: Vec<u8>, written: usize },
+    Header {
+        buf: [u8; HEADER_LEN],
+        filled: usize,
+    },
+    Payload {
+        frame: Vec<u8>,
+        total: usize,
+    },
+    Writing {
+        out: Vec<u8>,
+        written: usize,
+    },
 }
 
 /// What reading produced so far.

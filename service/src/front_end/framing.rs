@@ -17,7 +17,10 @@ const HEADER_SIZE_FIELD: u16 = 30;
 /// Each malformation gets the status upstream clients expect: a bad magic number, header
 /// size or non-zero reserved bytes give `InvalidHeader`, an unknown version
 /// `WireProtocolVersionNotSupported`, a body over the limit `BodySizeExceedsLimit`.
-pub fn payload_len(header: &[u8; HEADER_LEN], body_len_limit: usize) -> Result<usize, ResponseStatus> {
+pub fn payload_len(
+    header: &[u8; HEADER_LEN],
+    body_len_limit: usize,
+) -> Result<usize, ResponseStatus> {
     let magic = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     if magic != MAGIC {
         log::debug!("framing: bad magic number {magic:#010x}");
@@ -85,11 +88,17 @@ mod tests {
         assert_eq!(payload_len(&h, 100), Err(ResponseStatus::InvalidHeader));
         let mut h = header(0, 0);
         h[6] = 2;
-        assert_eq!(payload_len(&h, 100), Err(ResponseStatus::WireProtocolVersionNotSupported));
+        assert_eq!(
+            payload_len(&h, 100),
+            Err(ResponseStatus::WireProtocolVersionNotSupported)
+        );
         let mut h = header(0, 0);
         h[35] = 1;
         assert_eq!(payload_len(&h, 100), Err(ResponseStatus::InvalidHeader));
-        assert_eq!(payload_len(&header(101, 0), 100), Err(ResponseStatus::BodySizeExceedsLimit));
+        assert_eq!(
+            payload_len(&header(101, 0), 100),
+            Err(ResponseStatus::BodySizeExceedsLimit)
+        );
     }
 
     #[test]
@@ -97,6 +106,9 @@ mod tests {
         let mut h = header(0, 0);
         h[28..32].copy_from_slice(&0xFFFFu32.to_le_bytes());
         assert_eq!(payload_len(&h, 100), Ok(0));
-        assert_eq!(decode(&h, 100).unwrap_err(), ResponseStatus::OpcodeDoesNotExist);
+        assert_eq!(
+            decode(&h, 100).unwrap_err(),
+            ResponseStatus::OpcodeDoesNotExist
+        );
     }
 }

@@ -84,7 +84,11 @@ fn peer_credentials(stream: &UnixStream) -> Option<PeerCredentials> {
 }
 
 impl Server {
-    pub fn new(config: Config, source: ConfigSource, dispatcher: Dispatcher) -> Result<Server, String> {
+    pub fn new(
+        config: Config,
+        source: ConfigSource,
+        dispatcher: Dispatcher,
+    ) -> Result<Server, String> {
         let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
         let mut listener = bind(&config.socket_path)?;
         poll.registry()
@@ -241,11 +245,11 @@ impl Server {
         match connection.write() {
             Ok(true) => self.close(token),
             Ok(false) => {
-                if let Err(e) =
-                    self.poll
-                        .registry()
-                        .reregister(&mut connection.stream, token, Interest::WRITABLE)
-                {
+                if let Err(e) = self.poll.registry().reregister(
+                    &mut connection.stream,
+                    token,
+                    Interest::WRITABLE,
+                ) {
                     log::debug!("cannot wait to write a response: {e}");
                     self.close(token);
                 }
@@ -359,7 +363,10 @@ impl Server {
         crate::logging::set_level(config.log_level);
         self.dispatcher = dispatcher;
         self.config = config;
-        log::info!("SIGHUP: {source} reloaded, listening on {}", self.socket_path.display());
+        log::info!(
+            "SIGHUP: {source} reloaded, listening on {}",
+            self.socket_path.display()
+        );
     }
 
     /// Stops listening, sends the responses still being written, removes the socket.
@@ -386,9 +393,10 @@ impl Server {
             self.close(token);
         }
         while !self.connections.is_empty() && Instant::now() < until {
-            let _ = self
-                .poll
-                .poll(&mut events, Some(until.saturating_duration_since(Instant::now())));
+            let _ = self.poll.poll(
+                &mut events,
+                Some(until.saturating_duration_since(Instant::now())),
+            );
             for event in events.iter() {
                 if self.connections.contains_key(&event.token()) {
                     self.serve(event.token());

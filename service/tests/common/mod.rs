@@ -72,7 +72,11 @@ impl Daemon {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("parsec.sock");
         let config = dir.join("config.toml");
-        std::fs::write(&config, config_text(&socket, &dir.join("store"), auth, admins)).unwrap();
+        std::fs::write(
+            &config,
+            config_text(&socket, &dir.join("store"), auth, admins),
+        )
+        .unwrap();
         let mut daemon = Daemon {
             log: dir.join("parsec.log"),
             dir,
@@ -107,9 +111,16 @@ impl Daemon {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {status} during start-up; log:\n{}", self.log_text());
+                panic!(
+                    "daemon exited with {status} during start-up; log:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "daemon did not start; log:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not start; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -123,7 +134,9 @@ impl Daemon {
             return false;
         }
         let mut response = Vec::new();
-        stream.read_to_end(&mut response).is_ok() && response.len() >= 36 && response[32..34] == [0, 0]
+        stream.read_to_end(&mut response).is_ok()
+            && response.len() >= 36
+            && response[32..34] == [0, 0]
     }
 
     pub fn pid(&self) -> i32 {
@@ -177,18 +190,24 @@ impl Daemon {
     /// (ListAuthenticators, ListProviders).
     pub fn default_client(&self, app: Option<&str>) -> BasicClient {
         let mut client = self.naked_client();
-        client.set_default_auth(app.map(str::to_string)).expect("default auth");
+        client
+            .set_default_auth(app.map(str::to_string))
+            .expect("default auth");
         client.set_default_provider().expect("default provider");
         client
     }
 
     pub fn naked_client(&self) -> BasicClient {
         let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        std::env::set_var("PARSEC_SERVICE_ENDPOINT", format!("unix:{}", self.socket.display()));
+        std::env::set_var(
+            "PARSEC_SERVICE_ENDPOINT",
+            format!("unix:{}", self.socket.display()),
+        );
         let mut client = BasicClient::new_naked().expect("client");
         drop(guard);
         client.set_ipc_handler(Box::new(
-            Handler::new(self.socket.clone(), Some(Duration::from_secs(30))).expect("socket exists"),
+            Handler::new(self.socket.clone(), Some(Duration::from_secs(30)))
+                .expect("socket exists"),
         ));
         client
     }
@@ -196,7 +215,9 @@ impl Daemon {
     /// Sends raw bytes and returns the raw response (until the service closes).
     pub fn raw(&self, bytes: &[u8]) -> Vec<u8> {
         let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         stream.write_all(bytes).unwrap();
         let mut response = Vec::new();
         let _ = stream.read_to_end(&mut response);

@@ -38,7 +38,9 @@ pub fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpErro
     let key_type = attributes.key_type;
     match check_type {
         CheckType::Derive => {
-            return Err(unsupported("key derivation is not offered by this provider".into()))
+            return Err(unsupported(
+                "key derivation is not offered by this provider".into(),
+            ))
         }
         CheckType::Generate if key_type.is_public_key() => {
             return Err(unsupported(format!(
@@ -68,7 +70,9 @@ pub fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpErro
             if attributes.is_compatible_with_alg(alg) {
                 Ok(())
             } else {
-                Err(unsupported(format!("{alg:?} cannot be used with {key_type:?}")))
+                Err(unsupported(format!(
+                    "{alg:?} cannot be used with {key_type:?}"
+                )))
             }
         }
         _ => Err(unsupported(format!(
@@ -111,8 +115,13 @@ mod tests {
 
     #[test]
     fn ecdsa_p256_is_supported_and_p255_is_not() {
-        let ecdsa = AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() }.into();
-        let p = Type::EccKeyPair { curve_family: EccFamily::SecpR1 };
+        let ecdsa = AsymmetricSignature::Ecdsa {
+            hash_alg: Hash::Sha256.into(),
+        }
+        .into();
+        let p = Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        };
         assert!(check(CheckType::Generate, attrs(p, 256, ecdsa)).is_ok());
         assert!(check(CheckType::Generate, attrs(p, 255, ecdsa)).is_err());
         assert!(check(CheckType::Derive, attrs(p, 256, ecdsa)).is_err());
@@ -120,15 +129,22 @@ mod tests {
 
     #[test]
     fn public_keys_cannot_be_generated_but_can_be_imported() {
-        let t = Type::EccPublicKey { curve_family: EccFamily::SecpR1 };
+        let t = Type::EccPublicKey {
+            curve_family: EccFamily::SecpR1,
+        };
         assert!(check(CheckType::Generate, attrs(t, 256, Algorithm::None)).is_err());
         assert!(check(CheckType::Import, attrs(t, 256, Algorithm::None)).is_ok());
     }
 
     #[test]
     fn algorithms_must_fit_the_key() {
-        let rsa_sig = AsymmetricSignature::RsaPkcs1v15Sign { hash_alg: Hash::Sha256.into() }.into();
-        let ecc = Type::EccKeyPair { curve_family: EccFamily::SecpR1 };
+        let rsa_sig = AsymmetricSignature::RsaPkcs1v15Sign {
+            hash_alg: Hash::Sha256.into(),
+        }
+        .into();
+        let ecc = Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        };
         let err = check(CheckType::Use, attrs(ecc, 256, rsa_sig)).unwrap_err();
         assert_eq!(err.status, ResponseStatus::PsaErrorNotSupported);
         assert!(check(CheckType::Use, attrs(Type::RsaKeyPair, 2048, rsa_sig)).is_ok());

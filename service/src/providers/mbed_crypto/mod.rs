@@ -78,7 +78,11 @@ fn psa_error(operation: &str, err: PsaError) -> OpError {
         PsaError::InvalidPadding => "the ciphertext was not made with this key and algorithm",
         _ => "see the Mbed TLS documentation for this status",
     };
-    OpError::new(ResponseStatus::from(err), format!("{operation}: PSA_ERROR_{err:?}"), hint)
+    OpError::new(
+        ResponseStatus::from(err),
+        format!("{operation}: PSA_ERROR_{err:?}"),
+        hint,
+    )
 }
 
 fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
@@ -120,7 +124,8 @@ impl MbedCryptoProvider {
             .map_err(|e| format!("cannot create storage_dir {}: {e}", storage_dir.display()))?;
         std::env::set_current_dir(storage_dir)
             .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
-        psa_crypto::init().map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
+        psa_crypto::init()
+            .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
 
         let mut referenced = BTreeSet::new();
         for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
@@ -160,7 +165,10 @@ impl MbedCryptoProvider {
                 }
             }
         }
-        let next_id = referenced.iter().next_back().map_or(FIRST_KEY_ID, |id| id + 1);
+        let next_id = referenced
+            .iter()
+            .next_back()
+            .map_or(FIRST_KEY_ID, |id| id + 1);
         log::info!(
             "mbed-crypto: {} keys, key files in {}",
             referenced.len(),
@@ -177,7 +185,11 @@ impl MbedCryptoProvider {
     fn allocate_id(&mut self) -> Result<u32, OpError> {
         for _ in 0..=(LAST_KEY_ID - FIRST_KEY_ID) {
             let id = self.next_id;
-            self.next_id = if id >= LAST_KEY_ID { FIRST_KEY_ID } else { id + 1 };
+            self.next_id = if id >= LAST_KEY_ID {
+                FIRST_KEY_ID
+            } else {
+                id + 1
+            };
             if !self.used_ids.contains(&id) {
                 return Ok(id);
             }
@@ -242,7 +254,10 @@ impl MbedCryptoProvider {
         if size > self.limits.buffer_size_limit {
             return Err(OpError::new(
                 ResponseStatus::ResponseTooLarge,
-                format!("{size} bytes asked for, limit {}", self.limits.buffer_size_limit),
+                format!(
+                    "{size} bytes asked for, limit {}",
+                    self.limits.buffer_size_limit
+                ),
                 "raise core_settings.buffer_size_limit or ask for less",
             ));
         }
@@ -285,19 +300,33 @@ impl Provider for MbedCryptoProvider {
         OPCODES
     }
 
-    fn execute(&mut self, op: NativeOperation, mut keys: AppKeys<'_>) -> Result<NativeResult, OpError> {
+    fn execute(
+        &mut self,
+        op: NativeOperation,
+        mut keys: AppKeys<'_>,
+    ) -> Result<NativeResult, OpError> {
         match op {
             NativeOperation::PsaGenerateKey(op) => {
-                self.create_key(&mut keys, &op.key_name, op.attributes, "psa_generate_key", |attributes, id| {
-                    key_management::generate(attributes, Some(id))
-                })?;
+                self.create_key(
+                    &mut keys,
+                    &op.key_name,
+                    op.attributes,
+                    "psa_generate_key",
+                    |attributes, id| key_management::generate(attributes, Some(id)),
+                )?;
                 Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
             }
             NativeOperation::PsaImportKey(op) => {
                 let data = op.data;
-                self.create_key(&mut keys, &op.key_name, op.attributes, "psa_import_key", |attributes, id| {
-                    key_management::import(attributes, Some(id), data.expose_secret())
-                })?;
+                self.create_key(
+                    &mut keys,
+                    &op.key_name,
+                    op.attributes,
+                    "psa_import_key",
+                    |attributes, id| {
+                        key_management::import(attributes, Some(id), data.expose_secret())
+                    },
+                )?;
                 Ok(NativeResult::PsaImportKey(psa_import_key::Result {}))
             }
             NativeOperation::PsaExportPublicKey(op) => {
@@ -308,14 +337,18 @@ impl Provider for MbedCryptoProvider {
                 let data = self.output(size, "psa_export_public_key", |buf| {
                     key_management::export_public(id, buf)
                 })?;
-                Ok(NativeResult::PsaExportPublicKey(psa_export_public_key::Result { data }))
+                Ok(NativeResult::PsaExportPublicKey(
+                    psa_export_public_key::Result { data },
+                ))
             }
             NativeOperation::PsaExportKey(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;
                 let size = attributes
                     .export_key_output_size()
                     .map_err(|e| psa_error("sizing the key", e))?;
-                let data = self.output(size, "psa_export_key", |buf| key_management::export(id, buf))?;
+                let data = self.output(size, "psa_export_key", |buf| {
+                    key_management::export(id, buf)
+                })?;
                 Ok(NativeResult::PsaExportKey(psa_export_key::Result {
                     data: Secret::new(data.to_vec()),
                 }))
@@ -326,7 +359,10 @@ impl Provider for MbedCryptoProvider {
                 if let Err(e) = self.destroy_id(id) {
                     // The name is gone, so the client's request succeeded; the file will be
                     // destroyed as an orphan at the next start.
-                    log::warn!("mbed-crypto: key {id} of \"{}\" forgotten but not destroyed: {e}", keys.app());
+                    log::warn!(
+                        "mbed-crypto: key {id} of \"{}\" forgotten but not destroyed: {e}",
+                        keys.app()
+                    );
                 }
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
@@ -339,7 +375,9 @@ impl Provider for MbedCryptoProvider {
                 let signature = self.output(size, "psa_sign_hash", |buf| {
                     asym_signature::sign_hash(id, op.alg, &op.hash, buf)
                 })?;
-                Ok(NativeResult::PsaSignHash(psa_sign_hash::Result { signature }))
+                Ok(NativeResult::PsaSignHash(psa_sign_hash::Result {
+                    signature,
+                }))
             }
             NativeOperation::PsaVerifyHash(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;
@@ -358,7 +396,9 @@ impl Provider for MbedCryptoProvider {
                 let ciphertext = self.output(size, "psa_asymmetric_encrypt", |buf| {
                     asym_encryption::encrypt(id, op.alg, &op.plaintext, salt, buf)
                 })?;
-                Ok(NativeResult::PsaAsymmetricEncrypt(psa_asymmetric_encrypt::Result { ciphertext }))
+                Ok(NativeResult::PsaAsymmetricEncrypt(
+                    psa_asymmetric_encrypt::Result { ciphertext },
+                ))
             }
             NativeOperation::PsaAsymmetricDecrypt(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;
@@ -370,7 +410,9 @@ impl Provider for MbedCryptoProvider {
                 let plaintext = self.output(size, "psa_asymmetric_decrypt", |buf| {
                     asym_encryption::decrypt(id, op.alg, &op.ciphertext, salt, buf)
                 })?;
-                Ok(NativeResult::PsaAsymmetricDecrypt(psa_asymmetric_decrypt::Result { plaintext }))
+                Ok(NativeResult::PsaAsymmetricDecrypt(
+                    psa_asymmetric_decrypt::Result { plaintext },
+                ))
             }
             NativeOperation::PsaAeadEncrypt(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;
@@ -379,9 +421,18 @@ impl Provider for MbedCryptoProvider {
                     .aead_encrypt_output_size(op.alg, op.plaintext.len())
                     .map_err(|e| psa_error("sizing the ciphertext", e))?;
                 let ciphertext = self.output(size, "psa_aead_encrypt", |buf| {
-                    aead::encrypt(id, op.alg, &op.nonce, &op.additional_data, &op.plaintext, buf)
+                    aead::encrypt(
+                        id,
+                        op.alg,
+                        &op.nonce,
+                        &op.additional_data,
+                        &op.plaintext,
+                        buf,
+                    )
                 })?;
-                Ok(NativeResult::PsaAeadEncrypt(psa_aead_encrypt::Result { ciphertext }))
+                Ok(NativeResult::PsaAeadEncrypt(psa_aead_encrypt::Result {
+                    ciphertext,
+                }))
             }
             NativeOperation::PsaAeadDecrypt(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;
@@ -390,15 +441,26 @@ impl Provider for MbedCryptoProvider {
                     .aead_decrypt_output_size(op.alg, op.ciphertext.len())
                     .map_err(|e| psa_error("sizing the plaintext", e))?;
                 let plaintext = self.output(size, "psa_aead_decrypt", |buf| {
-                    aead::decrypt(id, op.alg, &op.nonce, &op.additional_data, &op.ciphertext, buf)
+                    aead::decrypt(
+                        id,
+                        op.alg,
+                        &op.nonce,
+                        &op.additional_data,
+                        &op.ciphertext,
+                        buf,
+                    )
                 })?;
-                Ok(NativeResult::PsaAeadDecrypt(psa_aead_decrypt::Result { plaintext }))
+                Ok(NativeResult::PsaAeadDecrypt(psa_aead_decrypt::Result {
+                    plaintext,
+                }))
             }
             NativeOperation::PsaHashCompute(op) => {
                 let hash = self.output(op.alg.hash_length(), "psa_hash_compute", |buf| {
                     hash::hash_compute(op.alg, &op.input, buf)
                 })?;
-                Ok(NativeResult::PsaHashCompute(psa_hash_compute::Result { hash }))
+                Ok(NativeResult::PsaHashCompute(psa_hash_compute::Result {
+                    hash,
+                }))
             }
             NativeOperation::PsaHashCompare(op) => {
                 hash::hash_compare(op.alg, &op.input, &op.hash)
@@ -414,15 +476,19 @@ impl Provider for MbedCryptoProvider {
                 let secret = self.output(size, "psa_raw_key_agreement", |buf| {
                     key_agreement::raw_key_agreement(op.alg, id, &op.peer_key, buf)
                 })?;
-                Ok(NativeResult::PsaRawKeyAgreement(psa_raw_key_agreement::Result {
-                    shared_secret: Secret::new(secret.to_vec()),
-                }))
+                Ok(NativeResult::PsaRawKeyAgreement(
+                    psa_raw_key_agreement::Result {
+                        shared_secret: Secret::new(secret.to_vec()),
+                    },
+                ))
             }
             NativeOperation::PsaGenerateRandom(op) => {
                 let random_bytes = self.output(op.size, "psa_generate_random", |buf| {
                     other::generate_random(buf).map(|()| buf.len())
                 })?;
-                Ok(NativeResult::PsaGenerateRandom(psa_generate_random::Result { random_bytes }))
+                Ok(NativeResult::PsaGenerateRandom(
+                    psa_generate_random::Result { random_bytes },
+                ))
             }
             NativeOperation::CanDoCrypto(op) => {
                 capabilities::check(op.check_type, op.attributes)?;
@@ -430,7 +496,10 @@ impl Provider for MbedCryptoProvider {
             }
             other => Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,
-                format!("{:?} is not implemented by the Mbed Crypto provider", other.opcode()),
+                format!(
+                    "{:?} is not implemented by the Mbed Crypto provider",
+                    other.opcode()
+                ),
                 "see ListOpcodes for what this provider serves",
             )),
         }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing the service needs on Debian 12:
+# cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), openssl (tests
+# verify signatures with it) and parsec-tool (a real client the tests drive).
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+packages=(cmake clang libclang-dev pkg-config openssl passwd)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v parsec-tool >/dev/null 2>&1; then
+    echo "install-deps: cargo install parsec-tool"
+    cargo install --locked parsec-tool --version 0.7.0
+fi
+echo "install-deps: done"
