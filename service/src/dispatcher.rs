@@ -31,6 +31,13 @@ const CORE_OPCODES: &[Opcode] = &[
     Opcode::DeleteClient,
 ];
 
+/// Who answers a request.
+enum Route {
+    Core,
+    /// The index of the provider in config order.
+    Provider(usize),
+}
+
 /// Everything that answers requests: the authenticator, the providers and the key store.
 pub struct Dispatcher {
     authenticator: Authenticator,
@@ -84,6 +91,7 @@ impl Dispatcher {
         let mut app_name = None;
         let outcome = self.authenticate(&request, peer).and_then(|app| {
             app_name = app.as_ref().map(|a| a.name.clone());
+            let route = self.route(&header, app.as_ref())?;
             let operation = self
                 .converter
                 .body_to_operation(request.body, header.opcode)
@@ -94,7 +102,16 @@ impl Dispatcher {
                         crate::error::hint_for(status),
                     )
                 })?;
-            let result = self.execute(&header, operation, app.as_ref())?;
+            let result = match (route, app) {
+                (Route::Core, app) => self.execute_core(operation, app.as_ref())?,
+                (Route::Provider(index), Some(app)) => {
+                    let keys = AppKeys::new(&mut self.store, &app.name, header.provider);
+                    self.providers[index].execute(operation, keys)?
+                }
+                (Route::Provider(_), None) => {
+                    return Err(OpError::status(ResponseStatus::NotAuthenticated))
+                }
+            };
             self.converter.result_to_body(result).map_err(|status| {
                 OpError::new(
                     status,
@@ -148,12 +165,9 @@ impl Dispatcher {
             .map(Some)
     }
 
-    fn execute(
-        &mut self,
-        header: &RequestHeader,
-        operation: NativeOperation,
-        app: Option<&Application>,
-    ) -> Result<NativeResult, OpError> {
+    /// Decides who answers, before the body is decoded: the core, or an enabled provider
+    /// that implements the opcode; and whether the caller may ask.
+    fn route(&self, header: &RequestHeader, app: Option<&Application>) -> Result<Route, OpError> {
         let opcode = header.opcode;
         if (header.provider == ProviderId::Core) != opcode.is_core() {
             return Err(OpError::new(
@@ -162,25 +176,23 @@ impl Dispatcher {
                 "core operations go to the core provider (0), cryptographic ones to a crypto provider",
             ));
         }
-        let needs_app = !matches!(
+        let public = matches!(
             opcode,
             Opcode::Ping | Opcode::ListProviders | Opcode::ListOpcodes | Opcode::ListAuthenticators
         );
-        let app = match (needs_app, app) {
-            (true, None) => return Err(OpError::status(ResponseStatus::NotAuthenticated)),
-            (_, app) => app,
-        };
+        if !public && app.is_none() {
+            return Err(OpError::status(ResponseStatus::NotAuthenticated));
+        }
         if opcode.is_admin() && !app.is_some_and(|a| a.is_admin) {
             return Err(OpError::status(ResponseStatus::AdminOperation));
         }
         if header.provider == ProviderId::Core {
-            return self.execute_core(operation, app);
+            return Ok(Route::Core);
         }
-        let app = app.expect("checked above: provider operations need an application");
-        let provider = self
+        let index = self
             .providers
-            .iter_mut()
-            .find(|p| p.id() == header.provider)
+            .iter()
+            .position(|p| p.id() == header.provider)
             .ok_or_else(|| {
                 OpError::new(
                     ResponseStatus::ProviderNotRegistered,
@@ -188,15 +200,14 @@ impl Dispatcher {
                     crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
                 )
             })?;
-        if !provider.opcodes().contains(&opcode) {
+        if !self.providers[index].opcodes().contains(&opcode) {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,
                 format!("{:?} does not implement {opcode:?}", header.provider),
                 "see ListOpcodes for what this provider serves",
             ));
         }
-        let keys = AppKeys::new(&mut self.store, &app.name, header.provider);
-        provider.execute(operation, keys)
+        Ok(Route::Provider(index))
     }
 
     fn execute_core(
