@@ -1,0 +1,169 @@
+//! The daemon's life: restarts, SIGTERM, SIGHUP, and SIGKILL at random moments.
+
+mod common;
+
+use common::{config_text, Daemon};
+use parsec_client::core::interface::operations::psa_algorithm::*;
+use parsec_client::core::interface::operations::psa_key_attributes::*;
+use parsec_client::core::interface::requests::ResponseStatus;
+use parsec_client::error::Error;
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn p256() -> Attributes {
+    let mut usage_flags = UsageFlags::default();
+    usage_flags.set_sign_hash().set_verify_hash();
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::EccKeyPair { curve_family: EccFamily::SecpR1 },
+        bits: 256,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() }.into(),
+        },
+    }
+}
+
+const ECDSA: AsymmetricSignature = AsymmetricSignature::Ecdsa {
+    hash_alg: SignHash::Specific(Hash::Sha256),
+};
+
+fn signs(client: &parsec_client::BasicClient, name: &str) {
+    let hash = [0x5au8; 32];
+    let signature = client
+        .psa_sign_hash(name, &hash, ECDSA)
+        .unwrap_or_else(|e| panic!("key {name} does not sign: {e}"));
+    client.psa_verify_hash(name, &hash, ECDSA, &signature).unwrap();
+}
+
+#[test]
+fn keys_survive_a_restart_and_sigterm_exits_cleanly() {
+    let mut daemon = Daemon::start("restart");
+    let client = daemon.client("app");
+    client.psa_generate_key("kept", p256()).unwrap();
+    let public = client.psa_export_public_key("kept").unwrap();
+    let status = daemon.stop();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    assert!(!daemon.socket.exists(), "socket left behind after SIGTERM");
+    daemon.spawn();
+    let client = daemon.client("app");
+    assert_eq!(client.psa_export_public_key("kept").unwrap(), public);
+    signs(&client, "kept");
+    assert_eq!(client.list_keys().unwrap().len(), 1);
+    // SIGINT behaves as SIGTERM.
+    daemon.signal(nix::sys::signal::Signal::SIGINT);
+    assert!(daemon.wait().success());
+}
+
+#[test]
+fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
+    let mut daemon = Daemon::start("reload");
+    let alice = daemon.client("alice");
+    alice.psa_generate_key("k", p256()).unwrap();
+    assert!(matches!(alice.list_clients(), Err(Error::Service(ResponseStatus::AdminOperation))));
+
+    // A good change: alice becomes an admin; her keys stay.
+    let store = daemon.dir.join("store");
+    std::fs::write(&daemon.config, config_text(&daemon.socket, &store, "Direct", &["alice"])).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let start = std::time::Instant::now();
+    while alice.list_clients().is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "reload not applied:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(alice.list_clients().unwrap(), vec!["alice".to_string()]);
+    signs(&alice, "k");
+
+    // A broken config: the service says why and keeps running as it was.
+    let broken = config_text(&daemon.socket, &store, "Direct", &[]).replace("timeout = 1000", "timeout = \"soon\"");
+    std::fs::write(&daemon.config, broken).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let start = std::time::Instant::now();
+    while !daemon.log_text().contains("keeping the running configuration") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reload error logged:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("config.toml:8: invalid type"), "the error names file and line:\n{log}");
+    assert_eq!(alice.list_clients().unwrap(), vec!["alice".to_string()], "old admins still apply");
+    signs(&alice, "k");
+    assert!(daemon.stop().success());
+}
+
+/// A cheap pseudo-random source: no extra dependency for a test's timing jitter.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        Jitter(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1)
+    }
+    fn next(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_no_acknowledged_key() {
+    let mut daemon = Daemon::start("crash");
+    let mut jitter = Jitter::new();
+    // What the client believes: keys whose creation was acknowledged and whose destruction
+    // was not. A key whose create or destroy was in flight at the kill may go either way.
+    let mut believed: BTreeSet<String> = BTreeSet::new();
+    let mut counter = 0u32;
+    for round in 0..24 {
+        let client = daemon.client("crash-app");
+        let pid = daemon.pid();
+        let delay = Duration::from_millis(5 + jitter.next(60));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        });
+        let in_flight = loop {
+            // Mostly create, sometimes destroy the oldest key.
+            let destroy = believed.len() > 3 && jitter.next(3) == 0;
+            let name = if destroy {
+                believed.iter().next().cloned().unwrap()
+            } else {
+                counter += 1;
+                format!("key-{counter}")
+            };
+            let result = if destroy {
+                client.psa_destroy_key(&name)
+            } else {
+                client.psa_generate_key(&name, p256())
+            };
+            match result {
+                Ok(()) => {
+                    if destroy {
+                        believed.remove(&name);
+                    } else {
+                        believed.insert(name);
+                    }
+                }
+                Err(Error::Service(status)) => panic!("round {round}: {name}: service error {status}"),
+                Err(Error::Client(_)) => break name,
+            }
+        };
+        killer.join().unwrap();
+        daemon.wait();
+        daemon.spawn();
+        let client = daemon.client("crash-app");
+        let listed: BTreeSet<String> = client.list_keys().unwrap().into_iter().map(|k| k.name).collect();
+        // The in-flight operation may or may not have happened; settle it from the listing.
+        if listed.contains(&in_flight) {
+            believed.insert(in_flight);
+        } else {
+            believed.remove(&in_flight);
+        }
+        assert_eq!(listed, believed, "round {round}: ListKeys differs from what the client was told");
+        for name in &believed {
+            signs(&client, name);
+        }
+    }
+    assert!(counter > 24, "the loop made too few keys to mean anything: {counter}");
+    let log = daemon.log_text();
+    assert!(!log.contains("damaged entry"), "a crash left a damaged entry:\n{log}");
+}
