@@ -15,11 +15,16 @@ fn p256() -> Attributes {
     usage_flags.set_sign_hash().set_verify_hash();
     Attributes {
         lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair { curve_family: EccFamily::SecpR1 },
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
         bits: 256,
         policy: Policy {
             usage_flags,
-            permitted_algorithms: AsymmetricSignature::Ecdsa { hash_alg: Hash::Sha256.into() }.into(),
+            permitted_algorithms: AsymmetricSignature::Ecdsa {
+                hash_alg: Hash::Sha256.into(),
+            }
+            .into(),
         },
     }
 }
@@ -33,7 +38,9 @@ fn signs(client: &parsec_client::BasicClient, name: &str) {
     let signature = client
         .psa_sign_hash(name, &hash, ECDSA)
         .unwrap_or_else(|e| panic!("key {name} does not sign: {e}"));
-    client.psa_verify_hash(name, &hash, ECDSA, &signature).unwrap();
+    client
+        .psa_verify_hash(name, &hash, ECDSA, &signature)
+        .unwrap();
 }
 
 #[test]
@@ -60,32 +67,58 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     let mut daemon = Daemon::start("reload");
     let alice = daemon.client("alice");
     alice.psa_generate_key("k", p256()).unwrap();
-    assert!(matches!(alice.list_clients(), Err(Error::Service(ResponseStatus::AdminOperation))));
+    assert!(matches!(
+        alice.list_clients(),
+        Err(Error::Service(ResponseStatus::AdminOperation))
+    ));
 
     // A good change: alice becomes an admin; her keys stay.
     let store = daemon.dir.join("store");
-    std::fs::write(&daemon.config, config_text(&daemon.socket, &store, "Direct", &["alice"])).unwrap();
+    std::fs::write(
+        &daemon.config,
+        config_text(&daemon.socket, &store, "Direct", &["alice"]),
+    )
+    .unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     let start = std::time::Instant::now();
     while alice.list_clients().is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "reload not applied:\n{}", daemon.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "reload not applied:\n{}",
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(alice.list_clients().unwrap(), vec!["alice".to_string()]);
     signs(&alice, "k");
 
     // A broken config: the service says why and keeps running as it was.
-    let broken = config_text(&daemon.socket, &store, "Direct", &[]).replace("timeout = 1000", "timeout = \"soon\"");
+    let broken = config_text(&daemon.socket, &store, "Direct", &[])
+        .replace("timeout = 1000", "timeout = \"soon\"");
     std::fs::write(&daemon.config, broken).unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     let start = std::time::Instant::now();
-    while !daemon.log_text().contains("keeping the running configuration") {
-        assert!(start.elapsed() < Duration::from_secs(10), "no reload error logged:\n{}", daemon.log_text());
+    while !daemon
+        .log_text()
+        .contains("keeping the running configuration")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reload error logged:\n{}",
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let log = daemon.log_text();
-    assert!(log.contains("config.toml:8: invalid type"), "the error names file and line:\n{log}");
-    assert_eq!(alice.list_clients().unwrap(), vec!["alice".to_string()], "old admins still apply");
+    assert!(
+        log.contains("config.toml:8: invalid type"),
+        "the error names file and line:\n{log}"
+    );
+    assert_eq!(
+        alice.list_clients().unwrap(),
+        vec!["alice".to_string()],
+        "old admins still apply"
+    );
     signs(&alice, "k");
     assert!(daemon.stop().success());
 }
@@ -95,7 +128,13 @@ struct Jitter(u64);
 
 impl Jitter {
     fn new() -> Self {
-        Jitter(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1)
+        Jitter(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1,
+        )
     }
     fn next(&mut self, bound: u64) -> u64 {
         self.0 ^= self.0 << 13;
@@ -119,7 +158,10 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
         let delay = Duration::from_millis(5 + jitter.next(60));
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         });
         let in_flight = loop {
             // Mostly create, sometimes destroy the oldest key.
@@ -143,7 +185,9 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
                         believed.insert(name);
                     }
                 }
-                Err(Error::Service(status)) => panic!("round {round}: {name}: service error {status}"),
+                Err(Error::Service(status)) => {
+                    panic!("round {round}: {name}: service error {status}")
+                }
                 Err(Error::Client(_)) => break name,
             }
         };
@@ -151,19 +195,33 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
         daemon.wait();
         daemon.spawn();
         let client = daemon.client("crash-app");
-        let listed: BTreeSet<String> = client.list_keys().unwrap().into_iter().map(|k| k.name).collect();
+        let listed: BTreeSet<String> = client
+            .list_keys()
+            .unwrap()
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
         // The in-flight operation may or may not have happened; settle it from the listing.
         if listed.contains(&in_flight) {
             believed.insert(in_flight);
         } else {
             believed.remove(&in_flight);
         }
-        assert_eq!(listed, believed, "round {round}: ListKeys differs from what the client was told");
+        assert_eq!(
+            listed, believed,
+            "round {round}: ListKeys differs from what the client was told"
+        );
         for name in &believed {
             signs(&client, name);
         }
     }
-    assert!(counter > 24, "the loop made too few keys to mean anything: {counter}");
+    assert!(
+        counter > 24,
+        "the loop made too few keys to mean anything: {counter}"
+    );
     let log = daemon.log_text();
-    assert!(!log.contains("damaged entry"), "a crash left a damaged entry:\n{log}");
+    assert!(
+        !log.contains("damaged entry"),
+        "a crash left a damaged entry:\n{log}"
+    );
 }
