@@ -1,0 +1,378 @@
+//! `parsec-bench`: drives a real daemon through parsec-client and prints rates and footprint.
+//!
+//! usage: parsec-bench [--daemon PATH] [--seconds S]
+//!
+//! Figures: ping/s, ECDSA P-256 sign_hash/s, verify/s and generate+destroy/s for 1 and 8
+//! concurrent clients; the same sign done in-process with psa-crypto (the limit); a bare
+//! Unix-socket echo of a 36-byte frame (the floor any daemon pays per connection); the
+//! stripped binary size, idle RSS, thread count and start-up time to the first ping.
+
+use parsec_client::auth::Authentication;
+use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+use parsec_client::core::interface::operations::psa_key_attributes::{
+    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
+};
+use parsec_client::core::ipc_handler::unix_socket::Handler;
+use parsec_client::BasicClient;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HASH: [u8; 32] = [0x42; 32];
+
+fn p256(usage: impl Fn(&mut UsageFlags)) -> Attributes {
+    let mut usage_flags = UsageFlags::default();
+    usage(&mut usage_flags);
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
+        bits: 256,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: ecdsa().into(),
+        },
+    }
+}
+
+fn ecdsa() -> AsymmetricSignature {
+    AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    }
+}
+
+fn ping_frame() -> [u8; 36] {
+    let mut h = [0u8; 36];
+    h[0..4].copy_from_slice(&0x5EC0_A710u32.to_le_bytes());
+    h[4..6].copy_from_slice(&30u16.to_le_bytes());
+    h[6] = 1;
+    h[28..32].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+fn raw_ping(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    if stream.write_all(&ping_frame()).is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).is_ok() && response.len() >= 36 && response[32..34] == [0, 0]
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and returns it with the time to its first answered ping.
+    fn start(bin: &Path, dir: &Path) -> (Daemon, Duration) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("parsec.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[core_settings]\nlog_level = \"error\"\nallow_root = true\n\
+                 [listener]\nlistener_type = \"DomainSocket\"\ntimeout = 5000\nsocket_path = \"{}\"\n\
+                 [authenticator]\nauth_type = \"Direct\"\n\
+                 [[key_manager]]\nname = \"m\"\nmanager_type = \"OnDisk\"\nstore_path = \"{}\"\n\
+                 [[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n",
+                socket.display(),
+                dir.join("store").display()
+            ),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        while !raw_ping(&socket) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not start"
+            );
+            std::hint::spin_loop();
+        }
+        let startup = start.elapsed();
+        (
+            Daemon {
+                child,
+                socket,
+                dir: dir.to_path_buf(),
+            },
+            startup,
+        )
+    }
+
+    fn client(&self, app: &str) -> BasicClient {
+        std::env::set_var(
+            "PARSEC_SERVICE_ENDPOINT",
+            format!("unix:{}", self.socket.display()),
+        );
+        let mut client = BasicClient::new_naked().unwrap();
+        client.set_ipc_handler(Box::new(
+            Handler::new(self.socket.clone(), Some(Duration::from_secs(30))).unwrap(),
+        ));
+        client.set_auth_data(Authentication::Direct(app.into()));
+        client.set_default_provider().unwrap();
+        client
+    }
+
+    fn status_field(&self, field: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `op` on `clients` threads for `seconds` and returns operations per second.
+fn rate<S: Send + 'static>(
+    clients: usize,
+    seconds: f64,
+    setup: impl Fn(usize) -> S + Sync,
+    op: impl Fn(&mut S) + Sync,
+) -> f64 {
+    let states: Vec<S> = (0..clients).map(&setup).collect();
+    let deadline = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = states
+            .into_iter()
+            .map(|mut state| {
+                let op = &op;
+                scope.spawn(move || {
+                    let mut count = 0u64;
+                    while start.elapsed() < deadline {
+                        op(&mut state);
+                        count += 1;
+                    }
+                    count
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The floor: a blocking Unix-socket server that echoes one 36-byte frame per connection.
+fn echo_rate(dir: &Path, clients: usize, seconds: f64) -> f64 {
+    let path = dir.join("echo.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut frame = [0u8; 36];
+            if stream.read_exact(&mut frame).is_ok() {
+                let _ = stream.write_all(&frame);
+            }
+        }
+    });
+    let frame = ping_frame();
+    rate(
+        clients,
+        seconds,
+        |_| (),
+        |_| {
+            let mut stream = UnixStream::connect(&path).unwrap();
+            stream.write_all(&frame).unwrap();
+            let mut back = [0u8; 36];
+            stream.read_exact(&mut back).unwrap();
+        },
+    )
+}
+
+fn in_process_sign_rate(seconds: f64) -> f64 {
+    psa_crypto::init().unwrap();
+    let attributes = p256(|u| {
+        u.set_sign_hash();
+    });
+    let mut volatile = attributes;
+    volatile.lifetime = Lifetime::Volatile;
+    let key = psa_crypto::operations::key_management::generate(volatile, None).unwrap();
+    rate(
+        1,
+        seconds,
+        |_| [0u8; 64],
+        |signature| {
+            psa_crypto::operations::asym_signature::sign_hash(key, ecdsa(), &HASH, signature)
+                .unwrap();
+        },
+    )
+}
+
+fn main() {
+    let mut bin = PathBuf::from("target/release/parsec");
+    let mut seconds = 2.0;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
+            "--seconds" => seconds = args.next().expect("--seconds S").parse().expect("a number"),
+            _ => {
+                eprintln!("usage: parsec-bench [--daemon PATH] [--seconds S]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let bin = std::fs::canonicalize(&bin).unwrap_or_else(|_| {
+        panic!(
+            "no daemon binary at {}: cargo build --release first",
+            bin.display()
+        )
+    });
+    let dir = std::env::temp_dir().join(format!("parsec-bench-{}", std::process::id()));
+
+    // Start-up: the median of several cold starts.
+    let mut startups: Vec<Duration> = (0..7).map(|_| Daemon::start(&bin, &dir).1).collect();
+    startups.sort();
+    let (daemon, _) = Daemon::start(&bin, &dir);
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_rss = daemon.status_field("VmRSS");
+    let threads = daemon.status_field("Threads");
+    let size = std::fs::metadata(&bin).unwrap().len();
+
+    println!("parsec-bench: {} ({seconds} s per figure)", bin.display());
+    println!("{:<34} {:>12} {:>12}", "figure", "1 client", "8 clients");
+    let echo = [echo_rate(&dir, 1, seconds), echo_rate(&dir, 8, seconds)];
+    println!(
+        "{:<34} {:>12.0} {:>12.0}",
+        "bare echo (connections/s)", echo[0], echo[1]
+    );
+
+    let ping = [1, 8].map(|n| {
+        rate(
+            n,
+            seconds,
+            |i| daemon.client(&format!("ping-{i}")),
+            |c| {
+                c.ping().unwrap();
+            },
+        )
+    });
+    println!("{:<34} {:>12.0} {:>12.0}", "ping/s", ping[0], ping[1]);
+
+    let setup_signer = |i: usize| {
+        let client = daemon.client(&format!("sign-{i}"));
+        let _ = client.psa_destroy_key("bench");
+        client
+            .psa_generate_key(
+                "bench",
+                p256(|u| {
+                    u.set_sign_hash().set_verify_hash();
+                }),
+            )
+            .unwrap();
+        let signature = client.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
+        (client, signature)
+    };
+    let sign = [1, 8].map(|n| {
+        rate(n, seconds, setup_signer, |(c, _)| {
+            c.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
+        })
+    });
+    println!(
+        "{:<34} {:>12.0} {:>12.0}",
+        "ECDSA P-256 sign_hash/s", sign[0], sign[1]
+    );
+    let verify = [1, 8].map(|n| {
+        rate(n, seconds, setup_signer, |(c, signature)| {
+            c.psa_verify_hash("bench", &HASH, ecdsa(), signature)
+                .unwrap();
+        })
+    });
+    println!(
+        "{:<34} {:>12.0} {:>12.0}",
+        "ECDSA P-256 verify_hash/s", verify[0], verify[1]
+    );
+    let lifecycle = [1, 8].map(|n| {
+        rate(
+            n,
+            seconds,
+            |i| daemon.client(&format!("gen-{i}")),
+            |c| {
+                c.psa_generate_key(
+                    "k",
+                    p256(|u| {
+                        u.set_sign_hash();
+                    }),
+                )
+                .unwrap();
+                c.psa_destroy_key("k").unwrap();
+            },
+        )
+    });
+    println!(
+        "{:<34} {:>12.0} {:>12.0}",
+        "generate+destroy/s", lifecycle[0], lifecycle[1]
+    );
+    let in_process = in_process_sign_rate(seconds);
+    println!(
+        "{:<34} {:>12.0} {:>12}",
+        "in-process psa-crypto sign/s", in_process, "-"
+    );
+
+    println!();
+    let check = |ok: bool| if ok { "meets target" } else { "MISSES target" };
+    let ping_ratio = ping[0] / echo[0];
+    let sign_ratio = sign[0] / in_process;
+    println!(
+        "single-client ping vs bare echo:   {:>5.1}%  (target >= 80%: {})",
+        100.0 * ping_ratio,
+        check(ping_ratio >= 0.80)
+    );
+    println!(
+        "single-client sign vs in-process:  {:>5.1}%  (target >= 85%: {})",
+        100.0 * sign_ratio,
+        check(sign_ratio >= 0.85)
+    );
+    println!(
+        "threads:                           {threads}  (target 1: {})",
+        check(threads == "1")
+    );
+    let rss_kib: f64 = idle_rss
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN);
+    println!(
+        "idle RSS:                          {:.2} MiB  (target < 3 MiB: {})",
+        rss_kib / 1024.0,
+        check(rss_kib < 3072.0)
+    );
+    let startup = startups[startups.len() / 2];
+    println!(
+        "start-up to first ping (median):   {:.2} ms  (target < 5 ms: {})",
+        startup.as_secs_f64() * 1e3,
+        check(startup < Duration::from_millis(5))
+    );
+    println!(
+        "stripped binary:                   {:.2} MiB  (target < 2.5 MiB: {})",
+        size as f64 / 1048576.0,
+        check(size < 2_621_440)
+    );
+}
