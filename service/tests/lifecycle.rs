@@ -2,32 +2,12 @@
 
 mod common;
 
-use common::{config_text, Daemon};
+use common::{config_text, p256_signing as p256, Daemon};
 use parsec_client::core::interface::operations::psa_algorithm::*;
-use parsec_client::core::interface::operations::psa_key_attributes::*;
 use parsec_client::core::interface::requests::ResponseStatus;
 use parsec_client::error::Error;
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-fn p256() -> Attributes {
-    let mut usage_flags = UsageFlags::default();
-    usage_flags.set_sign_hash().set_verify_hash();
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::SecpR1,
-        },
-        bits: 256,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: AsymmetricSignature::Ecdsa {
-                hash_alg: Hash::Sha256.into(),
-            }
-            .into(),
-        },
-    }
-}
 
 const ECDSA: AsymmetricSignature = AsymmetricSignature::Ecdsa {
     hash_alg: SignHash::Specific(Hash::Sha256),

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::{p256_signing as ecc_p256_signing, Daemon};
 use parsec_client::auth::Authentication;
 use parsec_client::core::interface::operations::can_do_crypto::CheckType;
 use parsec_client::core::interface::operations::psa_algorithm::*;
@@ -14,25 +14,6 @@ fn service_error<T: std::fmt::Debug>(result: Result<T, Error>) -> ResponseStatus
     match result {
         Err(Error::Service(status)) => status,
         other => panic!("expected a service error, got {other:?}"),
-    }
-}
-
-pub fn ecc_p256_signing() -> Attributes {
-    let mut usage_flags = UsageFlags::default();
-    usage_flags.set_sign_hash().set_verify_hash().set_export();
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::SecpR1,
-        },
-        bits: 256,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: AsymmetricSignature::Ecdsa {
-                hash_alg: Hash::Sha256.into(),
-            }
-            .into(),
-        },
     }
 }
 

@@ -7,9 +7,8 @@
 
 mod common;
 
-use common::{header, status_of, Daemon};
+use common::{header, p256_signing as p256, status_of, Daemon};
 use parsec_client::core::interface::operations::psa_algorithm::*;
-use parsec_client::core::interface::operations::psa_key_attributes::*;
 use parsec_client::core::interface::requests::ResponseStatus;
 use parsec_client::error::Error;
 use std::io::{Read, Write};
@@ -19,25 +18,6 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const USERS: [&str; 2] = ["parsec-test-a", "parsec-test-b"];
-
-fn p256() -> Attributes {
-    let mut usage_flags = UsageFlags::default();
-    usage_flags.set_sign_hash().set_verify_hash();
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::SecpR1,
-        },
-        bits: 256,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: AsymmetricSignature::Ecdsa {
-                hash_alg: Hash::Sha256.into(),
-            }
-            .into(),
-        },
-    }
-}
 
 fn ensure_user(name: &str) -> nix::unistd::User {
     if let Some(user) = nix::unistd::User::from_name(name).unwrap() {

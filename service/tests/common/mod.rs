@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 use parsec_client::auth::Authentication;
+use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+use parsec_client::core::interface::operations::psa_key_attributes::{
+    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
+};
 use parsec_client::core::ipc_handler::unix_socket::Handler;
 use parsec_client::BasicClient;
 use std::io::{Read, Write};
@@ -261,4 +265,28 @@ pub fn ping_frame() -> Vec<u8> {
 pub fn status_of(response: &[u8]) -> u16 {
     assert!(response.len() >= 36, "short response: {response:?}");
     u16::from_le_bytes([response[32], response[33]])
+}
+
+/// ECDSA with SHA-256, the algorithm the tests sign with.
+pub fn ecdsa_sha256() -> AsymmetricSignature {
+    AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    }
+}
+
+/// A persistent ECC P-256 key that signs and verifies hashes and may be exported.
+pub fn p256_signing() -> Attributes {
+    let mut usage_flags = UsageFlags::default();
+    usage_flags.set_sign_hash().set_verify_hash().set_export();
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
+        bits: 256,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: ecdsa_sha256().into(),
+        },
+    }
 }
