@@ -257,7 +257,7 @@ impl Dispatcher {
                 },
             )),
             NativeOperation::ListKeys(_) => {
-                let app = app.expect("ListKeys needs an application");
+                let app = app.ok_or_else(|| OpError::status(ResponseStatus::NotAuthenticated))?;
                 let enabled: Vec<u8> = self.providers.iter().map(|p| p.id() as u8).collect();
                 let keys = self
                     .store

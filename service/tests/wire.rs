@@ -197,3 +197,33 @@ fn a_silent_client_does_not_delay_others() {
         .log_text()
         .contains("sent no complete request within 1000 ms"));
 }
+
+#[test]
+fn the_connection_cap_closes_extra_clients_at_once_and_recovers() {
+    let daemon = Daemon::start_edited("cap", "Direct", &[], |text| {
+        text.replace("timeout = 1000", "timeout = 1000\nmax_connections = 4")
+    });
+    let held: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    // Let the service accept the four before the fifth arrives.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = UnixStream::connect(&daemon.socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = Instant::now();
+    let _ = extra.write_all(&ping_frame());
+    let mut response = Vec::new();
+    let _ = extra.read_to_end(&mut response);
+    assert!(response.is_empty(), "a refused client gets a closed socket");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "refusal took {:?}",
+        start.elapsed()
+    );
+    assert!(daemon.log_text().contains("listener.max_connections = 4"));
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    expect(&daemon, &ping_frame(), ResponseStatus::Success);
+}

@@ -262,9 +262,9 @@ impl Server {
     }
 
     fn close(&mut self, token: Token) {
-        if let Some(mut connection) = self.connections.remove(&token) {
-            let _ = self.poll.registry().deregister(&mut connection.stream);
-        }
+        // Dropping the stream closes its only descriptor, which also removes it from the
+        // epoll set: no deregister call (one system call fewer per request).
+        self.connections.remove(&token);
     }
 
     /// Closes every connection whose deadline has passed.

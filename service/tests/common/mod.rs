@@ -71,6 +71,16 @@ impl Daemon {
     }
 
     pub fn start_with(name: &str, auth: &str, admins: &[&str]) -> Daemon {
+        Daemon::start_edited(name, auth, admins, |text| text)
+    }
+
+    /// A daemon whose config text is first passed through `edit`.
+    pub fn start_edited(
+        name: &str,
+        auth: &str,
+        admins: &[&str],
+        edit: impl Fn(String) -> String,
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("parsec-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -78,7 +88,7 @@ impl Daemon {
         let config = dir.join("config.toml");
         std::fs::write(
             &config,
-            config_text(&socket, &dir.join("store"), auth, admins),
+            edit(config_text(&socket, &dir.join("store"), auth, admins)),
         )
         .unwrap();
         let mut daemon = Daemon {

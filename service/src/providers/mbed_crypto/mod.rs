@@ -14,6 +14,7 @@ mod capabilities;
 use super::{AppKeys, Limits, Provider};
 use crate::error::OpError;
 use crate::key_store::{KeyEntry, KeyStore};
+use parsec_interface::operations::can_do_crypto::CheckType;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{
     can_do_crypto, psa_aead_decrypt, psa_aead_encrypt, psa_asymmetric_decrypt,
@@ -307,6 +308,9 @@ impl Provider for MbedCryptoProvider {
     ) -> Result<NativeResult, OpError> {
         match op {
             NativeOperation::PsaGenerateKey(op) => {
+                // Refuse what Mbed TLS cannot do, or could only do by stalling every client
+                // for seconds (RSA beyond 4096 bits), before trying.
+                capabilities::check(CheckType::Generate, op.attributes)?;
                 self.create_key(
                     &mut keys,
                     &op.key_name,
@@ -317,6 +321,7 @@ impl Provider for MbedCryptoProvider {
                 Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
             }
             NativeOperation::PsaImportKey(op) => {
+                capabilities::check(CheckType::Import, op.attributes)?;
                 let data = op.data;
                 self.create_key(
                     &mut keys,
