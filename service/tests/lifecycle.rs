@@ -205,3 +205,40 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
         "a crash left a damaged entry:\n{log}"
     );
 }
+
+#[test]
+fn sigterm_during_a_long_request_finishes_it_first() {
+    let mut daemon = Daemon::start("term-in-flight");
+    let client = daemon.client("app");
+    let mut usage_flags =
+        parsec_client::core::interface::operations::psa_key_attributes::UsageFlags::default();
+    usage_flags.set_sign_hash();
+    let mut rsa_4096 = p256();
+    rsa_4096.key_type =
+        parsec_client::core::interface::operations::psa_key_attributes::Type::RsaKeyPair;
+    rsa_4096.bits = 4096;
+    rsa_4096.policy.usage_flags = usage_flags;
+    rsa_4096.policy.permitted_algorithms = AsymmetricSignature::RsaPkcs1v15Sign {
+        hash_alg: Hash::Sha256.into(),
+    }
+    .into();
+    // RSA 4096 generation takes long enough that the signal lands while it runs.
+    let generation = std::thread::spawn(move || client.psa_generate_key("slow", rsa_4096));
+    std::thread::sleep(Duration::from_millis(50));
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait();
+    assert!(status.success(), "exit status {status}");
+    generation
+        .join()
+        .unwrap()
+        .expect("the request in hand is answered before the service stops");
+    daemon.spawn();
+    let names: Vec<String> = daemon
+        .client("app")
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(names, vec!["slow".to_string()]);
+}

@@ -404,3 +404,31 @@ fn admins_list_and_delete_clients_and_others_cannot() {
     );
     assert!(log.contains("hint="), "{log}");
 }
+
+#[test]
+fn keys_the_provider_cannot_make_promptly_are_refused_before_trying() {
+    let daemon = Daemon::start("refused");
+    let client = daemon.client("app");
+    let start = std::time::Instant::now();
+    let huge = Attributes {
+        bits: 8192,
+        ..rsa_encryption(AsymmetricEncryption::RsaPkcs1v15Crypt)
+    };
+    assert_eq!(
+        service_error(client.psa_generate_key("huge", huge)),
+        ResponseStatus::PsaErrorNotSupported
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(1),
+        "the service tried to generate it"
+    );
+    let odd_curve = Attributes {
+        bits: 200,
+        ..ecc_p256_signing()
+    };
+    assert_eq!(
+        service_error(client.psa_generate_key("odd", odd_curve)),
+        ResponseStatus::PsaErrorNotSupported
+    );
+    assert!(client.list_keys().unwrap().is_empty());
+}
