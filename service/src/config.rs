@@ -115,7 +115,8 @@ impl ConfigSource {
         };
         let base = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = self.base_dir.join(&*p);
+                // Joined and rid of `.` components, for tidy log lines.
+                *p = self.base_dir.join(&*p).components().collect();
             }
         };
         base(&mut config.socket_path);

@@ -11,7 +11,8 @@
 //! and each file holds `PKS1`, the payload length (u32 LE), the payload's CRC-32 (u32 LE)
 //! and the payload: a bincode-encoded [`StoredEntry`]. A file whose checksum, length or
 //! names do not match is reported by path at start-up and skipped; temporary files left by
-//! an interrupted write are removed. See docs/key-store.md.
+//! an interrupted write are removed. Directories the store creates are mode 0700 and entries
+//! 0600. See docs/key-store.md.
 
 use crate::error::OpError;
 use parsec_interface::operations::psa_key_attributes::Attributes;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"PKS1";
@@ -89,7 +91,7 @@ impl KeyStore {
         };
         let mut damaged = Vec::new();
         for (provider, root) in store.roots.clone() {
-            fs::create_dir_all(&root)?;
+            create_private_dir(&root)?;
             for app_dir in read_dir_sorted(&root)? {
                 let provider_dir = app_dir.join(provider.to_string());
                 if !provider_dir.is_dir() {
@@ -301,7 +303,7 @@ fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
         let root = app_dir
             .parent()
             .expect("application directories sit in the root");
-        fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
         sync_dir(app_dir)?;
         sync_dir(root)?;
     }
@@ -312,6 +314,7 @@ fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         file.write_all(&encode(stored))?;
         file.sync_all()?;
@@ -322,6 +325,15 @@ fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates a directory (and missing parents) that only the service user can read: key
+/// names and attributes are nobody else's business. Existing directories keep their mode.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -452,6 +464,21 @@ mod tests {
         let (store, damaged) = KeyStore::open(&roots).unwrap();
         assert_eq!(damaged.len(), 1);
         assert!(!store.contains(&thief));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_store_is_private_to_the_service_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("modes");
+        let (mut store, _) = KeyStore::open(&[(ProviderId::MbedCrypto, dir.clone())]).unwrap();
+        let key = KeyTriple::new("a", ProviderId::MbedCrypto, "k");
+        store.insert(key.clone(), entry(1)).unwrap();
+        let path = store.path_of(&key).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&path), 0o600);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -121,7 +121,7 @@ fn key_files_on_disk() -> BTreeSet<u32> {
 
 impl MbedCryptoProvider {
     pub fn new(storage_dir: &Path, store: &KeyStore, limits: Limits) -> Result<Self, String> {
-        std::fs::create_dir_all(storage_dir)
+        crate::key_store::create_private_dir(storage_dir)
             .map_err(|e| format!("cannot create storage_dir {}: {e}", storage_dir.display()))?;
         std::env::set_current_dir(storage_dir)
             .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
