@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building and testing the service needs on Debian 12:
-# cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), openssl (tests
+# cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), systemd (socket
+# activation tests and unit checks), openssl (tests
 # verify signatures with it) and parsec-tool (a real client the tests drive).
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,3 +7,4 @@
 pub mod connection;
 pub mod framing;
 pub mod server;
+pub mod systemd;

@@ -7,7 +7,7 @@
 //! slow or silent client only ever holds its own connection.
 
 use super::connection::{Connection, Progress};
-use super::framing;
+use super::{framing, systemd};
 use crate::authenticators::PeerCredentials;
 use crate::config::{Config, ConfigSource, ProviderKind};
 use crate::dispatcher::Dispatcher;
@@ -18,7 +18,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,8 @@ pub struct Server {
     poll: Poll,
     listener: UnixListener,
     socket_path: PathBuf,
+    /// The socket came from systemd (socket activation): it is systemd's to keep or remove.
+    activated: bool,
     signals: Signals,
     connections: HashMap<Token, Connection>,
     deadlines: VecDeque<(Instant, Token)>,
@@ -46,8 +48,17 @@ pub struct Server {
 /// Binds the service's socket, refusing to steal it from a running service.
 fn bind(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create the socket directory {}: {e}", dir.display()))?;
+        if !dir.is_dir() {
+            // Only the service's group may reach a socket directory the service creates
+            // (the Parsec threat model's /run/parsec: 0750, group parsec-clients).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| {
+                    format!("cannot create the socket directory {}: {e}", dir.display())
+                })?;
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -90,7 +101,25 @@ impl Server {
         dispatcher: Dispatcher,
     ) -> Result<Server, String> {
         let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-        let mut listener = bind(&config.socket_path)?;
+        let (mut listener, socket_path, activated) = match systemd::inherited_listener() {
+            Some(inherited) => {
+                let listener = UnixListener::from_std(inherited?);
+                let path = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                    .unwrap_or_else(|| config.socket_path.clone());
+                if path != config.socket_path {
+                    log::warn!(
+                        "socket activation: serving {} from systemd; listener.socket_path ({}) is not used",
+                        path.display(),
+                        config.socket_path.display()
+                    );
+                }
+                (listener, path, true)
+            }
+            None => (bind(&config.socket_path)?, config.socket_path.clone(), false),
+        };
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(|e| format!("cannot watch the socket: {e}"))?;
@@ -102,7 +131,8 @@ impl Server {
         Ok(Server {
             poll,
             listener,
-            socket_path: config.socket_path.clone(),
+            socket_path,
+            activated,
             signals,
             connections: HashMap::new(),
             deadlines: VecDeque::new(),
@@ -122,6 +152,7 @@ impl Server {
             self.config.providers.len(),
             self.config.max_connections
         );
+        systemd::notify("READY=1");
         let mut events = Events::with_capacity(256);
         loop {
             let timeout = self
@@ -305,6 +336,12 @@ impl Server {
     /// Reads the config again and switches to it if it is valid; otherwise keeps running
     /// on the old one and says why.
     fn reload(&mut self) {
+        systemd::notify("RELOADING=1");
+        self.apply_new_config();
+        systemd::notify("READY=1");
+    }
+
+    fn apply_new_config(&mut self) {
         let source = self.source.describe();
         log::info!("SIGHUP: reloading {source}");
         let config = match self.source.load() {
@@ -334,7 +371,9 @@ impl Server {
                 return;
             }
         };
-        if config.socket_path != self.socket_path {
+        if config.socket_path != self.socket_path && self.activated {
+            log::warn!("SIGHUP: listener.socket_path is ignored under socket activation: change the .socket unit instead");
+        } else if config.socket_path != self.socket_path {
             match bind(&config.socket_path) {
                 Ok(mut listener) => {
                     if let Err(e) =
@@ -371,9 +410,12 @@ impl Server {
 
     /// Stops listening, sends the responses still being written, removes the socket.
     fn shutdown(&mut self) {
+        systemd::notify("STOPPING=1");
         let _ = self.poll.registry().deregister(&mut self.listener);
-        if let Err(e) = std::fs::remove_file(&self.socket_path) {
-            log::warn!("cannot remove {}: {e}", self.socket_path.display());
+        if !self.activated {
+            if let Err(e) = std::fs::remove_file(&self.socket_path) {
+                log::warn!("cannot remove {}: {e}", self.socket_path.display());
+            }
         }
         let until = Instant::now() + DRAIN_TIME;
         let mut events = Events::with_capacity(64);
