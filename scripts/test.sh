@@ -11,6 +11,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build without the software provider (feature gating)"
 cargo check -p parsec-service --no-default-features --locked
+echo "== systemd units"
+cargo build -p parsec-service --locked
+bash scripts/check-systemd.sh
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
