@@ -11,15 +11,22 @@ use std::time::Duration;
 
 fn next_state(notify: &UnixDatagram) -> String {
     let mut buf = [0u8; 256];
-    let n = notify.recv(&mut buf).expect("a notification within the timeout");
+    let n = notify
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
     String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
 #[test]
 fn socket_activation_and_readiness_notification() {
-    let activate = Command::new("systemd-socket-activate").arg("--help").output();
+    let activate = Command::new("systemd-socket-activate")
+        .arg("--help")
+        .output();
     if activate.map(|o| !o.status.success()).unwrap_or(true) {
-        assert!(std::env::var_os("CI").is_none(), "CI installs systemd: this test must run there");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs systemd: this test must run there"
+        );
         eprintln!("systemd-socket-activate not installed (package systemd): test not run");
         return;
     }
@@ -29,10 +36,16 @@ fn socket_activation_and_readiness_notification() {
     let socket = dir.join("parsec.sock");
     let config = dir.join("config.toml");
     // The config names another path: under activation the passed socket wins.
-    std::fs::write(&config, config_text(&dir.join("unused.sock"), &dir.join("store"), "Direct", &[])).unwrap();
+    std::fs::write(
+        &config,
+        config_text(&dir.join("unused.sock"), &dir.join("store"), "Direct", &[]),
+    )
+    .unwrap();
     let notify_path = dir.join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
 
     let mut child = Command::new("systemd-socket-activate")
         .arg("-l")
@@ -60,17 +73,29 @@ fn socket_activation_and_readiness_notification() {
     // systemd-socket-activate starts the service on the first connection, as systemd does.
     let start = std::time::Instant::now();
     while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "systemd-socket-activate made no socket");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "systemd-socket-activate made no socket"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut stream = UnixStream::connect(&socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream.write_all(&ping_frame()).unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
-    assert_eq!(status_of(&response), 0, "the first client, which woke the service, is served");
+    assert_eq!(
+        status_of(&response),
+        0,
+        "the first client, which woke the service, is served"
+    );
     assert_eq!(next_state(&notify), "READY=1");
-    assert!(!dir.join("unused.sock").exists(), "the service bound its own socket");
+    assert!(
+        !dir.join("unused.sock").exists(),
+        "the service bound its own socket"
+    );
 
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
@@ -80,7 +105,10 @@ fn socket_activation_and_readiness_notification() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(next_state(&notify), "STOPPING=1");
     assert!(child.wait().unwrap().success());
-    assert!(socket.exists(), "a socket systemd passed is systemd's to remove");
+    assert!(
+        socket.exists(),
+        "a socket systemd passed is systemd's to remove"
+    );
     let log = std::fs::read_to_string(dir.join("log")).unwrap();
     assert!(log.contains("socket activation: serving"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();

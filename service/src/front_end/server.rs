@@ -118,7 +118,11 @@ impl Server {
                 }
                 (listener, path, true)
             }
-            None => (bind(&config.socket_path)?, config.socket_path.clone(), false),
+            None => (
+                bind(&config.socket_path)?,
+                config.socket_path.clone(),
+                false,
+            ),
         };
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
