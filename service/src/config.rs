@@ -30,6 +30,9 @@ pub struct Config {
     pub socket_path: PathBuf,
     pub read_timeout: Duration,
     pub max_connections: usize,
+    /// Requests per second each application may make (0: no limit), and its burst.
+    pub client_rate_limit: u32,
+    pub client_rate_burst: u32,
     pub authenticator: AuthenticatorKind,
     pub admins: Vec<String>,
     pub providers: Vec<ProviderSettings>,
@@ -164,6 +167,8 @@ struct FileCoreSettings {
     body_len_limit: Option<u64>,
     buffer_size_limit: Option<u64>,
     allow_deprecated: Option<bool>,
+    client_rate_limit: Option<u32>,
+    client_rate_burst: Option<u32>,
     /// Upstream's worker pool; this service has one thread by design.
     thread_pool_size: Option<u64>,
     /// Upstream's polling interval; this service blocks in the event loop instead.
@@ -571,6 +576,10 @@ impl Config {
             socket_path,
             read_timeout: Duration::from_millis(listener.timeout),
             max_connections: max_connections as usize,
+            client_rate_limit: core.client_rate_limit.unwrap_or(0),
+            client_rate_burst: core
+                .client_rate_burst
+                .unwrap_or_else(|| core.client_rate_limit.unwrap_or(0).max(1)),
             authenticator: authenticator.auth_type,
             admins,
             providers,

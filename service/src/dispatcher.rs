@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::KeyStore;
 use crate::providers::{self, AppKeys, Limits, Provider};
+use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::list_keys::KeyInfo;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{
@@ -44,6 +45,7 @@ pub struct Dispatcher {
     providers: Vec<Box<dyn Provider>>,
     store: KeyStore,
     converter: ProtobufConverter,
+    limiter: Option<RateLimiter>,
 }
 
 impl Dispatcher {
@@ -82,6 +84,7 @@ impl Dispatcher {
             providers: built,
             store,
             converter: ProtobufConverter {},
+            limiter: RateLimiter::new(config.client_rate_limit, config.client_rate_burst),
         })
     }
 
@@ -91,6 +94,7 @@ impl Dispatcher {
         let mut app_name = None;
         let outcome = self.authenticate(&request, peer).and_then(|app| {
             app_name = app.as_ref().map(|a| a.name.clone());
+            self.throttle(app.as_ref(), peer)?;
             let route = self.route(&header, app.as_ref())?;
             let operation = self
                 .converter
@@ -139,6 +143,31 @@ impl Dispatcher {
                 Response::from_request_header(header, error.status)
             }
         }
+    }
+
+    /// Refuses the request if its application is over its rate. Unauthenticated callers are
+    /// counted by UID.
+    fn throttle(
+        &mut self,
+        app: Option<&Application>,
+        peer: Option<PeerCredentials>,
+    ) -> Result<(), OpError> {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return Ok(());
+        };
+        let client = match (app, peer) {
+            (Some(app), _) => app.name.clone(),
+            (None, Some(peer)) => format!("(unauthenticated uid {})", peer.uid),
+            (None, None) => "(unauthenticated)".to_string(),
+        };
+        if limiter.admit(&client, std::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ResponseStatus::PsaErrorInsufficientMemory,
+            format!("over its rate limit of {} requests/s", limiter.per_second()),
+            "the application sends more than core_settings.client_rate_limit allows: slow it down or raise the limit",
+        ))
     }
 
     fn authenticate(

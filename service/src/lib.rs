@@ -6,6 +6,7 @@
 //! - [`authenticators`]: who the caller is (Direct, UnixPeerCredentials);
 //! - [`providers`]: the cryptography, one folder per provider behind one trait;
 //! - [`key_store`]: the crash-safe map from (application, provider, key name) to key;
+//! - [`rate_limit`]: one application cannot monopolise the thread;
 //! - [`config`] and [`logging`]: how it is set up.
 
 pub mod authenticators;
@@ -16,3 +17,4 @@ pub mod front_end;
 pub mod key_store;
 pub mod logging;
 pub mod providers;
+pub mod rate_limit;

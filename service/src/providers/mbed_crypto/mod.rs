@@ -86,6 +86,35 @@ fn psa_error(operation: &str, err: PsaError) -> OpError {
     )
 }
 
+/// Mbed TLS 2.28 reports any failure to write a new key's file as PSA_ERROR_DATA_INVALID
+/// (psa_crypto_storage_store), so a full disk looks like bad data. Creating a key reads no
+/// stored data, so look at the file system to give the real cause.
+fn storage_write_error(operation: &str, err: PsaError) -> OpError {
+    let free = nix::sys::statvfs::statvfs(".").map(|s| {
+        (
+            s.blocks_available() as u64 * s.fragment_size() as u64,
+            s.files_available() as u64,
+        )
+    });
+    match free {
+        Ok((bytes, inodes)) if bytes < 64 * 1024 || inodes < 16 => OpError::new(
+            ResponseStatus::PsaErrorInsufficientStorage,
+            format!("{operation}: Mbed TLS could not write the key file (PSA_ERROR_{err:?}); {bytes} bytes and {inodes} inodes free in storage_dir"),
+            "the file system holding the Mbed TLS key files is full: free space or move storage_dir",
+        ),
+        Ok((bytes, _)) => OpError::new(
+            ResponseStatus::PsaErrorStorageFailure,
+            format!("{operation}: Mbed TLS could not write the key file (PSA_ERROR_{err:?}); {bytes} bytes free"),
+            "check that the service user may write storage_dir, and the file system's health",
+        ),
+        Err(e) => OpError::new(
+            ResponseStatus::PsaErrorStorageFailure,
+            format!("{operation}: Mbed TLS could not write the key file (PSA_ERROR_{err:?}); statvfs: {e}"),
+            "check storage_dir",
+        ),
+    }
+}
+
 fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
     let bytes: [u8; 4] = entry.key_id.as_slice().try_into().map_err(|_| {
         OpError::new(
@@ -227,7 +256,10 @@ impl MbedCryptoProvider {
     ) -> Result<(), OpError> {
         keys.ensure_free(name)?;
         let id = self.allocate_id()?;
-        let key = make(attributes, id).map_err(|e| psa_error(what, e))?;
+        let key = make(attributes, id).map_err(|e| match e {
+            PsaError::DataInvalid | PsaError::InsufficientStorage => storage_write_error(what, e),
+            e => psa_error(what, e),
+        })?;
         self.used_ids.insert(id);
         let entry = KeyEntry {
             key_id: id.to_le_bytes().to_vec(),
