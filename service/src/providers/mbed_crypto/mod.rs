@@ -89,6 +89,8 @@ fn psa_error(operation: &str, err: PsaError) -> OpError {
 /// Mbed TLS 2.28 reports any failure to write a new key's file as PSA_ERROR_DATA_INVALID
 /// (psa_crypto_storage_store), so a full disk looks like bad data. Creating a key reads no
 /// stored data, so look at the file system to give the real cause.
+// statvfs's field types are 32-bit on some targets (armv7): the casts are needed there.
+#[allow(clippy::unnecessary_cast)]
 fn storage_write_error(operation: &str, err: PsaError) -> OpError {
     let free = nix::sys::statvfs::statvfs(".").map(|s| {
         (
