@@ -14,6 +14,9 @@ cargo check -p parsec-service --no-default-features --locked
 echo "== systemd units"
 cargo build -p parsec-service --locked
 bash scripts/check-systemd.sh
+echo "== stress: 64 clients, 1000 idle connections, the connection cap (answers checked)"
+cargo build -p parsec-bench --locked
+./target/debug/parsec-stress --daemon target/debug/parsec --rounds 3
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

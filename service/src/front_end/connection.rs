@@ -22,6 +22,8 @@ enum State {
         frame: Vec<u8>,
         total: usize,
     },
+    /// The whole request is in; it waits in the server's queue for its turn.
+    Queued,
     Writing {
         out: Vec<u8>,
         written: usize,
@@ -63,6 +65,16 @@ impl Connection {
 
     pub fn is_writing(&self) -> bool {
         matches!(self.state, State::Writing { .. })
+    }
+
+    /// True once the request is complete and waiting to be answered.
+    pub fn is_queued(&self) -> bool {
+        matches!(self.state, State::Queued)
+    }
+
+    /// Marks the request as handed to the server's queue: nothing more is read.
+    pub fn queue(&mut self) {
+        self.state = State::Queued;
     }
 
     /// Reads what the socket has, up to the end of the request.
@@ -111,7 +123,7 @@ impl Connection {
                         _ => {}
                     }
                 }
-                State::Writing { .. } => return Ok(Progress::Pending),
+                State::Queued | State::Writing { .. } => return Ok(Progress::Pending),
             }
         }
     }

@@ -41,6 +41,19 @@ pub fn payload_len(
     Ok(body_len + raw.auth_len as usize)
 }
 
+/// Whether a complete frame asks for a cheap core operation (ping, the listings), which the
+/// event loop answers before queued cryptographic work.
+pub fn is_cheap(frame: &[u8]) -> bool {
+    let Some(opcode) = frame.get(28..32) else {
+        return false;
+    };
+    // Ping, ListProviders, ListOpcodes, ListAuthenticators, ListKeys, ListClients.
+    matches!(
+        u32::from_le_bytes([opcode[0], opcode[1], opcode[2], opcode[3]]),
+        0x01 | 0x08 | 0x09 | 0x0E | 0x1A | 0x1B
+    )
+}
+
 /// Decodes a complete frame (header, body and auth) whose header `payload_len` accepted.
 pub fn decode(frame: &[u8], body_len_limit: usize) -> Result<Request, ResponseStatus> {
     Request::read_from_stream(&mut &frame[..], body_len_limit)

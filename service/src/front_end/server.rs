@@ -37,6 +37,11 @@ pub struct Server {
     signals: Signals,
     connections: HashMap<Token, Connection>,
     deadlines: VecDeque<(Instant, Token)>,
+    /// Complete requests waiting for their turn: cheap core operations (ping, listings)
+    /// first, then everything else in arrival order. One is answered per loop turn, so a
+    /// ping waits for at most the one operation running when it arrived.
+    ready_cheap: VecDeque<(Token, Vec<u8>)>,
+    ready_heavy: VecDeque<(Token, Vec<u8>)>,
     next_token: usize,
     dispatcher: Dispatcher,
     config: Config,
@@ -140,6 +145,8 @@ impl Server {
             signals,
             connections: HashMap::new(),
             deadlines: VecDeque::new(),
+            ready_cheap: VecDeque::new(),
+            ready_heavy: VecDeque::new(),
             next_token: FIRST_CONNECTION,
             dispatcher,
             config,
@@ -159,10 +166,14 @@ impl Server {
         systemd::notify("READY=1");
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self
-                .deadlines
-                .front()
-                .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()));
+            let timeout = if self.ready_cheap.is_empty() && self.ready_heavy.is_empty() {
+                self.deadlines
+                    .front()
+                    .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()))
+            } else {
+                // Requests are waiting: only look for new events, then answer the next one.
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -193,6 +204,7 @@ impl Server {
                 self.shutdown();
                 return Ok(());
             }
+            self.answer_next();
         }
     }
 
@@ -266,17 +278,49 @@ impl Server {
                     Response::from_status(status)
                 }
                 Ok(Progress::Frame(frame)) => {
-                    match framing::decode(&frame, self.config.body_len_limit) {
-                        Ok(request) => self.dispatcher.dispatch(request, connection.peer),
-                        Err(status) => {
-                            log::warn!("request rejected: status={status:?} ({status})");
-                            Response::from_status(status)
-                        }
+                    connection.queue();
+                    if framing::is_cheap(&frame) {
+                        self.ready_cheap.push_back((token, frame));
+                    } else {
+                        self.ready_heavy.push_back((token, frame));
                     }
+                    return;
                 }
             };
             connection.respond(framing::encode(response));
         }
+        self.send(token);
+    }
+
+    /// Answers the next waiting request, if any; false when none waits.
+    fn answer_next(&mut self) -> bool {
+        let Some((token, frame)) = self
+            .ready_cheap
+            .pop_front()
+            .or_else(|| self.ready_heavy.pop_front())
+        else {
+            return false;
+        };
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return true;
+        };
+        let response = match framing::decode(&frame, self.config.body_len_limit) {
+            Ok(request) => self.dispatcher.dispatch(request, connection.peer),
+            Err(status) => {
+                log::warn!("request rejected: status={status:?} ({status})");
+                Response::from_status(status)
+            }
+        };
+        connection.respond(framing::encode(response));
+        self.send(token);
+        true
+    }
+
+    /// Writes what the socket takes of a connection's response; closes it once sent.
+    fn send(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
         match connection.write() {
             Ok(true) => self.close(token),
             Ok(false) => {
@@ -315,6 +359,13 @@ impl Server {
             };
             if connection.deadline != deadline {
                 continue; // the token was reused by a later connection
+            }
+            if connection.is_queued() {
+                // The client sent its whole request in time; it waits for the service.
+                let later = now + self.config.read_timeout;
+                connection.deadline = later;
+                self.deadlines.push_back((later, token));
+                continue;
             }
             if !connection.is_writing() {
                 log::warn!(
@@ -415,6 +466,8 @@ impl Server {
     /// Stops listening, sends the responses still being written, removes the socket.
     fn shutdown(&mut self) {
         systemd::notify("STOPPING=1");
+        // Requests received in full are answered before the service stops.
+        while self.answer_next() {}
         let _ = self.poll.registry().deregister(&mut self.listener);
         if !self.activated {
             if let Err(e) = std::fs::remove_file(&self.socket_path) {

@@ -1,0 +1,195 @@
+//! What the benchmark and the stress test share: a daemon started from its release or debug
+//! binary on a private socket, parsec-client connections to it, and a rate meter.
+
+use parsec_client::auth::Authentication;
+use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+use parsec_client::core::interface::operations::psa_key_attributes::{
+    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
+};
+use parsec_client::core::ipc_handler::unix_socket::Handler;
+use parsec_client::BasicClient;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const HASH: [u8; 32] = [0x42; 32];
+
+pub fn p256(usage: impl Fn(&mut UsageFlags)) -> Attributes {
+    let mut usage_flags = UsageFlags::default();
+    usage(&mut usage_flags);
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
+        bits: 256,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: ecdsa().into(),
+        },
+    }
+}
+
+pub fn ecdsa() -> AsymmetricSignature {
+    AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    }
+}
+
+pub fn ping_frame() -> [u8; 36] {
+    let mut h = [0u8; 36];
+    h[0..4].copy_from_slice(&0x5EC0_A710u32.to_le_bytes());
+    h[4..6].copy_from_slice(&30u16.to_le_bytes());
+    h[6] = 1;
+    h[28..32].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+pub fn raw_ping(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    if stream.write_all(&ping_frame()).is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).is_ok() && response.len() >= 36 && response[32..34] == [0, 0]
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and returns it with the time to its first answered ping.
+    pub fn start(bin: &Path, dir: &Path) -> (Daemon, Duration) {
+        Daemon::start_configured(bin, dir, 5000, 256)
+    }
+
+    /// As `start`, with a read deadline (ms) and a connection cap of one's choosing.
+    pub fn start_configured(
+        bin: &Path,
+        dir: &Path,
+        timeout_ms: u64,
+        max_connections: usize,
+    ) -> (Daemon, Duration) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let socket = dir.join("parsec.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[core_settings]\nlog_level = \"error\"\nallow_root = true\n\
+                 [listener]\nlistener_type = \"DomainSocket\"\ntimeout = {timeout_ms}\nmax_connections = {max_connections}\nsocket_path = \"{}\"\n\
+                 [authenticator]\nauth_type = \"Direct\"\n\
+                 [[key_manager]]\nname = \"m\"\nmanager_type = \"OnDisk\"\nstore_path = \"{}\"\n\
+                 [[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n",
+                socket.display(),
+                dir.join("store").display()
+            ),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        while !raw_ping(&socket) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not start"
+            );
+            std::hint::spin_loop();
+        }
+        let startup = start.elapsed();
+        (
+            Daemon {
+                child,
+                socket,
+                dir: dir.to_path_buf(),
+            },
+            startup,
+        )
+    }
+
+    pub fn client(&self, app: &str) -> BasicClient {
+        std::env::set_var(
+            "PARSEC_SERVICE_ENDPOINT",
+            format!("unix:{}", self.socket.display()),
+        );
+        let mut client = BasicClient::new_naked().unwrap();
+        client.set_ipc_handler(Box::new(
+            Handler::new(self.socket.clone(), Some(Duration::from_secs(30))).unwrap(),
+        ));
+        client.set_auth_data(Authentication::Direct(app.into()));
+        client.set_default_provider().unwrap();
+        client
+    }
+
+    pub fn status_field(&self, field: &str) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `op` on `clients` threads and returns operations per second: the best of three
+/// rounds of `seconds / 3` each, so that a hiccup of the machine does not decide a figure.
+pub fn rate<S: Send + 'static>(
+    clients: usize,
+    seconds: f64,
+    setup: impl Fn(usize) -> S + Sync,
+    op: impl Fn(&mut S) + Sync,
+) -> f64 {
+    (0..3)
+        .map(|_| rate_once(clients, seconds / 3.0, &setup, &op))
+        .fold(0.0, f64::max)
+}
+
+fn rate_once<S: Send + 'static>(
+    clients: usize,
+    seconds: f64,
+    setup: impl Fn(usize) -> S + Sync,
+    op: impl Fn(&mut S) + Sync,
+) -> f64 {
+    let states: Vec<S> = (0..clients).map(&setup).collect();
+    let deadline = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let total: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = states
+            .into_iter()
+            .map(|mut state| {
+                let op = &op;
+                scope.spawn(move || {
+                    let mut count = 0u64;
+                    while start.elapsed() < deadline {
+                        op(&mut state);
+                        count += 1;
+                    }
+                    count
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    total as f64 / start.elapsed().as_secs_f64()
+}
