@@ -23,4 +23,8 @@ if ! command -v parsec-tool >/dev/null 2>&1; then
     echo "install-deps: cargo install parsec-tool"
     cargo install --locked parsec-tool --version 0.7.0
 fi
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    echo "install-deps: cargo install cargo-deny"
+    cargo install --locked cargo-deny --version 0.20.2
+fi
 echo "install-deps: done"

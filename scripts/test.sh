@@ -9,6 +9,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo deny: licences, bans, sources"
+cargo deny check licenses bans sources
 echo "== build without the software provider (feature gating)"
 cargo check -p parsec-service --no-default-features --locked
 echo "== systemd units"
