@@ -42,16 +42,18 @@ pub enum Progress {
     Closed,
 }
 
-pub struct Connection {
-    pub stream: UnixStream,
+/// One connection, over a Unix socket in the service, over any byte stream in tests and
+/// fuzzing: the same code reads, frames and writes.
+pub struct Connection<S = UnixStream> {
+    pub stream: S,
     pub peer: Option<PeerCredentials>,
     /// When the client must have sent its request (and read its response) by.
     pub deadline: Instant,
     state: State,
 }
 
-impl Connection {
-    pub fn new(stream: UnixStream, peer: Option<PeerCredentials>, deadline: Instant) -> Self {
+impl<S: Read + Write> Connection<S> {
+    pub fn new(stream: S, peer: Option<PeerCredentials>, deadline: Instant) -> Self {
         Connection {
             stream,
             peer,
@@ -152,7 +154,7 @@ impl Connection {
 }
 
 /// One non-blocking read: `None` when nothing is available yet.
-fn read_some(stream: &mut UnixStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         match stream.read(buf) {
             Ok(n) => return Ok(Some(n)),

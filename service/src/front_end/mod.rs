@@ -8,3 +8,79 @@ pub mod connection;
 pub mod framing;
 pub mod server;
 pub mod systemd;
+
+use crate::authenticators::PeerCredentials;
+use crate::dispatcher::Dispatcher;
+use connection::{Connection, Progress};
+use parsec_interface::requests::Response;
+use std::io::{self, Read, Write};
+
+/// Answers one complete frame: decode it, dispatch it, or say why it cannot be decoded.
+pub fn answer_frame(
+    dispatcher: &mut Dispatcher,
+    frame: &[u8],
+    peer: Option<PeerCredentials>,
+    body_len_limit: usize,
+) -> Response {
+    match framing::decode(frame, body_len_limit) {
+        Ok(request) => dispatcher.dispatch(request, peer),
+        Err(status) => {
+            log::warn!("request rejected: status={status:?} ({status})");
+            Response::from_status(status)
+        }
+    }
+}
+
+/// A connection's bytes as a stream: reads hand out at most `chunk` bytes at a time (so
+/// requests arrive in pieces, as they may on a socket), writes are collected.
+struct ByteStream<'a> {
+    input: &'a [u8],
+    chunk: usize,
+    output: Vec<u8>,
+}
+
+impl Read for ByteStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.chunk).min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for ByteStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the bytes a client sends on one connection through the front end in-process,
+/// exactly as the server would (connection state machine, framing, decoding,
+/// authentication, dispatch), and returns what the client would read back. Empty when
+/// the bytes end before a whole request, as a closed connection gets no answer.
+pub fn answer_stream(
+    dispatcher: &mut Dispatcher,
+    input: &[u8],
+    chunk: usize,
+    peer: Option<PeerCredentials>,
+    body_len_limit: usize,
+) -> Vec<u8> {
+    let stream = ByteStream {
+        input,
+        chunk: chunk.max(1),
+        output: Vec::new(),
+    };
+    let mut connection = Connection::new(stream, peer, std::time::Instant::now());
+    let response = match connection.read(body_len_limit) {
+        Ok(Progress::Frame(frame)) => answer_frame(dispatcher, &frame, peer, body_len_limit),
+        Ok(Progress::Reject(status)) => Response::from_status(status),
+        Ok(Progress::Pending | Progress::Closed) | Err(_) => return Vec::new(),
+    };
+    connection.respond(framing::encode(response));
+    let _ = connection.write();
+    connection.stream.output
+}

@@ -304,13 +304,12 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return true;
         };
-        let response = match framing::decode(&frame, self.config.body_len_limit) {
-            Ok(request) => self.dispatcher.dispatch(request, connection.peer),
-            Err(status) => {
-                log::warn!("request rejected: status={status:?} ({status})");
-                Response::from_status(status)
-            }
-        };
+        let response = super::answer_frame(
+            &mut self.dispatcher,
+            &frame,
+            connection.peer,
+            self.config.body_len_limit,
+        );
         connection.respond(framing::encode(response));
         self.send(token);
         true
