@@ -1,6 +1,6 @@
 //! `parsec-stress`: many clients at once, idle connections, the connection cap.
 //!
-//! usage: parsec-stress [--daemon PATH] [--clients N] [--rounds N]
+//! usage: parsec-stress [--daemon PATH] [--clients N] [--rounds N] [--no-rsa-generation]
 //!
 //! 1. N clients (default 64), each its own application, run a fixed number of rounds of
 //!    every operation of the software provider and check every answer; meanwhile a checker
@@ -148,19 +148,20 @@ fn round(client: &BasicClient, round: usize) -> Result<usize, String> {
     Ok(17)
 }
 
-/// RSA encryption once per client (generating RSA keys is slow: one per client, not per round).
-fn rsa_round_trip(client: &BasicClient) -> Result<(), String> {
+/// RSA encryption once per client. The key is generated (slow: it holds the service's
+/// thread for ~0.05-0.25 s), or imported from `der` with --no-rsa-generation.
+fn rsa_round_trip(client: &BasicClient, der: Option<&[u8]>) -> Result<(), String> {
     let alg = AsymmetricEncryption::RsaOaep {
         hash_alg: Hash::Sha256,
     };
-    client
-        .psa_generate_key(
-            "rsa",
-            attributes(Type::RsaKeyPair, 2048, alg, |u| {
-                u.set_encrypt().set_decrypt();
-            }),
-        )
-        .map_err(|e| format!("rsa generate: {e}"))?;
+    let usage = attributes(Type::RsaKeyPair, 2048, alg, |u| {
+        u.set_encrypt().set_decrypt();
+    });
+    match der {
+        None => client.psa_generate_key("rsa", usage),
+        Some(der) => client.psa_import_key("rsa", der, usage),
+    }
+    .map_err(|e| format!("rsa generate/import: {e}"))?;
     let ciphertext = client
         .psa_asymmetric_encrypt("rsa", alg, b"rsa", None)
         .map_err(|e| format!("rsa encrypt: {e}"))?;
@@ -192,14 +193,16 @@ fn main() {
     let mut bin = PathBuf::from("target/release/parsec");
     let mut clients = 64usize;
     let mut rounds = 10usize;
+    let mut rsa_generation = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
             "--clients" => clients = args.next().expect("--clients N").parse().expect("a number"),
             "--rounds" => rounds = args.next().expect("--rounds N").parse().expect("a number"),
+            "--no-rsa-generation" => rsa_generation = false,
             _ => {
-                eprintln!("usage: parsec-stress [--daemon PATH] [--clients N] [--rounds N]");
+                eprintln!("usage: parsec-stress [--daemon PATH] [--clients N] [--rounds N] [--no-rsa-generation]");
                 std::process::exit(2);
             }
         }
@@ -212,29 +215,50 @@ fn main() {
 
     // 1. Many clients, every operation, a checker pinging.
     let (daemon, _) = Daemon::start_configured(&bin, &dir, 2000, 2048);
+    // Without RSA generation in the mix, the clients import one key made before the load.
+    let rsa_der: Option<Vec<u8>> = (!rsa_generation).then(|| {
+        let setup = daemon.client("setup");
+        let alg = AsymmetricEncryption::RsaOaep {
+            hash_alg: Hash::Sha256,
+        };
+        setup
+            .psa_generate_key(
+                "template",
+                attributes(Type::RsaKeyPair, 2048, alg, |u| {
+                    u.set_encrypt().set_decrypt().set_export();
+                }),
+            )
+            .expect("make the RSA key to import");
+        let der = setup.psa_export_key("template").expect("export it");
+        setup.psa_destroy_key("template").unwrap();
+        der
+    });
     let rss_start = rss_kib(&daemon);
     let done = AtomicBool::new(false);
     let start = Instant::now();
-    let (results, pings) = std::thread::scope(|scope| {
+    let (results, (pings, rss_samples)) = std::thread::scope(|scope| {
         let checker = scope.spawn(|| {
             let client = daemon.client("checker");
             let mut latencies = Vec::new();
+            let mut rss = Vec::new();
             while !done.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 let ok = client.ping().is_ok();
                 latencies.push((t.elapsed(), ok));
+                rss.push(rss_kib(&daemon));
                 std::thread::sleep(Duration::from_millis(100));
             }
-            latencies
+            (latencies, rss)
         });
         let workers: Vec<_> = (0..clients)
             .map(|i| {
                 let daemon = &daemon;
+                let rsa_der = rsa_der.as_deref();
                 scope.spawn(move || -> Result<usize, String> {
                     let client = daemon.client(&format!("stress-{i}"));
                     let mut ops = 0;
                     if i % 16 == 0 {
-                        rsa_round_trip(&client)?;
+                        rsa_round_trip(&client, rsa_der)?;
                         ops += 4;
                     }
                     for r in 0..rounds {
@@ -270,8 +294,13 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let rss_end = rss_kib(&daemon);
     println!(
-        "parsec-stress: {} ({clients} clients x {rounds} rounds)",
-        bin.display()
+        "parsec-stress: {} ({clients} clients x {rounds} rounds, RSA keys {})",
+        bin.display(),
+        if rsa_generation {
+            "generated in the mix"
+        } else {
+            "imported"
+        }
     );
     println!(
         "operations checked:        {ops} in {:.1} s ({:.0}/s)",
@@ -284,6 +313,13 @@ fn main() {
         p50.as_secs_f64() * 1e3,
         max.as_secs_f64() * 1e3,
         if max <= Duration::from_millis(50) { "met" } else { "MISSED" }
+    );
+    let half = &rss_samples[rss_samples.len() / 2..];
+    println!(
+        "daemon RSS under load:     {:.2} MiB at the first sample, {:.2}-{:.2} MiB over the second half",
+        rss_samples.first().copied().unwrap_or(0) as f64 / 1024.0,
+        half.iter().min().copied().unwrap_or(0) as f64 / 1024.0,
+        half.iter().max().copied().unwrap_or(0) as f64 / 1024.0
     );
     println!(
         "daemon RSS:                {:.2} MiB before, {:.2} MiB after",
