@@ -8,7 +8,7 @@ use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::KeyStore;
-use crate::providers::{self, AppKeys, Limits, Provider};
+use crate::providers::{self, AppKeys, Deferred, Limits, Provider, Start};
 use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::list_keys::KeyInfo;
 use parsec_interface::operations::list_providers::ProviderInfo;
@@ -31,6 +31,25 @@ const CORE_OPCODES: &[Opcode] = &[
     Opcode::ListClients,
     Opcode::DeleteClient,
 ];
+
+/// What `dispatch` did with a request.
+pub enum Dispatched {
+    Done(Response),
+    /// Running in a child process: watch `job.output`, then call `Dispatcher::complete`.
+    Deferred(PendingRequest),
+}
+
+pub struct PendingRequest {
+    header: RequestHeader,
+    app: String,
+    provider: usize,
+    pub job: Deferred,
+}
+
+enum Step {
+    Result(NativeResult),
+    Deferred(usize, String, Deferred),
+}
 
 /// Who answers a request.
 enum Route {
@@ -88,8 +107,9 @@ impl Dispatcher {
         })
     }
 
-    /// Answers one request. Never fails: errors become a response status.
-    pub fn dispatch(&mut self, request: Request, peer: Option<PeerCredentials>) -> Response {
+    /// Answers one request, or starts it in a child process when it would hold the event
+    /// loop too long (see `complete`). Never fails: errors become a response status.
+    pub fn dispatch(&mut self, request: Request, peer: Option<PeerCredentials>) -> Dispatched {
         let header = request.header;
         let mut app_name = None;
         let outcome = self.authenticate(&request, peer).and_then(|app| {
@@ -106,16 +126,67 @@ impl Dispatcher {
                         crate::error::hint_for(status),
                     )
                 })?;
-            let result = match (route, app) {
-                (Route::Core, app) => self.execute_core(operation, app.as_ref())?,
+            match (route, app) {
+                (Route::Core, app) => Ok(Step::Result(self.execute_core(operation, app.as_ref())?)),
                 (Route::Provider(index), Some(app)) => {
                     let keys = AppKeys::new(&mut self.store, &app.name, header.provider);
-                    self.providers[index].execute(operation, keys)?
+                    match self.providers[index].start(operation, keys)? {
+                        Start::Deferred(job) => Ok(Step::Deferred(index, app.name, job)),
+                        Start::Now(operation) => {
+                            let keys = AppKeys::new(&mut self.store, &app.name, header.provider);
+                            Ok(Step::Result(
+                                self.providers[index].execute(operation, keys)?,
+                            ))
+                        }
+                    }
                 }
                 (Route::Provider(_), None) => {
-                    return Err(OpError::status(ResponseStatus::NotAuthenticated))
+                    Err(OpError::status(ResponseStatus::NotAuthenticated))
                 }
-            };
+            }
+        });
+        match outcome {
+            Ok(Step::Deferred(provider, app, job)) => Dispatched::Deferred(PendingRequest {
+                header,
+                app,
+                provider,
+                job,
+            }),
+            Ok(Step::Result(result)) => {
+                Dispatched::Done(self.respond(header, app_name.as_deref(), Ok(result)))
+            }
+            Err(error) => Dispatched::Done(self.respond(header, app_name.as_deref(), Err(error))),
+        }
+    }
+
+    /// Finishes a request `dispatch` deferred, with everything its child process wrote.
+    pub fn complete(&mut self, pending: PendingRequest, output: Vec<u8>) -> Response {
+        let PendingRequest {
+            header,
+            app,
+            provider,
+            job,
+        } = pending;
+        // The child has closed its end of the pipe: collect it.
+        let exit = nix::sys::wait::waitpid(job.child, None);
+        log::debug!(
+            "deferred {:?} for \"{app}\": child {} ended: {exit:?}",
+            header.opcode,
+            job.child
+        );
+        let keys = AppKeys::new(&mut self.store, &app, header.provider);
+        let result = self.providers[provider].complete(job.state, output, keys);
+        self.respond(header, Some(&app), result)
+    }
+
+    /// Encodes a result, or logs a failure, into the response for `header`.
+    fn respond(
+        &self,
+        header: RequestHeader,
+        app_name: Option<&str>,
+        outcome: Result<NativeResult, OpError>,
+    ) -> Response {
+        let outcome = outcome.and_then(|result| {
             self.converter.result_to_body(result).map_err(|status| {
                 OpError::new(
                     status,
@@ -133,7 +204,7 @@ impl Dispatcher {
             Err(error) => {
                 log::warn!(
                     "request failed: app={} provider={:?} opcode={:?} status={:?} cause=\"{}\" hint=\"{}\"",
-                    app_name.as_deref().unwrap_or("(unauthenticated)"),
+                    app_name.unwrap_or("(unauthenticated)"),
                     header.provider,
                     header.opcode,
                     error.status,

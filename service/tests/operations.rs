@@ -432,3 +432,63 @@ fn keys_the_provider_cannot_make_promptly_are_refused_before_trying() {
     );
     assert!(client.list_keys().unwrap().is_empty());
 }
+
+/// RSA key generation runs in a child process: the loop keeps answering meanwhile, and
+/// each child draws fresh randomness (two children forked from the same state must not
+/// make the same key).
+#[test]
+fn rsa_generation_does_not_hold_the_loop_and_keys_differ() {
+    let daemon = Daemon::start("rsa-child");
+    let alg = AsymmetricEncryption::RsaPkcs1v15Crypt;
+    let generator = daemon.client("slow");
+    let big = Attributes {
+        bits: 4096,
+        ..rsa_encryption(alg)
+    };
+    let generation = std::thread::spawn(move || {
+        generator.psa_generate_key("big", big).unwrap();
+        std::time::Instant::now()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let pinger = daemon.client("pinger");
+    let mut last_ping = std::time::Instant::now();
+    for _ in 0..20 {
+        assert_eq!(pinger.ping().unwrap(), (1, 0));
+        pinger.psa_hash_compute(Hash::Sha256, b"x").unwrap();
+        last_ping = std::time::Instant::now();
+    }
+    let generated_at = generation.join().unwrap();
+    assert!(
+        last_ping < generated_at,
+        "the pings waited for the RSA-4096 generation to finish"
+    );
+    assert!(
+        daemon.log_text().contains("deferred PsaGenerateKey"),
+        "{}",
+        daemon.log_text()
+    );
+
+    let client = daemon.client("app");
+    client.psa_generate_key("one", rsa_encryption(alg)).unwrap();
+    client.psa_generate_key("two", rsa_encryption(alg)).unwrap();
+    let one = client.psa_export_public_key("one").unwrap();
+    let two = client.psa_export_public_key("two").unwrap();
+    assert_ne!(
+        one, two,
+        "two generation processes made the same key: not reseeded"
+    );
+    // The generated key works and survives as any other.
+    let ciphertext = client
+        .psa_asymmetric_encrypt("one", alg, b"m", None)
+        .unwrap();
+    assert_eq!(
+        client
+            .psa_asymmetric_decrypt("one", alg, &ciphertext, None)
+            .unwrap(),
+        b"m"
+    );
+    assert_eq!(
+        service_error(client.psa_generate_key("one", rsa_encryption(alg))),
+        ResponseStatus::PsaErrorAlreadyExists
+    );
+}

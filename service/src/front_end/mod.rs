@@ -10,7 +10,7 @@ pub mod server;
 pub mod systemd;
 
 use crate::authenticators::PeerCredentials;
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatched, Dispatcher, PendingRequest};
 use connection::{Connection, Progress};
 use parsec_interface::requests::Response;
 use std::io::{self, Read, Write};
@@ -21,14 +21,22 @@ pub fn answer_frame(
     frame: &[u8],
     peer: Option<PeerCredentials>,
     body_len_limit: usize,
-) -> Response {
+) -> Dispatched {
     match framing::decode(frame, body_len_limit) {
         Ok(request) => dispatcher.dispatch(request, peer),
         Err(status) => {
             log::warn!("request rejected: status={status:?} ({status})");
-            Response::from_status(status)
+            Dispatched::Done(Response::from_status(status))
         }
     }
+}
+
+/// Waits for a deferred request's child and finishes it (for in-process use: the server
+/// watches the pipe in its event loop instead).
+pub fn finish_blocking(dispatcher: &mut Dispatcher, mut pending: PendingRequest) -> Response {
+    let mut output = Vec::new();
+    let _ = pending.job.output.read_to_end(&mut output);
+    dispatcher.complete(pending, output)
 }
 
 /// A connection's bytes as a stream: reads hand out at most `chunk` bytes at a time (so
@@ -76,7 +84,12 @@ pub fn answer_stream(
     };
     let mut connection = Connection::new(stream, peer, std::time::Instant::now());
     let response = match connection.read(body_len_limit) {
-        Ok(Progress::Frame(frame)) => answer_frame(dispatcher, &frame, peer, body_len_limit),
+        Ok(Progress::Frame(frame)) => {
+            match answer_frame(dispatcher, &frame, peer, body_len_limit) {
+                Dispatched::Done(response) => response,
+                Dispatched::Deferred(pending) => finish_blocking(dispatcher, pending),
+            }
+        }
         Ok(Progress::Reject(status)) => Response::from_status(status),
         Ok(Progress::Pending | Progress::Closed) | Err(_) => return Vec::new(),
     };

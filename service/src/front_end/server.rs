@@ -10,14 +10,17 @@ use super::connection::{Connection, Progress};
 use super::{framing, systemd};
 use crate::authenticators::PeerCredentials;
 use crate::config::{Config, ConfigSource, ProviderKind};
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatched, Dispatcher, PendingRequest};
 use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use parsec_interface::requests::{Response, ResponseStatus};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +30,15 @@ const SIGNALS: Token = Token(1);
 const FIRST_CONNECTION: usize = 2;
 /// How long shutdown waits for responses still being written.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
+/// How long shutdown waits for requests running in child processes (RSA-4096 generation).
+const JOB_WAIT: Duration = Duration::from_secs(60);
+
+/// A request running in a child process.
+struct Job {
+    connection: Token,
+    pending: PendingRequest,
+    output: Vec<u8>,
+}
 
 pub struct Server {
     poll: Poll,
@@ -42,6 +54,9 @@ pub struct Server {
     /// ping waits for at most the one operation running when it arrived.
     ready_cheap: VecDeque<(Token, Vec<u8>)>,
     ready_heavy: VecDeque<(Token, Vec<u8>)>,
+    /// Requests running in child processes (slow key generation), by the token of the
+    /// pipe their child writes to.
+    jobs: HashMap<Token, Job>,
     next_token: usize,
     dispatcher: Dispatcher,
     config: Config,
@@ -147,6 +162,7 @@ impl Server {
             deadlines: VecDeque::new(),
             ready_cheap: VecDeque::new(),
             ready_heavy: VecDeque::new(),
+            jobs: HashMap::new(),
             next_token: FIRST_CONNECTION,
             dispatcher,
             config,
@@ -196,6 +212,7 @@ impl Server {
                             }
                         }
                     }
+                    token if self.jobs.contains_key(&token) => self.job_output(token),
                     token => self.serve(token),
                 }
             }
@@ -304,15 +321,84 @@ impl Server {
         let Some(connection) = self.connections.get_mut(&token) else {
             return true;
         };
-        let response = super::answer_frame(
+        let dispatched = super::answer_frame(
             &mut self.dispatcher,
             &frame,
             connection.peer,
             self.config.body_len_limit,
         );
-        connection.respond(framing::encode(response));
-        self.send(token);
+        match dispatched {
+            Dispatched::Done(response) => {
+                connection.respond(framing::encode(response));
+                self.send(token);
+            }
+            Dispatched::Deferred(pending) => self.watch_job(token, pending),
+        }
         true
+    }
+
+    /// Watches the pipe of a request that runs in a child process.
+    fn watch_job(&mut self, connection: Token, pending: PendingRequest) {
+        let job_token = Token(self.next_token);
+        self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONNECTION);
+        let fd = pending.job.output.as_raw_fd();
+        let watched = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(io::Error::from)
+        .and_then(|_| {
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), job_token, Interest::READABLE)
+        });
+        if let Err(e) = watched {
+            // Cannot wait in the loop: wait here instead, which only delays other clients.
+            log::warn!("cannot watch a key generation process ({e}): waiting for it");
+            let response = super::finish_blocking(&mut self.dispatcher, pending);
+            if let Some(c) = self.connections.get_mut(&connection) {
+                c.respond(framing::encode(response));
+                self.send(connection);
+            }
+            return;
+        }
+        self.jobs.insert(
+            job_token,
+            Job {
+                connection,
+                pending,
+                output: Vec::new(),
+            },
+        );
+    }
+
+    /// Reads what a child wrote; at the end of its output, finishes its request.
+    fn job_output(&mut self, token: Token) {
+        let Some(job) = self.jobs.get_mut(&token) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match job.pending.job.output.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => job.output.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("reading a key generation process's output: {e}");
+                    break;
+                }
+            }
+        }
+        let job = self.jobs.remove(&token).expect("looked up above");
+        let fd = job.pending.job.output.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        let output = std::mem::take(&mut { job.output });
+        let response = self.dispatcher.complete(job.pending, output);
+        if let Some(connection) = self.connections.get_mut(&job.connection) {
+            connection.respond(framing::encode(response));
+            self.send(job.connection);
+        }
     }
 
     /// Writes what the socket takes of a connection's response; closes it once sent.
@@ -465,8 +551,24 @@ impl Server {
     /// Stops listening, sends the responses still being written, removes the socket.
     fn shutdown(&mut self) {
         systemd::notify("STOPPING=1");
-        // Requests received in full are answered before the service stops.
+        // Requests received in full are answered before the service stops, those running
+        // in child processes included.
         while self.answer_next() {}
+        let until = Instant::now() + JOB_WAIT;
+        let mut events = Events::with_capacity(16);
+        while !self.jobs.is_empty() && Instant::now() < until {
+            let _ = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(100)));
+            let ready: Vec<Token> = events
+                .iter()
+                .map(|e| e.token())
+                .filter(|t| self.jobs.contains_key(t))
+                .collect();
+            for token in ready {
+                self.job_output(token);
+            }
+        }
         let _ = self.poll.registry().deregister(&mut self.listener);
         if !self.activated {
             if let Err(e) = std::fs::remove_file(&self.socket_path) {

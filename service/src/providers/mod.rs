@@ -25,6 +25,23 @@ pub struct Limits {
     pub buffer_size_limit: usize,
 }
 
+/// How a provider takes on an operation.
+pub enum Start {
+    /// Run it now, on the event loop: `execute`.
+    Now(NativeOperation),
+    /// Work that would hold the event loop too long runs in a child process; the service
+    /// answers other clients meanwhile and calls `complete` with what the child wrote.
+    Deferred(Deferred),
+}
+
+pub struct Deferred {
+    /// The read end of the pipe the child writes its result to; end of file when done.
+    pub output: std::fs::File,
+    pub child: nix::unistd::Pid,
+    /// What the provider needs to finish the operation.
+    pub state: Box<dyn std::any::Any>,
+}
+
 pub trait Provider {
     /// Which provider this is on the wire.
     fn id(&self) -> ProviderId;
@@ -37,6 +54,25 @@ pub trait Provider {
 
     /// Runs one operation for one application.
     fn execute(&mut self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
+
+    /// Decides whether an operation runs now or in a child process (see `Start`).
+    fn start(&mut self, op: NativeOperation, _keys: AppKeys<'_>) -> Result<Start, OpError> {
+        Ok(Start::Now(op))
+    }
+
+    /// Finishes a deferred operation with what its child process wrote.
+    fn complete(
+        &mut self,
+        _state: Box<dyn std::any::Any>,
+        _output: Vec<u8>,
+        _keys: AppKeys<'_>,
+    ) -> Result<NativeResult, OpError> {
+        Err(OpError::new(
+            ResponseStatus::PsaErrorGenericError,
+            "a deferred operation reached a provider that defers none",
+            "report this as a bug",
+        ))
+    }
 
     /// Destroys the key material behind an entry that has already left the key store
     /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
