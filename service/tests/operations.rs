@@ -492,3 +492,47 @@ fn rsa_generation_does_not_hold_the_loop_and_keys_differ() {
         ResponseStatus::PsaErrorAlreadyExists
     );
 }
+
+/// A client that reads until end-of-file is not kept waiting by a key generation process
+/// holding a copy of its socket.
+#[test]
+fn a_key_generation_process_holds_no_client_socket() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start("rsa-fds");
+    // Connected (and accepted by the service) before the generation process is forked.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let generator = daemon.client("slow");
+    let big = Attributes {
+        bits: 4096,
+        ..rsa_encryption(AsymmetricEncryption::RsaPkcs1v15Crypt)
+    };
+    let generation = std::thread::spawn(move || {
+        generator.psa_generate_key("big", big).unwrap();
+        std::time::Instant::now()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A raw ping, read to the end of the stream, while the child runs.
+    stream.write_all(&common::ping_frame()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    // The generation process must still be running: end-of-file did not wait for it.
+    let pid = daemon.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert_eq!(common::status_of(&response), 0);
+    let running = children.split_whitespace().any(|child| {
+        // Field 3 of stat is the state; an ended child is a zombie (Z) until it is reaped.
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .map(|stat| {
+                stat.rsplit(") ")
+                    .next()
+                    .is_some_and(|rest| !rest.starts_with('Z'))
+            })
+            .unwrap_or(false)
+    });
+    assert!(
+        running,
+        "end-of-file came only when the generation process ended"
+    );
+    generation.join().unwrap();
+}

@@ -15,6 +15,7 @@ use psa_crypto::types::key::{Attributes, Lifetime};
 use psa_crypto::types::status::{Error as PsaError, Status};
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use zeroize::Zeroizing;
 
 extern "C" {
@@ -44,6 +45,7 @@ pub fn spawn(attributes: Attributes) -> Result<(File, Pid), OpError> {
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop(read);
+            close_inherited_descriptors(write.as_raw_fd());
             let code = std::panic::catch_unwind(|| generate(attributes, File::from(write)))
                 .unwrap_or(70);
             // SAFETY: _exit ends the child at once, without running the parent's exit handlers
@@ -59,6 +61,23 @@ pub fn spawn(attributes: Attributes) -> Result<(File, Pid), OpError> {
             format!("fork: {e}"),
             "the system cannot create the process that generates the key: check memory and process limits",
         )),
+    }
+}
+
+/// Closes the copies of the service's sockets the child inherited, so that a connection the
+/// service closes meanwhile really ends for its client (who may be waiting for end-of-file).
+fn close_inherited_descriptors(keep: RawFd) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|&fd| fd > 2 && fd != keep)
+        .collect();
+    for fd in fds {
+        // The directory's own descriptor is among them and may already be gone: errors are fine.
+        let _ = nix::unistd::close(fd);
     }
 }
 
