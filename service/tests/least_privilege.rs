@@ -25,27 +25,6 @@ fn ensure_group(name: &str) -> nix::unistd::Group {
     nix::unistd::Group::from_name(name).unwrap().unwrap()
 }
 
-fn ensure_user(name: &str, group: Option<&str>) -> nix::unistd::User {
-    if let Some(user) = nix::unistd::User::from_name(name).unwrap() {
-        return user;
-    }
-    let mut command = Command::new("useradd");
-    command.args([
-        "--system",
-        "--no-create-home",
-        "--shell",
-        "/usr/sbin/nologin",
-    ]);
-    if let Some(group) = group {
-        command.args(["--gid", group]);
-    }
-    assert!(
-        command.arg(name).status().unwrap().success(),
-        "useradd {name}"
-    );
-    nix::unistd::User::from_name(name).unwrap().unwrap()
-}
-
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -61,9 +40,9 @@ fn the_service_runs_as_its_own_user_with_private_state() {
         return;
     }
     let clients = ensure_group("parsec-clients");
-    let service = ensure_user("parsec-svc", None);
-    let member = ensure_user("parsec-member", Some("parsec-clients"));
-    let outsider = ensure_user("parsec-outsider", None);
+    let service = common::ensure_user("parsec-svc", None);
+    let member = common::ensure_user("parsec-member", Some("parsec-clients"));
+    let outsider = common::ensure_user("parsec-outsider", None);
 
     let base = std::env::temp_dir().join(format!("parsec-lp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);

@@ -19,26 +19,6 @@ use std::process::Command;
 
 const USERS: [&str; 2] = ["parsec-test-a", "parsec-test-b"];
 
-fn ensure_user(name: &str) -> nix::unistd::User {
-    if let Some(user) = nix::unistd::User::from_name(name).unwrap() {
-        return user;
-    }
-    let status = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
-        .status()
-        .expect("run useradd");
-    assert!(status.success(), "useradd {name} failed");
-    nix::unistd::User::from_name(name)
-        .unwrap()
-        .expect("user just created")
-}
-
 /// Runs `role` as `user` in a child process; returns its stdout.
 fn run_as(user: &nix::unistd::User, socket: &PathBuf, role: &str) -> String {
     let output = Command::new(std::env::current_exe().unwrap())
@@ -77,7 +57,7 @@ fn two_unix_users_are_two_applications() {
         eprintln!("not root: cannot create users; run the tests as root to include this one");
         return;
     }
-    let users = USERS.map(ensure_user);
+    let users = USERS.map(|name| common::ensure_user(name, None));
     let daemon = Daemon::start_with("peercred", "UnixPeerCredentials", &["0"]);
     // The test directory must be reachable by the two users.
     let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);

@@ -300,3 +300,28 @@ pub fn p256_signing() -> Attributes {
         },
     }
 }
+
+/// A system user for tests that run clients or the service as someone else (needs root);
+/// created once, in `group` if given.
+pub fn ensure_user(name: &str, group: Option<&str>) -> nix::unistd::User {
+    if let Some(user) = nix::unistd::User::from_name(name).unwrap() {
+        return user;
+    }
+    let mut useradd = Command::new("useradd");
+    useradd.args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+    ]);
+    if let Some(group) = group {
+        useradd.args(["--gid", group]);
+    }
+    assert!(
+        useradd.arg(name).status().expect("run useradd").success(),
+        "useradd {name}"
+    );
+    nix::unistd::User::from_name(name)
+        .unwrap()
+        .expect("user just created")
+}
