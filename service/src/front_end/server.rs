@@ -390,14 +390,17 @@ impl Server {
                 }
             }
         }
-        let job = self.jobs.remove(&token).expect("looked up above");
-        let fd = job.pending.job.output.as_raw_fd();
+        let Job {
+            connection,
+            pending,
+            output,
+        } = self.jobs.remove(&token).expect("looked up above");
+        let fd = pending.job.output.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        let output = std::mem::take(&mut { job.output });
-        let response = self.dispatcher.complete(job.pending, output);
-        if let Some(connection) = self.connections.get_mut(&job.connection) {
-            connection.respond(framing::encode(response));
-            self.send(job.connection);
+        let response = self.dispatcher.complete(pending, output);
+        if let Some(client) = self.connections.get_mut(&connection) {
+            client.respond(framing::encode(response));
+            self.send(connection);
         }
     }
 
