@@ -452,7 +452,8 @@ fn rsa_generation_does_not_hold_the_loop_and_keys_differ() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     let pinger = daemon.client("pinger");
     let mut last_ping = std::time::Instant::now();
-    for _ in 0..20 {
+    // A handful of quick requests: they take milliseconds, an RSA-4096 generation far longer.
+    for _ in 0..5 {
         assert_eq!(pinger.ping().unwrap(), (1, 0));
         pinger.psa_hash_compute(Hash::Sha256, b"x").unwrap();
         last_ping = std::time::Instant::now();
