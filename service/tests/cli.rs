@@ -5,16 +5,9 @@ mod common;
 use common::{config_text, BIN};
 use std::process::Command;
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("parsec-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn check_config_accepts_good_files_and_explains_bad_ones() {
-    let dir = temp("check");
+    let dir = common::fresh_dir("cli-check");
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
@@ -82,15 +75,10 @@ fn version_names_the_built_in_providers() {
 
 #[test]
 fn root_is_refused_unless_allowed() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: this test must run there"
-        );
-        eprintln!("not root: the refusal to run as root cannot be observed");
+    if !common::running_as_root("observe the refusal to run as root") {
         return;
     }
-    let dir = temp("root");
+    let dir = common::fresh_dir("cli-root");
     let config = dir.join("config.toml");
     let text = config_text(&dir.join("s.sock"), &dir.join("store"), "Direct", &[])
         .replace("allow_root = true", "allow_root = false");

@@ -101,12 +101,7 @@ fn a_damaged_entry_is_named_at_start_up_and_the_other_keys_still_work() {
 /// every key stored before still works, and the service keeps serving.
 #[test]
 fn a_full_disk_refuses_new_keys_and_loses_none() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: this test must run there"
-        );
-        eprintln!("not root: cannot mount a tmpfs; run the tests as root to include this one");
+    if !common::running_as_root("mount a tmpfs") {
         return;
     }
     let mnt = std::env::temp_dir().join(format!("parsec-full-{}", std::process::id()));
@@ -127,15 +122,7 @@ fn a_full_disk_refuses_new_keys_and_loses_none() {
     let _unmount = Unmount(mnt.clone());
     let store = mnt.join("store");
     let daemon = Daemon::start_edited("full", "Direct", &[], |text| {
-        text.replace(
-            &format!(
-                "store_path = \"{}\"",
-                std::env::temp_dir()
-                    .join(format!("parsec-test-{}-full/store", std::process::id()))
-                    .display()
-            ),
-            &format!("store_path = \"{}\"", store.display()),
-        )
+        common::with_store_path(&text, &store)
     });
     let client = daemon.client("app");
     let mut stored = Vec::new();

@@ -11,9 +11,7 @@ use parsec_service::front_end::answer_stream;
 
 #[test]
 fn byte_streams_in_any_pieces_get_the_socket_answers() {
-    let dir = std::env::temp_dir().join(format!("parsec-in-process-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("in-process");
     let config_path = dir.join("config.toml");
     std::fs::write(
         &config_path,

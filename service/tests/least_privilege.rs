@@ -31,12 +31,7 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn the_service_runs_as_its_own_user_with_private_state() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: this test must run there"
-        );
-        eprintln!("not root: cannot create users; run the tests as root to include this one");
+    if !common::running_as_root("create users") {
         return;
     }
     let clients = ensure_group("parsec-clients");
@@ -44,9 +39,7 @@ fn the_service_runs_as_its_own_user_with_private_state() {
     let member = common::ensure_user("parsec-member", Some("parsec-clients"));
     let outsider = common::ensure_user("parsec-outsider", None);
 
-    let base = std::env::temp_dir().join(format!("parsec-lp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
+    let base = common::fresh_dir("least-privilege");
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
     // What a package would install: /var/lib/parsec owned by the service user.
     let state = base.join("lib");

@@ -49,12 +49,7 @@ fn marker(stdout: &str, key: &str) -> String {
 
 #[test]
 fn two_unix_users_are_two_applications() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root: this test must run there"
-        );
-        eprintln!("not root: cannot create users; run the tests as root to include this one");
+    if !common::running_as_root("create users") {
         return;
     }
     let users = USERS.map(|name| common::ensure_user(name, None));

@@ -30,9 +30,7 @@ fn socket_activation_and_readiness_notification() {
         eprintln!("systemd-socket-activate not installed (package systemd): test not run");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("parsec-systemd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("systemd");
     let socket = dir.join("parsec.sock");
     let config = dir.join("config.toml");
     // The config names another path: under activation the passed socket wins.

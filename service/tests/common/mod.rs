@@ -81,9 +81,7 @@ impl Daemon {
         admins: &[&str],
         edit: impl Fn(String) -> String,
     ) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("parsec-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(name);
         let socket = dir.join("parsec.sock");
         let config = dir.join("config.toml");
         std::fs::write(
@@ -324,4 +322,40 @@ pub fn ensure_user(name: &str, group: Option<&str>) -> nix::unistd::User {
     nix::unistd::User::from_name(name)
         .unwrap()
         .expect("user just created")
+}
+
+/// A new, empty directory for one test (named after the test and this process).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("parsec-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether the test can run: it needs root for `what`. CI runs as root, so there a
+/// missing root fails the test instead of skipping it.
+pub fn running_as_root(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI runs as root: this test must run there"
+    );
+    eprintln!("not root: cannot {what}; run the tests as root to include this test");
+    false
+}
+
+/// Config text with its key store moved to `store`.
+pub fn with_store_path(text: &str, store: &Path) -> String {
+    text.lines()
+        .map(|line| {
+            if line.starts_with("store_path = ") {
+                format!("store_path = \"{}\"", store.display())
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
