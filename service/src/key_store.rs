@@ -175,12 +175,20 @@ impl KeyStore {
         Ok(self.entries.remove(key).expect("checked above"))
     }
 
-    /// Every key of one application, in name order.
+    /// Every key of one application, in provider then name order. Entries are ordered by
+    /// application first, so this reads only that application's range.
     pub fn keys_of<'a>(
         &'a self,
         app: &'a str,
     ) -> impl Iterator<Item = (&'a KeyTriple, &'a KeyEntry)> + 'a {
-        self.entries.iter().filter(move |(k, _)| k.app == app)
+        let first = KeyTriple {
+            app: app.to_string(),
+            provider: 0,
+            name: String::new(),
+        };
+        self.entries
+            .range(first..)
+            .take_while(move |(k, _)| k.app == app)
     }
 
     /// Every key held by one provider.
@@ -193,8 +201,12 @@ impl KeyStore {
 
     /// The applications that own at least one key.
     pub fn applications(&self) -> Vec<String> {
-        let mut apps: Vec<String> = self.entries.keys().map(|k| k.app.clone()).collect();
-        apps.dedup();
+        let mut apps: Vec<String> = Vec::new();
+        for key in self.entries.keys() {
+            if apps.last() != Some(&key.app) {
+                apps.push(key.app.clone());
+            }
+        }
         apps
     }
 
