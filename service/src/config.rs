@@ -69,6 +69,67 @@ pub enum ProviderKind {
         /// Where Mbed TLS keeps its key files.
         storage_dir: PathBuf,
     },
+    Tpm(TpmSettings),
+}
+
+/// How the TPM provider reaches its TPM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TpmSettings {
+    /// A TCTI string: `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, `tabrmd`...
+    pub tcti: String,
+    pub owner_hierarchy_auth: HierarchyAuth,
+    pub endorsement_hierarchy_auth: HierarchyAuth,
+    /// Start without the provider (rather than fail) when no TPM answers.
+    pub skip_if_no_tpm: bool,
+}
+
+/// A hierarchy's authorisation value; never printed.
+#[derive(Clone, PartialEq, Default)]
+pub struct HierarchyAuth(Vec<u8>);
+
+impl HierarchyAuth {
+    /// Reads upstream's format: `str:` then text, `hex:` then hex digits, or plain text.
+    pub fn parse(value: &str) -> Result<HierarchyAuth, String> {
+        if let Some(hex) = value.strip_prefix("hex:") {
+            if hex.len() % 2 != 0 {
+                return Err("a hex: value needs an even number of hex digits".into());
+            }
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("x"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map(HierarchyAuth)
+                .map_err(|_| "a hex: value may only hold hex digits".into())
+        } else {
+            Ok(HierarchyAuth(
+                value
+                    .strip_prefix("str:")
+                    .unwrap_or(value)
+                    .as_bytes()
+                    .to_vec(),
+            ))
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for HierarchyAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("(empty)")
+        } else {
+            f.write_str("(set, not shown)")
+        }
+    }
+}
+
+impl Drop for HierarchyAuth {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 /// Values given on the command line that replace the file's.
@@ -127,6 +188,7 @@ impl ConfigSource {
             base(&mut provider.key_store_dir);
             match &mut provider.kind {
                 ProviderKind::MbedCrypto { storage_dir } => base(storage_dir),
+                ProviderKind::Tpm(_) => {}
             }
         }
         Ok(config)
@@ -521,6 +583,30 @@ impl Config {
                         .map(PathBuf::from)
                         .unwrap_or_else(|| key_store_dir.join("mbed-crypto")),
                 },
+                #[cfg(feature = "tpm-provider")]
+                FileProvider::Tpm {
+                    tcti,
+                    owner_hierarchy_auth,
+                    endorsement_hierarchy_auth,
+                    skip_if_no_tpm,
+                    ..
+                } => {
+                    let auth = |key: &str, value: &Option<String>| {
+                        HierarchyAuth::parse(value.as_deref().unwrap_or(""))
+                            .map_err(|e| error(line, format!("{key}: {e}")))
+                    };
+                    ProviderKind::Tpm(TpmSettings {
+                        tcti: tcti
+                            .clone()
+                            .unwrap_or_else(|| "device:/dev/tpmrm0".to_string()),
+                        owner_hierarchy_auth: auth("owner_hierarchy_auth", owner_hierarchy_auth)?,
+                        endorsement_hierarchy_auth: auth(
+                            "endorsement_hierarchy_auth",
+                            endorsement_hierarchy_auth,
+                        )?,
+                        skip_if_no_tpm: skip_if_no_tpm.unwrap_or(false),
+                    })
+                }
                 _ => {
                     return Err(error(
                         line,
@@ -610,6 +696,8 @@ pub fn built_in_providers() -> Vec<&'static str> {
     [
         #[cfg(feature = "mbed-crypto-provider")]
         "MbedCrypto",
+        #[cfg(feature = "tpm-provider")]
+        "Tpm",
     ]
     .into_iter()
     .collect()

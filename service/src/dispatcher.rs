@@ -91,7 +91,7 @@ impl Dispatcher {
         for settings in &config.providers {
             let provider = providers::build(settings, &store, limits)
                 .map_err(|e| format!("provider \"{}\" failed to start: {e}", settings.name))?;
-            built.push(provider);
+            built.extend(provider);
         }
         log::info!(
             "key store: {} keys loaded, {} damaged entries skipped",
@@ -105,6 +105,13 @@ impl Dispatcher {
             converter: ProtobufConverter {},
             limiter: RateLimiter::new(config.client_rate_limit, config.client_rate_burst),
         })
+    }
+
+    /// Lets every provider close its device connection (before a reload builds new ones).
+    pub fn release_devices(&mut self) {
+        for provider in &mut self.providers {
+            provider.release_device();
+        }
     }
 
     /// Answers one request, or starts it in a child process when it would hold the event

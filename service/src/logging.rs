@@ -39,6 +39,31 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// Libraries log their own view of a failure, which the provider then logs decoded, with
+/// the client and a hint: their lines only show at debug level.
+fn wanted(record: &Record) -> bool {
+    !record.target().starts_with("tss_esapi") || log::max_level() >= LevelFilter::Debug
+}
+
+/// Drops the records `wanted` refuses, whatever the target.
+struct Filtered(Box<dyn Log>);
+
+impl Log for Filtered {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if wanted(record) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 /// Installs the logger. Call once; later calls only change the level.
 pub fn init(target: LogTarget, level: LevelFilter, timestamp: bool) -> Result<(), String> {
     let logger: Box<dyn Log> = match target {
@@ -55,7 +80,7 @@ pub fn init(target: LogTarget, level: LevelFilter, timestamp: bool) -> Result<()
             Box::new(syslog::BasicLogger::new(writer))
         }
     };
-    match log::set_boxed_logger(logger) {
+    match log::set_boxed_logger(Box::new(Filtered(logger))) {
         Ok(()) => {}
         Err(_) => log::debug!("logger already installed: only the level changes"),
     }

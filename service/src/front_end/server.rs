@@ -497,8 +497,9 @@ impl Server {
         let storage_of = |c: &Config| -> Vec<PathBuf> {
             c.providers
                 .iter()
-                .map(|p| match &p.kind {
-                    ProviderKind::MbedCrypto { storage_dir } => storage_dir.clone(),
+                .filter_map(|p| match &p.kind {
+                    ProviderKind::MbedCrypto { storage_dir } => Some(storage_dir.clone()),
+                    _ => None,
                 })
                 .collect()
         };
@@ -507,6 +508,9 @@ impl Server {
             log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
             return;
         }
+        // A device that takes one client at a time (a TPM simulator) must be let go of
+        // before the new providers open it; the old ones reopen it if they stay in service.
+        self.dispatcher.release_devices();
         let dispatcher = match Dispatcher::new(&config) {
             Ok(dispatcher) => dispatcher,
             Err(e) => {

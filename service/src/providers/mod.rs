@@ -17,6 +17,8 @@ use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 
 #[cfg(feature = "mbed-crypto-provider")]
 pub mod mbed_crypto;
+#[cfg(feature = "tpm-provider")]
+pub mod tpm;
 
 /// Limits every provider applies to what it produces.
 #[derive(Debug, Clone, Copy)]
@@ -74,24 +76,39 @@ pub trait Provider {
         ))
     }
 
+    /// Closes the provider's connection to its device, if it holds one, so that a reload can
+    /// open it afresh; the provider reopens it when next used.
+    fn release_device(&mut self) {}
+
     /// Destroys the key material behind an entry that has already left the key store
     /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError>;
 }
 
 /// Builds the provider a config table describes, and tidies up what a crash may have left
-/// behind (key material that no store entry refers to).
-#[cfg_attr(not(feature = "mbed-crypto-provider"), allow(unused_variables))]
+/// behind (key material that no store entry refers to). `None`: the provider's hardware is
+/// absent and its config says to start without it.
+#[cfg_attr(
+    not(any(feature = "mbed-crypto-provider", feature = "tpm-provider")),
+    allow(unused_variables)
+)]
 pub fn build(
     settings: &ProviderSettings,
     store: &KeyStore,
     limits: Limits,
-) -> Result<Box<dyn Provider>, String> {
+) -> Result<Option<Box<dyn Provider>>, String> {
     match &settings.kind {
         #[cfg(feature = "mbed-crypto-provider")]
         ProviderKind::MbedCrypto { storage_dir } => {
             let provider = mbed_crypto::MbedCryptoProvider::new(storage_dir, store, limits)?;
-            Ok(Box::new(provider))
+            Ok(Some(Box::new(provider)))
+        }
+        #[cfg(feature = "tpm-provider")]
+        ProviderKind::Tpm(tpm_settings) => {
+            match tpm::TpmProvider::new(tpm_settings, store, limits)? {
+                tpm::Started::Running(provider) => Ok(Some(Box::new(provider))),
+                tpm::Started::Skipped => Ok(None),
+            }
         }
         // Config checking never yields a provider that is not built in.
         #[allow(unreachable_patterns)]
@@ -103,6 +120,7 @@ pub fn build(
 pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {
         ProviderKind::MbedCrypto { .. } => ProviderId::MbedCrypto,
+        ProviderKind::Tpm(_) => ProviderId::Tpm,
     }
 }
 
