@@ -359,3 +359,123 @@ pub fn with_store_path(text: &str, store: &Path) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A software TPM (swtpm) on loopback TCP, with its own state directory, for one test.
+/// CI installs swtpm; a machine without it fails these tests rather than skipping them.
+pub struct Swtpm {
+    pub state: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Swtpm {
+    /// A new TPM: empty state, manufactured on first start.
+    pub fn start(name: &str) -> Swtpm {
+        let state = fresh_dir(&format!("{name}-tpm"));
+        Swtpm::start_with_state(state)
+    }
+
+    /// A TPM started on existing state: after a stop, this is a TPM reset (power cycle).
+    pub fn start_with_state(state: PathBuf) -> Swtpm {
+        for _ in 0..20 {
+            if let Some(swtpm) = Swtpm::start_on_port(state.clone(), free_port_pair()) {
+                return swtpm;
+            }
+        }
+        panic!("swtpm did not start");
+    }
+
+    /// One attempt on a given port (and the next one, for control); `None` if swtpm exits
+    /// (the port is taken) or does not answer.
+    pub fn start_on_port(state: PathBuf, port: u16) -> Option<Swtpm> {
+        let child = Command::new("swtpm")
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .args(["--flags", "not-need-init,startup-clear"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start swtpm (apt-get install swtpm)");
+        let mut swtpm = Swtpm {
+            state,
+            port,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if swtpm.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                swtpm.child = None;
+                return None;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                return Some(swtpm);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Stops the TPM (its state stays on disk) and returns the state directory.
+    pub fn stop(mut self) -> PathBuf {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+        std::mem::take(&mut self.state)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_dir_all(&self.state);
+            }
+        }
+    }
+}
+
+/// Two consecutive free TCP ports on loopback (swtpm's server and control ports).
+fn free_port_pair() -> u16 {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The `[[provider]]` table of a TPM provider.
+pub fn tpm_provider_table(tcti: &str) -> String {
+    format!(
+        "[[provider]]\nprovider_type = \"Tpm\"\nkey_info_manager = \"on-disk\"\ntcti = \"{tcti}\"\n"
+    )
+}
+
+/// Config text with a TPM provider added before the software provider (so it is the
+/// clients' default).
+pub fn with_tpm_first(text: String, tcti: &str) -> String {
+    text.replacen(
+        "[[provider]]\nprovider_type = \"MbedCrypto\"",
+        &format!(
+            "{}\n[[provider]]\nprovider_type = \"MbedCrypto\"",
+            tpm_provider_table(tcti)
+        ),
+        1,
+    )
+}
