@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing the service needs on Debian 12:
-# cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), systemd (socket
-# activation tests and unit checks), openssl (tests
-# verify signatures with it) and parsec-tool (a real client the tests drive).
+# cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), libtss2-dev (the
+# TPM provider links tpm2-tss), swtpm and tpm2-tools (the TPM provider's tests run against a
+# software TPM), systemd (socket activation tests and unit checks), openssl (tests verify
+# signatures with it) and parsec-tool (a real client the tests drive).
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd systemd)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -77,6 +77,18 @@ impl Daemon {
         timeout_ms: u64,
         max_connections: usize,
     ) -> (Daemon, Duration) {
+        let software = "[[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n";
+        Daemon::start_with_providers(bin, dir, timeout_ms, max_connections, software)
+    }
+
+    /// As `start_configured`, with these `[[provider]]` tables (key_info_manager "m").
+    pub fn start_with_providers(
+        bin: &Path,
+        dir: &Path,
+        timeout_ms: u64,
+        max_connections: usize,
+        providers: &str,
+    ) -> (Daemon, Duration) {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("parsec.sock");
@@ -87,8 +99,7 @@ impl Daemon {
                 "[core_settings]\nlog_level = \"error\"\nallow_root = true\n\
                  [listener]\nlistener_type = \"DomainSocket\"\ntimeout = {timeout_ms}\nmax_connections = {max_connections}\nsocket_path = \"{}\"\n\
                  [authenticator]\nauth_type = \"Direct\"\n\
-                 [[key_manager]]\nname = \"m\"\nmanager_type = \"OnDisk\"\nstore_path = \"{}\"\n\
-                 [[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n",
+                 [[key_manager]]\nname = \"m\"\nmanager_type = \"OnDisk\"\nstore_path = \"{}\"\n{providers}",
                 socket.display(),
                 dir.join("store").display()
             ),
@@ -192,4 +203,66 @@ fn rate_once<S: Send + 'static>(
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
     total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A software TPM on a free loopback port, stopped when dropped.
+pub struct Swtpm {
+    child: Child,
+    pub port: u16,
+    state: PathBuf,
+}
+
+impl Swtpm {
+    pub fn start(state: &Path) -> Swtpm {
+        let _ = std::fs::remove_dir_all(state);
+        std::fs::create_dir_all(state).unwrap();
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--tpmstate"])
+                .arg(format!("dir={}", state.display()))
+                .args([
+                    "--server",
+                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                ])
+                .args([
+                    "--ctrl",
+                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
+                ])
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm (apt-get install swtpm)");
+            let start = Instant::now();
+            while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(5) {
+                if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                    return Swtpm {
+                        child,
+                        port,
+                        state: state.to_path_buf(),
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
 }

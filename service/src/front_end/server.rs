@@ -183,9 +183,8 @@ impl Server {
         let mut events = Events::with_capacity(256);
         loop {
             let timeout = if self.ready_cheap.is_empty() && self.ready_heavy.is_empty() {
-                self.deadlines
-                    .front()
-                    .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()))
+                self.next_deadline()
+                    .map(|deadline| deadline.saturating_duration_since(Instant::now()))
             } else {
                 // Requests are waiting: only look for new events, then answer the next one.
                 Some(Duration::ZERO)
@@ -435,6 +434,20 @@ impl Server {
     }
 
     /// Closes every connection whose deadline has passed.
+    /// The earliest deadline of a connection still open. Deadlines of closed connections are
+    /// dropped here rather than when they close, so an idle service does not wake up for them.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&(deadline, token)) = self.deadlines.front() {
+            match self.connections.get(&token) {
+                Some(connection) if connection.deadline == deadline => return Some(deadline),
+                _ => {
+                    self.deadlines.pop_front();
+                }
+            }
+        }
+        None
+    }
+
     fn expire(&mut self) {
         let now = Instant::now();
         while let Some(&(deadline, token)) = self.deadlines.front() {

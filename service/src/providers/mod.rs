@@ -105,10 +105,8 @@ pub fn build(
         }
         #[cfg(feature = "tpm-provider")]
         ProviderKind::Tpm(tpm_settings) => {
-            match tpm::TpmProvider::new(tpm_settings, store, limits)? {
-                tpm::Started::Running(provider) => Ok(Some(Box::new(provider))),
-                tpm::Started::Skipped => Ok(None),
-            }
+            let provider = tpm::TpmProvider::start(tpm_settings, store, limits)?;
+            Ok(provider.map(|p| Box::new(p) as Box<dyn Provider>))
         }
         // Config checking never yields a provider that is not built in.
         #[allow(unreachable_patterns)]

@@ -215,13 +215,21 @@ impl Blob {
     }
 }
 
+/// A key kept loaded in the TPM between requests.
+struct Loaded {
+    blob: Vec<u8>,
+    handle: KeyHandle,
+    /// The coordinate length of an ECC key's curve (signature sizes).
+    ecc_field_len: Option<usize>,
+}
+
 /// An open connection to the TPM with the provider's primary key and session.
 struct Connection {
     ctx: Context,
     primary: KeyHandle,
     session: AuthSession,
-    /// The key used last, still loaded: its blob and handle.
-    loaded: Option<(Vec<u8>, KeyHandle)>,
+    /// The key used last, still loaded.
+    loaded: Option<Loaded>,
     /// Set when a call fails in a way that means the connection is gone.
     broken: bool,
 }
@@ -335,13 +343,14 @@ impl Connection {
     }
 
     /// Loads a stored key (or finds it loaded already) and returns its handle.
-    fn load(&mut self, blob: &[u8]) -> Result<(KeyHandle, Public), OpError> {
-        let stored = Blob::decode(blob)?;
-        if let Some((loaded_blob, handle)) = &self.loaded {
-            if loaded_blob.as_slice() == blob {
-                return Ok((*handle, stored.public));
+    /// Returns the handle and, for ECC keys, the curve's coordinate length.
+    fn load(&mut self, blob: &[u8]) -> Result<(KeyHandle, Option<usize>), OpError> {
+        if let Some(loaded) = &self.loaded {
+            if loaded.blob.as_slice() == blob {
+                return Ok((loaded.handle, loaded.ecc_field_len));
             }
         }
+        let stored = Blob::decode(blob)?;
         self.unload();
         let primary = self.primary;
         let public = stored.public.clone();
@@ -359,14 +368,19 @@ impl Connection {
                 ctx.load_external_public(public, Hierarchy::Null)
             })?,
         };
-        self.loaded = Some((blob.to_vec(), handle));
-        Ok((handle, stored.public))
+        let ecc_field_len = keys::ecc_field_len(&stored.public);
+        self.loaded = Some(Loaded {
+            blob: blob.to_vec(),
+            handle,
+            ecc_field_len,
+        });
+        Ok((handle, ecc_field_len))
     }
 
     /// Flushes the key kept loaded, to free its slot.
     fn unload(&mut self) {
-        if let Some((_, handle)) = self.loaded.take() {
-            if let Err(e) = self.ctx.flush_context(handle.into()) {
+        if let Some(loaded) = self.loaded.take() {
+            if let Err(e) = self.ctx.flush_context(loaded.handle.into()) {
                 log::warn!(
                     "tpm: flushing a loaded key: {}",
                     tpm_error("TPM2_FlushContext", e)
@@ -402,7 +416,7 @@ fn probe_tcti(tcti: &str) -> String {
         }
         "swtpm" | "mssim" => {
             let mut host = "127.0.0.1".to_string();
-            let mut port = if kind == "swtpm" { 2321 } else { 2321 };
+            let mut port = 2321;
             for part in conf.split(',') {
                 match part.split_once('=') {
                     Some(("host", h)) => host = h.to_string(),
@@ -429,19 +443,24 @@ pub struct TpmProvider {
     limits: Limits,
 }
 
-/// What `TpmProvider::new` found.
-pub enum Started {
-    Running(TpmProvider),
-    /// No TPM, and `skip_if_no_tpm` says to go on without this provider.
-    Skipped,
-}
-
 impl TpmProvider {
-    pub fn new(
+    /// Connects to the TPM. `None`: there is none, and `skip_if_no_tpm` says to go on
+    /// without this provider.
+    pub fn start(
         settings: &TpmSettings,
         store: &KeyStore,
         limits: Limits,
-    ) -> Result<Started, String> {
+    ) -> Result<Option<TpmProvider>, String> {
+        // tpm2-tss logs its own view of every failure to stderr; the provider logs each one
+        // decoded, with the client and a hint. Keep the library quiet unless asked for.
+        if std::env::var_os("TSS2_LOG").is_none() {
+            let level = if log::max_level() >= log::LevelFilter::Debug {
+                "all+warning"
+            } else {
+                "all+none"
+            };
+            std::env::set_var("TSS2_LOG", level);
+        }
         let tcti = TctiNameConf::from_str(&settings.tcti).map_err(|e| {
             format!(
                 "tcti \"{}\" is not a TCTI this TSS knows: {e}",
@@ -454,7 +473,7 @@ impl TpmProvider {
                 log::warn!(
                     "tpm: {e}; skip_if_no_tpm is set, so the service runs without the TPM provider"
                 );
-                return Ok(Started::Skipped);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
@@ -463,7 +482,7 @@ impl TpmProvider {
             "tpm: connected through \"{}\", {keys} keys in the store",
             settings.tcti
         );
-        Ok(Started::Running(TpmProvider {
+        Ok(Some(TpmProvider {
             settings: settings.clone(),
             tcti,
             conn: Some(conn),
@@ -630,11 +649,11 @@ impl TpmProvider {
                 .map_err(|e| keys::tss_wrapper("the hash check ticket", e))?;
                 let blob = blob.to_vec();
                 let conn = self.connection()?;
-                let (handle, public) = conn.load(&blob)?;
+                let (handle, field_len) = conn.load(&blob)?;
                 let signature = conn.call("TPM2_Sign", |ctx| {
                     ctx.sign(handle, digest, scheme, validation)
                 })?;
-                let signature = keys::signature_bytes(signature, keys::ecc_field_len(&public))?;
+                let signature = keys::signature_bytes(signature, field_len)?;
                 Ok(NativeResult::PsaSignHash(psa_sign_hash::Result {
                     signature: signature.into(),
                 }))
@@ -646,9 +665,8 @@ impl TpmProvider {
                     .map_err(|e| keys::tss_wrapper("the hash", e))?;
                 let blob = blob.to_vec();
                 let conn = self.connection()?;
-                let (handle, public) = conn.load(&blob)?;
-                let signature =
-                    keys::signature_from(op.alg, &op.signature, keys::ecc_field_len(&public))?;
+                let (handle, field_len) = conn.load(&blob)?;
+                let signature = keys::signature_from(op.alg, &op.signature, field_len)?;
                 conn.call("TPM2_VerifySignature", |ctx| {
                     ctx.verify_signature(handle, digest, signature)
                 })?;
@@ -750,7 +768,7 @@ impl TpmProvider {
             if conn
                 .loaded
                 .as_ref()
-                .is_some_and(|(blob, _)| *blob == entry.key_id)
+                .is_some_and(|loaded| loaded.blob == entry.key_id)
             {
                 conn.unload();
             }
