@@ -25,7 +25,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Unit and end-to-end tests with every provider built in (doc examples are not tests here).
 # The TPM provider's tests start their own swtpm instances.
-cargo test --workspace --all-features --locked --lib --bins --tests 2>&1 | tee "$log"
+cargo test --workspace --all-features --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }

@@ -240,7 +240,9 @@ impl Swtpm {
                 .expect("swtpm (apt-get install swtpm)");
             let start = Instant::now();
             while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(5) {
-                if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+                if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                {
                     return Swtpm {
                         child,
                         port,

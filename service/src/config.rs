@@ -784,11 +784,40 @@ key_info_manager = "sqlite-manager"
     fn provider_missing_from_build_is_named() {
         let text = GOOD.replace(
             "provider_type = \"MbedCrypto\"",
-            "provider_type = \"Tpm\"\ntcti = \"device:/dev/tpmrm0\"",
+            "provider_type = \"Pkcs11\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"",
         );
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("not built into this binary"), "{err}");
-        assert!(err.message.contains("tpm-provider"), "{err}");
+        assert!(err.message.contains("pkcs11-provider"), "{err}");
+    }
+
+    #[cfg(feature = "tpm-provider")]
+    #[test]
+    fn tpm_settings_and_auth_formats() {
+        let text = GOOD.replace(
+            "provider_type = \"MbedCrypto\"",
+            "provider_type = \"Tpm\"\ntcti = \"swtpm:port=2321\"\nowner_hierarchy_auth = \"hex:00ff\"\nendorsement_hierarchy_auth = \"str:tpm\"\nskip_if_no_tpm = true",
+        );
+        let config = parse(&text).unwrap();
+        let ProviderKind::Tpm(tpm) = &config.providers[0].kind else {
+            panic!("not a TPM provider: {:?}", config.providers[0].kind);
+        };
+        assert_eq!(tpm.tcti, "swtpm:port=2321");
+        assert_eq!(tpm.owner_hierarchy_auth.bytes(), &[0x00, 0xff]);
+        assert_eq!(tpm.endorsement_hierarchy_auth.bytes(), b"tpm");
+        assert!(tpm.skip_if_no_tpm);
+        // Never printed, even in debug output.
+        assert!(!format!("{:?}", config.providers[0]).contains("tpm\""));
+        let bad = text.replace("hex:00ff", "hex:0g");
+        let err = parse(&bad).unwrap_err();
+        assert!(err.message.contains("owner_hierarchy_auth"), "{err}");
+        assert!(err.line.is_some(), "{err}");
+        let default = GOOD.replace("provider_type = \"MbedCrypto\"", "provider_type = \"Tpm\"");
+        let ProviderKind::Tpm(tpm) = &parse(&default).unwrap().providers[0].kind else {
+            panic!()
+        };
+        assert_eq!(tpm.tcti, "device:/dev/tpmrm0");
+        assert!(tpm.owner_hierarchy_auth.bytes().is_empty());
     }
 
     #[test]

@@ -414,7 +414,10 @@ impl Swtpm {
                 swtpm.child = None;
                 return None;
             }
-            if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
+            // Both ports: swtpm opens them one after the other.
+            if std::net::TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
                 return Some(swtpm);
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -225,33 +225,54 @@ pub fn import(attributes: &Attributes, data: &[u8]) -> Result<Imported, OpError>
             let mut attributes = *attributes;
             if !bits_match(key.modulus.len() * 8) {
                 return Err(invalid(
-                    format!("the attributes say {} bits, the key has {}", attributes.bits, key.modulus.len() * 8),
+                    format!(
+                        "the attributes say {} bits, the key has {}",
+                        attributes.bits,
+                        key.modulus.len() * 8
+                    ),
                     "set bits to the key's size, or to 0",
                 ));
             }
             attributes.bits = key.modulus.len() * 8;
-            let unique = Unique::Rsa { modulus: key.modulus.to_vec(), exponent: key.exponent };
-            Ok(Imported { public: template(&attributes, Origin::PublicOnly, unique)?, sensitive: None })
+            let unique = Unique::Rsa {
+                modulus: key.modulus.to_vec(),
+                exponent: key.exponent,
+            };
+            Ok(Imported {
+                public: template(&attributes, Origin::PublicOnly, unique)?,
+                sensitive: None,
+            })
         }
         Type::RsaKeyPair => {
-            let key = der::parse_rsa_private(data).ok_or_else(|| bad("a two-prime DER RSAPrivateKey"))?;
+            let key =
+                der::parse_rsa_private(data).ok_or_else(|| bad("a two-prime DER RSAPrivateKey"))?;
             let bits = key.modulus.len() * 8;
             if !bits_match(bits) {
                 return Err(invalid(
-                    format!("the attributes say {} bits, the key has {bits}", attributes.bits),
+                    format!(
+                        "the attributes say {} bits, the key has {bits}",
+                        attributes.bits
+                    ),
                     "set bits to the key's size, or to 0",
                 ));
             }
             let mut attributes = *attributes;
             attributes.bits = bits;
-            let unique = Unique::Rsa { modulus: key.modulus.to_vec(), exponent: key.exponent };
+            let unique = Unique::Rsa {
+                modulus: key.modulus.to_vec(),
+                exponent: key.exponent,
+            };
             let public = template(&attributes, Origin::Imported, unique)?;
             let sensitive = Sensitive::Rsa {
                 auth_value: Auth::default(),
                 seed_value: Digest::default(),
-                sensitive: PrivateKeyRsa::try_from(key.prime1.to_vec()).map_err(|e| tss_wrapper("RSA prime", e))?,
+                sensitive: PrivateKeyRsa::try_from(key.prime1.to_vec())
+                    .map_err(|e| tss_wrapper("RSA prime", e))?,
             };
-            Ok(Imported { public, sensitive: Some(sensitive) })
+            Ok(Imported {
+                public,
+                sensitive: Some(sensitive),
+            })
         }
         Type::EccPublicKey { .. } => {
             let len = field_len(attributes.bits);
@@ -261,14 +282,68 @@ pub fn import(attributes: &Attributes, data: &[u8]) -> Result<Imported, OpError>
                     "an ECC public key is imported as the uncompressed point 0x04||x||y with bits set to the curve size",
                 ));
             }
-            let unique = Unique::Ecc { x: data[1..1 + len].to_vec(), y: data[1 + len..].to_vec() };
-            Ok(Imported { public: template(attributes, Origin::PublicOnly, unique)?, sensitive: None })
+            let unique = Unique::Ecc {
+                x: data[1..1 + len].to_vec(),
+                y: data[1 + len..].to_vec(),
+            };
+            Ok(Imported {
+                public: template(attributes, Origin::PublicOnly, unique)?,
+                sensitive: None,
+            })
         }
-        Type::EccKeyPair { .. } => Err(not_supported(
-            "importing an ECC private key: the TPM needs the public point with it, which PSA's format does not carry; import the public key, or generate the key in the TPM".into(),
-        )),
+        Type::EccKeyPair { curve_family } => {
+            // PSA gives the private scalar only; the TPM needs the public point too and will
+            // not compute it (TPM_RC_BINDING), so it is computed here.
+            let curve = curve(curve_family, attributes.bits)?;
+            let (x, y) = ecc_public_point(curve, data)?;
+            let unique = Unique::Ecc { x, y };
+            let public = template(attributes, Origin::Imported, unique)?;
+            let sensitive = Sensitive::Ecc {
+                auth_value: Auth::default(),
+                seed_value: Digest::default(),
+                sensitive: EccParameter::try_from(data.to_vec())
+                    .map_err(|e| tss_wrapper("ECC private key", e))?,
+            };
+            Ok(Imported {
+                public,
+                sensitive: Some(sensitive),
+            })
+        }
         other => Err(not_supported(format!("key type {other:?}"))),
     }
+}
+
+/// The public point d·G of an ECC private scalar, as big-endian x and y.
+fn ecc_public_point(curve: EccCurve, scalar: &[u8]) -> Result<(Vec<u8>, Vec<u8>), OpError> {
+    let bad = || {
+        invalid(
+            format!("{} bytes are not a private key of this curve", scalar.len()),
+            "an ECC key pair is imported as its private scalar: exactly the curve's size in bytes (32 for P-256, 48 for P-384), between 1 and the group order",
+        )
+    };
+    let point = match curve {
+        EccCurve::NistP256 => {
+            use p256::elliptic_curve::sec1::ToEncodedPoint;
+            let key = p256::SecretKey::from_slice(scalar).map_err(|_| bad())?;
+            key.public_key().to_encoded_point(false).as_bytes().to_vec()
+        }
+        EccCurve::NistP384 => {
+            use p384::elliptic_curve::sec1::ToEncodedPoint;
+            let key = p384::SecretKey::from_slice(scalar).map_err(|_| bad())?;
+            key.public_key().to_encoded_point(false).as_bytes().to_vec()
+        }
+        other => {
+            return Err(not_supported(format!(
+                "importing a private key on {other:?} (P-256 and P-384 are supported)"
+            )))
+        }
+    };
+    // 0x04 || x || y
+    let len = (point.len() - 1) / 2;
+    if scalar.len() != len {
+        return Err(bad());
+    }
+    Ok((point[1..1 + len].to_vec(), point[1 + len..].to_vec()))
 }
 
 /// A key's public part in the PSA export format.

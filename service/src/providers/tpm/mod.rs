@@ -843,12 +843,6 @@ fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpError> {
             )))
         }
         CheckType::Derive => return Err(keys::not_supported("key derivation".into())),
-        CheckType::Import if matches!(key_type, Type::EccKeyPair { .. }) => {
-            return Err(keys::not_supported(
-                "importing an ECC private key (PSA's format lacks the public point the TPM needs)"
-                    .into(),
-            ))
-        }
         _ => {}
     }
     if !key_type.is_public_key() && attributes.policy.usage_flags.export() {
