@@ -70,6 +70,39 @@ pub enum ProviderKind {
         storage_dir: PathBuf,
     },
     Tpm(TpmSettings),
+    Pkcs11(Pkcs11Settings),
+}
+
+/// How the PKCS#11 provider reaches its token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pkcs11Settings {
+    pub library_path: PathBuf,
+    pub token: TokenSelector,
+    pub user_pin: HierarchyAuth,
+    pub software_public_operations: bool,
+    pub allow_export: bool,
+    pub existing_keys: Vec<ExistingKey>,
+}
+
+/// Which token: the first key the config gives, in this order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSelector {
+    Slot(u64),
+    Serial(String),
+    Label(String),
+    /// The only token present (start-up fails if there are several).
+    Only,
+}
+
+/// A key already on the token, shown to `application` as `name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExistingKey {
+    pub label: Option<String>,
+    pub id: Option<Vec<u8>>,
+    pub application: String,
+    pub name: String,
+    /// Whether the service may destroy it (DestroyKey, DeleteClient).
+    pub owned: bool,
 }
 
 /// How the TPM provider reaches its TPM.
@@ -83,7 +116,7 @@ pub struct TpmSettings {
     pub skip_if_no_tpm: bool,
 }
 
-/// A hierarchy's authorisation value; never printed.
+/// A secret from the config (a TPM hierarchy's authorisation, a PIN); never printed.
 #[derive(Clone, PartialEq, Default)]
 pub struct HierarchyAuth(Vec<u8>);
 
@@ -189,6 +222,7 @@ impl ConfigSource {
             match &mut provider.kind {
                 ProviderKind::MbedCrypto { storage_dir } => base(storage_dir),
                 ProviderKind::Tpm(_) => {}
+                ProviderKind::Pkcs11(_) => {}
             }
         }
         Ok(config)
@@ -322,6 +356,10 @@ enum FileProvider {
         user_pin: Option<String>,
         software_public_operations: Option<bool>,
         allow_export: Option<bool>,
+        /// Ours: a third way to find the token.
+        token_label: Option<String>,
+        /// Ours: keys already on the token, made visible to an application.
+        existing_keys: Option<Vec<FileExistingKey>>,
     },
     TrustedService {
         name: Option<String>,
@@ -331,6 +369,19 @@ enum FileProvider {
         name: Option<String>,
         key_info_manager: String,
     },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+// Read only when the PKCS#11 provider is built in.
+#[allow(dead_code)]
+struct FileExistingKey {
+    label: Option<String>,
+    /// CKA_ID in hex.
+    id: Option<String>,
+    application: String,
+    name: String,
+    owned: Option<bool>,
 }
 
 impl FileProvider {
@@ -607,6 +658,58 @@ impl Config {
                         skip_if_no_tpm: skip_if_no_tpm.unwrap_or(false),
                     })
                 }
+                #[cfg(feature = "pkcs11-provider")]
+                FileProvider::Pkcs11 {
+                    library_path,
+                    slot_number,
+                    serial_number,
+                    user_pin,
+                    software_public_operations,
+                    allow_export,
+                    token_label,
+                    existing_keys,
+                    ..
+                } => {
+                    let Some(library_path) = library_path else {
+                        return Err(error(line, "library_path is missing: the PKCS#11 module to load, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"".into()));
+                    };
+                    let token = match (slot_number, serial_number, token_label) {
+                        (Some(slot), _, _) => TokenSelector::Slot(*slot),
+                        (None, Some(serial), _) => TokenSelector::Serial(serial.clone()),
+                        (None, None, Some(label)) => TokenSelector::Label(label.clone()),
+                        (None, None, None) => TokenSelector::Only,
+                    };
+                    let mut keys = Vec::new();
+                    for key in existing_keys.iter().flatten() {
+                        let id = match &key.id {
+                            None => None,
+                            Some(hex) => Some(HierarchyAuth::parse(&format!("hex:{hex}")).map_err(|e| {
+                                error(line, format!("existing key \"{}\": id: {e}", key.name))
+                            })?.bytes().to_vec()),
+                        };
+                        if id.is_none() && key.label.is_none() {
+                            return Err(error(line, format!("existing key \"{}\": give its label, its id (CKA_ID in hex) or both", key.name)));
+                        }
+                        if keys.iter().any(|k: &ExistingKey| k.application == key.application && k.name == key.name) {
+                            return Err(error(line, format!("existing key \"{}\" of \"{}\" is mapped twice", key.name, key.application)));
+                        }
+                        keys.push(ExistingKey {
+                            label: key.label.clone(),
+                            id,
+                            application: key.application.clone(),
+                            name: key.name.clone(),
+                            owned: key.owned.unwrap_or(false),
+                        });
+                    }
+                    ProviderKind::Pkcs11(Pkcs11Settings {
+                        library_path: PathBuf::from(library_path),
+                        token,
+                        user_pin: HierarchyAuth::parse(&format!("str:{}", user_pin.as_deref().unwrap_or(""))).unwrap_or_default(),
+                        software_public_operations: software_public_operations.unwrap_or(false),
+                        allow_export: allow_export.unwrap_or(true),
+                        existing_keys: keys,
+                    })
+                }
                 _ => {
                     return Err(error(
                         line,
@@ -698,6 +801,8 @@ pub fn built_in_providers() -> Vec<&'static str> {
         "MbedCrypto",
         #[cfg(feature = "tpm-provider")]
         "Tpm",
+        #[cfg(feature = "pkcs11-provider")]
+        "Pkcs11",
     ]
     .into_iter()
     .collect()

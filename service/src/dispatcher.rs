@@ -75,7 +75,7 @@ impl Dispatcher {
             .iter()
             .map(|p| (providers::id_of(&p.kind), p.key_store_dir.clone()))
             .collect();
-        let (store, damaged) =
+        let (mut store, damaged) =
             KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
         for entry in &damaged {
             log::error!(
@@ -89,7 +89,7 @@ impl Dispatcher {
         };
         let mut built = Vec::new();
         for settings in &config.providers {
-            let provider = providers::build(settings, &store, limits)
+            let provider = providers::build(settings, &mut store, limits)
                 .map_err(|e| format!("provider \"{}\" failed to start: {e}", settings.name))?;
             built.extend(provider);
         }

@@ -18,7 +18,7 @@ use crate::error::OpError;
 use parsec_interface::operations::psa_key_attributes::Attributes;
 use parsec_interface::requests::{ProviderId, ResponseStatus};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -74,6 +74,9 @@ pub struct KeyStore {
     /// The directory each provider's entries live in.
     roots: BTreeMap<u8, PathBuf>,
     entries: BTreeMap<KeyTriple, KeyEntry>,
+    /// Entries a provider made from its config (keys that were on a token before the
+    /// service): in memory only, never written or removed on disk.
+    mounted: BTreeSet<KeyTriple>,
 }
 
 impl KeyStore {
@@ -88,6 +91,7 @@ impl KeyStore {
                 .map(|(p, dir)| (*p as u8, dir.clone()))
                 .collect(),
             entries: BTreeMap::new(),
+            mounted: BTreeSet::new(),
         };
         let mut damaged = Vec::new();
         for (provider, root) in store.roots.clone() {
@@ -152,10 +156,32 @@ impl KeyStore {
         Ok(())
     }
 
+    /// Adds an entry that lives in memory only (a key the config maps from a token).
+    /// Fails if a stored key already has that name.
+    pub fn mount(&mut self, key: KeyTriple, entry: KeyEntry) -> Result<(), String> {
+        if self.entries.contains_key(&key) {
+            return Err(format!(
+                "application \"{}\" already has a key named \"{}\" in the key store",
+                key.app, key.name
+            ));
+        }
+        self.entries.insert(key.clone(), entry);
+        self.mounted.insert(key);
+        Ok(())
+    }
+
+    /// Whether an entry was mounted from the config rather than stored.
+    pub fn is_mounted(&self, key: &KeyTriple) -> bool {
+        self.mounted.contains(key)
+    }
+
     /// Removes an entry durably and returns it.
     pub fn remove(&mut self, key: &KeyTriple) -> Result<KeyEntry, OpError> {
         if !self.entries.contains_key(key) {
             return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
+        }
+        if self.mounted.remove(key) {
+            return Ok(self.entries.remove(key).expect("checked above"));
         }
         let path = self.path_of(key)?;
         match fs::remove_file(&path) {

@@ -15,8 +15,14 @@ use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+mod der;
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+mod ecc;
 #[cfg(feature = "mbed-crypto-provider")]
 pub mod mbed_crypto;
+#[cfg(feature = "pkcs11-provider")]
+pub mod pkcs11;
 #[cfg(feature = "tpm-provider")]
 pub mod tpm;
 
@@ -89,18 +95,27 @@ pub trait Provider {
 /// behind (key material that no store entry refers to). `None`: the provider's hardware is
 /// absent and its config says to start without it.
 #[cfg_attr(
-    not(any(feature = "mbed-crypto-provider", feature = "tpm-provider")),
+    not(any(
+        feature = "mbed-crypto-provider",
+        feature = "tpm-provider",
+        feature = "pkcs11-provider"
+    )),
     allow(unused_variables)
 )]
 pub fn build(
     settings: &ProviderSettings,
-    store: &KeyStore,
+    store: &mut KeyStore,
     limits: Limits,
 ) -> Result<Option<Box<dyn Provider>>, String> {
     match &settings.kind {
         #[cfg(feature = "mbed-crypto-provider")]
         ProviderKind::MbedCrypto { storage_dir } => {
             let provider = mbed_crypto::MbedCryptoProvider::new(storage_dir, store, limits)?;
+            Ok(Some(Box::new(provider)))
+        }
+        #[cfg(feature = "pkcs11-provider")]
+        ProviderKind::Pkcs11(pkcs11_settings) => {
+            let provider = pkcs11::Pkcs11Provider::start(pkcs11_settings, store, limits)?;
             Ok(Some(Box::new(provider)))
         }
         #[cfg(feature = "tpm-provider")]
@@ -119,6 +134,7 @@ pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {
         ProviderKind::MbedCrypto { .. } => ProviderId::MbedCrypto,
         ProviderKind::Tpm(_) => ProviderId::Tpm,
+        ProviderKind::Pkcs11(_) => ProviderId::Pkcs11,
     }
 }
 
@@ -167,6 +183,11 @@ impl<'a> AppKeys<'a> {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the key was mapped from the config (a key that was on the device already).
+    pub fn is_mounted(&self, name: &str) -> bool {
+        self.store.is_mounted(&self.triple(name))
     }
 
     /// Records a new key; only once this returns may the client be told it exists.

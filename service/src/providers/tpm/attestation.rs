@@ -9,9 +9,10 @@
 //! secret if it holds the EK's private key and the named key is loaded in it. The
 //! `tpm-credential` crate of this workspace does MakeCredential in Rust, without a TPM.
 
-use super::{bad_input_failure, der, keys, tpm_error, Connection};
+use super::{bad_input_failure, keys, tpm_error, Connection};
 use crate::config::TpmSettings;
 use crate::error::OpError;
+use crate::providers::der;
 use crate::providers::AppKeys;
 use parsec_interface::operations::{attest_key, prepare_key_attestation, NativeResult};
 use parsec_interface::requests::ResponseStatus;

@@ -1,8 +1,8 @@
 //! Translation between PSA and the TPM: key templates from PSA attributes, PSA key formats
 //! from TPM public areas, and signatures both ways. Pure functions, no TPM calls.
 
-use super::der;
 use crate::error::OpError;
+use crate::providers::{der, ecc};
 use parsec_interface::operations::psa_algorithm::{
     AsymmetricEncryption, AsymmetricSignature, Hash, SignHash,
 };
@@ -294,8 +294,8 @@ pub fn import(attributes: &Attributes, data: &[u8]) -> Result<Imported, OpError>
         Type::EccKeyPair { curve_family } => {
             // PSA gives the private scalar only; the TPM needs the public point too and will
             // not compute it (TPM_RC_BINDING), so it is computed here.
-            let curve = curve(curve_family, attributes.bits)?;
-            let (x, y) = ecc_public_point(curve, data)?;
+            curve(curve_family, attributes.bits)?;
+            let (x, y) = ecc::public_point(attributes.bits, data)?;
             let unique = Unique::Ecc { x, y };
             let public = template(attributes, Origin::Imported, unique)?;
             let sensitive = Sensitive::Ecc {
@@ -311,39 +311,6 @@ pub fn import(attributes: &Attributes, data: &[u8]) -> Result<Imported, OpError>
         }
         other => Err(not_supported(format!("key type {other:?}"))),
     }
-}
-
-/// The public point d·G of an ECC private scalar, as big-endian x and y.
-fn ecc_public_point(curve: EccCurve, scalar: &[u8]) -> Result<(Vec<u8>, Vec<u8>), OpError> {
-    let bad = || {
-        invalid(
-            format!("{} bytes are not a private key of this curve", scalar.len()),
-            "an ECC key pair is imported as its private scalar: exactly the curve's size in bytes (32 for P-256, 48 for P-384), between 1 and the group order",
-        )
-    };
-    let point = match curve {
-        EccCurve::NistP256 => {
-            use p256::elliptic_curve::sec1::ToEncodedPoint;
-            let key = p256::SecretKey::from_slice(scalar).map_err(|_| bad())?;
-            key.public_key().to_encoded_point(false).as_bytes().to_vec()
-        }
-        EccCurve::NistP384 => {
-            use p384::elliptic_curve::sec1::ToEncodedPoint;
-            let key = p384::SecretKey::from_slice(scalar).map_err(|_| bad())?;
-            key.public_key().to_encoded_point(false).as_bytes().to_vec()
-        }
-        other => {
-            return Err(not_supported(format!(
-                "importing a private key on {other:?} (P-256 and P-384 are supported)"
-            )))
-        }
-    };
-    // 0x04 || x || y
-    let len = (point.len() - 1) / 2;
-    if scalar.len() != len {
-        return Err(bad());
-    }
-    Ok((point[1..1 + len].to_vec(), point[1 + len..].to_vec()))
 }
 
 /// A key's public part in the PSA export format.

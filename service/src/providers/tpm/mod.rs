@@ -21,7 +21,6 @@
 //! resource manager gone), the next request reconnects once and retries.
 
 mod attestation;
-mod der;
 mod keys;
 pub mod response_code;
 

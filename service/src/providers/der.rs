@@ -1,5 +1,5 @@
-//! The little DER the PSA key formats need: PKCS#1 `RSAPublicKey` and `RSAPrivateKey`,
-//! both a SEQUENCE of INTEGERs. Anything else is refused; nothing here can panic on
+//! The little DER the PSA key formats and PKCS#11 need: PKCS#1 `RSAPublicKey` and
+//! `RSAPrivateKey` (a SEQUENCE of INTEGERs) and OCTET STRINGs. Anything else is refused; nothing here can panic on
 //! client data.
 
 /// A DER element's contents, and what follows it.
@@ -64,7 +64,12 @@ pub struct RsaPublic<'a> {
 pub struct RsaPrivate<'a> {
     pub modulus: &'a [u8],
     pub exponent: u32,
+    pub private_exponent: &'a [u8],
     pub prime1: &'a [u8],
+    pub prime2: &'a [u8],
+    pub exponent1: &'a [u8],
+    pub exponent2: &'a [u8],
+    pub coefficient: &'a [u8],
 }
 
 pub fn parse_rsa_public(der: &[u8]) -> Option<RsaPublic<'_>> {
@@ -80,11 +85,18 @@ pub fn parse_rsa_public(der: &[u8]) -> Option<RsaPublic<'_>> {
 pub fn parse_rsa_private(der: &[u8]) -> Option<RsaPrivate<'_>> {
     // version, n, e, d, p, q, dP, dQ, qInv (two-prime keys only: version 0).
     match integers(der)?.as_slice() {
-        [version, modulus, exponent, _d, prime1, _q, _dp, _dq, _qinv] if *version == [0] => {
+        [version, modulus, exponent, private_exponent, prime1, prime2, exponent1, exponent2, coefficient]
+            if *version == [0] =>
+        {
             Some(RsaPrivate {
                 modulus,
                 exponent: to_u32(exponent)?,
+                private_exponent,
                 prime1,
+                prime2,
+                exponent1,
+                exponent2,
+                coefficient,
             })
         }
         _ => None,
@@ -116,6 +128,46 @@ fn push_integer(out: &mut Vec<u8>, unsigned: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// PKCS#1 `RSAPrivateKey` (two primes), the PSA export format of RSA key pairs.
+pub fn rsa_private(key: &RsaPrivate<'_>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(key.modulus.len() * 5);
+    push_integer(&mut body, &[0]);
+    push_integer(&mut body, key.modulus);
+    push_integer(&mut body, &key.exponent.to_be_bytes());
+    for part in [
+        key.private_exponent,
+        key.prime1,
+        key.prime2,
+        key.exponent1,
+        key.exponent2,
+        key.coefficient,
+    ] {
+        push_integer(&mut body, part);
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.push(0x30);
+    push_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The contents of a DER OCTET STRING that fills `input` (how PKCS#11 wraps CKA_EC_POINT).
+pub fn octet_string(input: &[u8]) -> Option<&[u8]> {
+    match element(input, 0x04)? {
+        (value, []) => Some(value),
+        _ => None,
+    }
+}
+
+/// `value` as a DER OCTET STRING.
+pub fn to_octet_string(value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 4);
+    out.push(0x04);
+    push_len(&mut out, value.len());
+    out.extend_from_slice(value);
+    out
+}
+
 /// PKCS#1 `RSAPublicKey`, the PSA export format of RSA public keys.
 pub fn rsa_public(modulus: &[u8], exponent: u32) -> Vec<u8> {
     let mut body = Vec::with_capacity(modulus.len() + 16);
@@ -139,6 +191,28 @@ mod tests {
         let parsed = parse_rsa_public(&der).unwrap();
         assert_eq!(parsed.modulus, &modulus[..]);
         assert_eq!(parsed.exponent, 65537);
+    }
+
+    #[test]
+    fn private_round_trip_and_octet_strings() {
+        let key = RsaPrivate {
+            modulus: &[0xc1; 256],
+            exponent: 65537,
+            private_exponent: &[0x11; 256],
+            prime1: &[0xe1; 128],
+            prime2: &[0xd3; 128],
+            exponent1: &[0x21; 128],
+            exponent2: &[0x31; 128],
+            coefficient: &[0x41; 127],
+        };
+        let der = rsa_private(&key);
+        let parsed = parse_rsa_private(&der).unwrap();
+        assert_eq!(parsed.modulus, key.modulus);
+        assert_eq!(parsed.coefficient, key.coefficient);
+        assert_eq!(parsed.exponent, 65537);
+        let point = [4u8; 97];
+        assert_eq!(octet_string(&to_octet_string(&point)).unwrap(), &point[..]);
+        assert!(octet_string(&point).is_none());
     }
 
     #[test]
