@@ -2,14 +2,15 @@
 # Installs what building and testing the service needs on Debian 12:
 # cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), libtss2-dev (the
 # TPM provider links tpm2-tss), swtpm and tpm2-tools (the TPM provider's tests run against a
-# software TPM), systemd (socket activation tests and unit checks), openssl (tests verify
+# software TPM), softhsm2 and opensc (the PKCS#11 provider's tests use a SoftHSM2 token and
+# pkcs11-tool), systemd (socket activation tests and unit checks), openssl (tests verify
 # signatures with it) and parsec-tool (a real client the tests drive).
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

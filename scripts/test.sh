@@ -14,6 +14,7 @@ cargo deny check licenses bans sources
 echo "== feature gating: no provider, and each provider alone"
 cargo check -p parsec-service --no-default-features --locked
 cargo check -p parsec-service --no-default-features --features tpm-provider --locked
+cargo check -p parsec-service --no-default-features --features pkcs11-provider --locked
 echo "== systemd units"
 cargo build -p parsec-service --locked
 bash scripts/check-systemd.sh
@@ -24,7 +25,8 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Unit and end-to-end tests with every provider built in (doc examples are not tests here).
-# The TPM provider's tests start their own swtpm instances.
+# The TPM provider's tests start their own swtpm instances, the PKCS#11 provider's their
+# own SoftHSM2 tokens.
 cargo test --workspace --all-features --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # One closing line for the whole run, summed over every test binary.

@@ -25,6 +25,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for the daemon (SOFTHSM2_CONF...).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -81,6 +83,17 @@ impl Daemon {
         admins: &[&str],
         edit: impl Fn(String) -> String,
     ) -> Daemon {
+        Daemon::start_in_env(name, auth, admins, edit, &[])
+    }
+
+    /// As `start_edited`, with extra environment variables for the daemon.
+    pub fn start_in_env(
+        name: &str,
+        auth: &str,
+        admins: &[&str],
+        edit: impl Fn(String) -> String,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = fresh_dir(name);
         let socket = dir.join("parsec.sock");
         let config = dir.join("config.toml");
@@ -94,6 +107,10 @@ impl Daemon {
             dir,
             socket,
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         daemon.spawn();
@@ -111,6 +128,7 @@ impl Daemon {
         let child = Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -473,12 +491,119 @@ pub fn tpm_provider_table(tcti: &str) -> String {
 /// Config text with a TPM provider added before the software provider (so it is the
 /// clients' default).
 pub fn with_tpm_first(text: String, tcti: &str) -> String {
+    with_provider_first(text, &tpm_provider_table(tcti))
+}
+
+/// The SoftHSM2 module Debian installs.
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const USER_PIN: &str = "1234";
+
+/// A SoftHSM2 token of its own (its own SOFTHSM2_CONF and token directory) for one test.
+/// CI installs softhsm2 and opensc; a machine without them fails these tests.
+pub struct SoftHsm {
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+    pub label: String,
+}
+
+impl SoftHsm {
+    pub fn new(name: &str) -> SoftHsm {
+        let dir = fresh_dir(&format!("{name}-hsm"));
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let hsm = SoftHsm {
+            dir,
+            conf,
+            label: format!("parsec-{name}"),
+        };
+        let status = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &hsm.label,
+                "--pin",
+                USER_PIN,
+                "--so-pin",
+                "5678",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("softhsm2-util (apt-get install softhsm2)");
+        assert!(status.success(), "softhsm2-util --init-token");
+        hsm
+    }
+
+    pub fn env(&self) -> (&'static str, String) {
+        ("SOFTHSM2_CONF", self.conf.display().to_string())
+    }
+
+    /// Runs pkcs11-tool (opensc) on this token, logged in; returns its stdout.
+    pub fn tool(&self, args: &[&str]) -> String {
+        let output = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args([
+                "--module",
+                SOFTHSM,
+                "--token-label",
+                &self.label,
+                "--login",
+                "--pin",
+                USER_PIN,
+            ])
+            .args(args)
+            .output()
+            .expect("pkcs11-tool (apt-get install opensc)");
+        assert!(
+            output.status.success(),
+            "pkcs11-tool {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    /// The directory of the token's files (moving it away "removes" the token).
+    pub fn token_dir(&self) -> PathBuf {
+        std::fs::read_dir(self.dir.join("tokens"))
+            .unwrap()
+            .next()
+            .expect("one token")
+            .unwrap()
+            .path()
+    }
+}
+
+impl Drop for SoftHsm {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The `[[provider]]` table of a PKCS#11 provider on a SoftHSM token, with `extra` lines.
+pub fn pkcs11_provider_table(hsm: &SoftHsm, extra: &str) -> String {
+    format!(
+        "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"on-disk\"\nlibrary_path = \"{SOFTHSM}\"\ntoken_label = \"{}\"\nuser_pin = \"{USER_PIN}\"\n{extra}",
+        hsm.label
+    )
+}
+
+/// Config text with a provider table added before the software provider.
+pub fn with_provider_first(text: String, table: &str) -> String {
     text.replacen(
         "[[provider]]\nprovider_type = \"MbedCrypto\"",
-        &format!(
-            "{}\n[[provider]]\nprovider_type = \"MbedCrypto\"",
-            tpm_provider_table(tcti)
-        ),
+        &format!("{table}\n[[provider]]\nprovider_type = \"MbedCrypto\""),
         1,
     )
 }

@@ -47,7 +47,6 @@ pub fn token_lost(err: &Error) -> bool {
                 | RvError::SlotIdInvalid
                 | RvError::CryptokiNotInitialized
                 | RvError::UserNotLoggedIn
-                | RvError::GeneralError
                 | RvError::KeyHandleInvalid
                 | RvError::ObjectHandleInvalid,
             _

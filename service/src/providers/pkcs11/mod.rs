@@ -541,9 +541,11 @@ fn attributes_of(conn: &mut Connection, objects: Objects) -> Result<Attributes, 
                 .into(),
             )
         }
-        other => return Err(not_supported(format!(
+        other => {
+            return Err(not_supported(format!(
             "an existing key of type {other:?} (RSA, and ECC on P-256/P-384/P-521, can be mapped)"
-        ))),
+        )))
+        }
     };
     Ok(Attributes {
         lifetime: Lifetime::Persistent,
@@ -797,7 +799,21 @@ impl Pkcs11Provider {
                 let plaintext = conn
                     .session
                     .decrypt(&mechanism, handle, &op.ciphertext)
-                    .map_err(|e| conn.fail("C_Decrypt", e))?;
+                    .map_err(|e| {
+                        let mut err = conn.fail("C_Decrypt", e);
+                        // SoftHSM (and other modules) answer a ciphertext whose padding does
+                        // not check with CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED. If the
+                        // session is still healthy, the input was at fault.
+                        if (err.cause.contains("CKR_GENERAL_ERROR")
+                            || err.cause.contains("CKR_FUNCTION_FAILED"))
+                            && conn.session.get_session_info().is_ok()
+                        {
+                            err.status = ResponseStatus::PsaErrorInvalidPadding;
+                            err.cause.push_str("; the session is healthy, so this is the module's answer to a ciphertext that does not decrypt");
+                            err.hint = "the ciphertext was not made with this key and algorithm";
+                        }
+                        err
+                    })?;
                 Ok(NativeResult::PsaAsymmetricDecrypt(
                     psa_asymmetric_decrypt::Result {
                         plaintext: plaintext.into(),
