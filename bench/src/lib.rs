@@ -268,3 +268,64 @@ impl Drop for Swtpm {
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
+
+/// Calls per second of `op` over `seconds`, on this thread.
+pub fn rate_of(seconds: f64, mut op: impl FnMut()) -> f64 {
+    let deadline = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut count = 0u64;
+    while start.elapsed() < deadline {
+        op();
+        count += 1;
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Service against in-process, measured in alternating rounds.
+pub struct Comparison {
+    /// Best round of each side, operations per second.
+    pub service: f64,
+    pub in_process: f64,
+    /// Median over rounds of service / in-process, each pair measured back to back.
+    pub ratio: f64,
+}
+
+/// Alternates `rounds` rounds of `service` and `in_process` over `seconds` in all, so that
+/// the machine's drifts touch both alike.
+pub fn compare(
+    rounds: usize,
+    seconds: f64,
+    mut service: impl FnMut(),
+    mut in_process: impl FnMut(),
+) -> Comparison {
+    let round = seconds / (2 * rounds) as f64;
+    let (mut best_service, mut best_direct) = (0f64, 0f64);
+    let mut ratios = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let s = rate_of(round, &mut service);
+        let d = rate_of(round, &mut in_process);
+        ratios.push(s / d);
+        best_service = best_service.max(s);
+        best_direct = best_direct.max(d);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let ratio = if rounds % 2 == 0 {
+        (ratios[rounds / 2 - 1] + ratios[rounds / 2]) / 2.0
+    } else {
+        ratios[rounds / 2]
+    };
+    Comparison {
+        service: best_service,
+        in_process: best_direct,
+        ratio,
+    }
+}
+
+/// Pins this process (and the daemon and devices it starts afterwards) to CPU 0: on a small
+/// VM, which core each process lands on swings single runs by ±10%; on one core both sides
+/// of a comparison pay the same.
+pub fn pin_to_cpu0() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to CPU 0");
+}

@@ -5,13 +5,13 @@
 //!
 //! Needs a daemon built with the TPM provider:
 //!     cargo build --release -p parsec-service --features tpm-provider
-//!     ./target/release/parsec-bench-tpm [--daemon PATH] [--seconds S]
+//!     ./target/release/parsec-bench-tpm [--daemon PATH] [--seconds S] [--all-cpus]
 
-use parsec_bench::{ecdsa, p256, Daemon, Swtpm};
+use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon, Swtpm};
 use parsec_client::core::interface::requests::ProviderId;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+
 use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::SessionType;
@@ -161,28 +161,11 @@ impl InProcess {
         })
         .unwrap();
     }
-
-    /// Signatures per second over `seconds`.
-    fn rate(&mut self, seconds: f64) -> f64 {
-        rate_of(seconds, || self.sign())
-    }
-}
-
-/// Calls per second of `op` over `seconds`, on this thread.
-fn rate_of(seconds: f64, mut op: impl FnMut()) -> f64 {
-    let deadline = Duration::from_secs_f64(seconds);
-    let start = Instant::now();
-    let mut count = 0u64;
-    while start.elapsed() < deadline {
-        op();
-        count += 1;
-    }
-    count as f64 / start.elapsed().as_secs_f64()
 }
 
 fn main() {
     let mut bin = PathBuf::from("target/release/parsec");
-    let mut seconds = 24.0;
+    let mut seconds = 48.0;
     let mut pin = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -196,12 +179,8 @@ fn main() {
             }
         }
     }
-    // Everything (this process, the daemon, swtpm) on one CPU: on a small VM, which core a
-    // process lands on swings single runs by ±10%; on one core both sides pay the same.
     if pin {
-        let mut one = nix::sched::CpuSet::new();
-        one.set(0).expect("CPU 0");
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to CPU 0");
+        pin_to_cpu0();
     }
     let bin = std::fs::canonicalize(&bin)
         .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
@@ -233,26 +212,15 @@ fn main() {
         client
     };
     let client = setup(0);
-    // Rounds alternate between the two, so that the machine's drifts touch both alike. The
-    // figure is the median over rounds of service/in-process (each pair measured back to
-    // back); the rates shown are the best rounds.
-    const ROUNDS: usize = 16;
-    let (mut through_service, mut direct) = (0f64, 0f64);
-    let mut ratios = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let round = seconds / ROUNDS as f64;
-        let service_rate = rate_of(round, || {
+    let result = compare(
+        16,
+        seconds,
+        || {
             client.psa_sign_hash("tpm-bench", &HASH, ecdsa()).unwrap();
-        });
-        let direct_rate = in_process.rate(round);
-        ratios.push(service_rate / direct_rate);
-        through_service = through_service.max(service_rate);
-        direct = direct.max(direct_rate);
-    }
-    ratios.sort_by(f64::total_cmp);
-    let ratio = (ratios[ROUNDS / 2 - 1] + ratios[ROUNDS / 2]) / 2.0;
+        },
+        || in_process.sign(),
+    );
     drop(in_process); // before its TPM goes
-    let in_process = direct;
     drop(daemon);
     drop(tpm);
     let _ = std::fs::remove_dir_all(&base);
@@ -266,11 +234,21 @@ fn main() {
         "start-up with the TPM provider:        {:>8.1} ms",
         startup.as_secs_f64() * 1e3
     );
-    println!("ECDSA P-256 sign_hash/s, service:      {through_service:>8.0}");
-    println!("ECDSA P-256 sign_hash/s, in-process:   {in_process:>8.0}");
+    println!(
+        "ECDSA P-256 sign_hash/s, service:      {:>8.0}",
+        result.service
+    );
+    println!(
+        "ECDSA P-256 sign_hash/s, in-process:   {:>8.0}",
+        result.in_process
+    );
     println!(
         "service vs in-process (median round):  {:>7.1}%  (target >= 95%: {})",
-        100.0 * ratio,
-        if ratio >= 0.95 { "met" } else { "NOT met" }
+        100.0 * result.ratio,
+        if result.ratio >= 0.95 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
 }

@@ -61,6 +61,8 @@ pub struct RsaPublic<'a> {
     pub exponent: u32,
 }
 
+// The TPM takes one prime; PKCS#11 tokens take (and give back) every component.
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
 pub struct RsaPrivate<'a> {
     pub modulus: &'a [u8],
     pub exponent: u32,
@@ -129,6 +131,7 @@ fn push_integer(out: &mut Vec<u8>, unsigned: &[u8]) {
 }
 
 /// PKCS#1 `RSAPrivateKey` (two primes), the PSA export format of RSA key pairs.
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
 pub fn rsa_private(key: &RsaPrivate<'_>) -> Vec<u8> {
     let mut body = Vec::with_capacity(key.modulus.len() * 5);
     push_integer(&mut body, &[0]);
@@ -152,6 +155,7 @@ pub fn rsa_private(key: &RsaPrivate<'_>) -> Vec<u8> {
 }
 
 /// The contents of a DER OCTET STRING that fills `input` (how PKCS#11 wraps CKA_EC_POINT).
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
 pub fn octet_string(input: &[u8]) -> Option<&[u8]> {
     match element(input, 0x04)? {
         (value, []) => Some(value),
@@ -160,6 +164,7 @@ pub fn octet_string(input: &[u8]) -> Option<&[u8]> {
 }
 
 /// `value` as a DER OCTET STRING.
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
 pub fn to_octet_string(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len() + 4);
     out.push(0x04);
