@@ -329,3 +329,37 @@ pub fn pin_to_cpu0() {
     one.set(0).expect("CPU 0");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to CPU 0");
 }
+
+/// The command line of the device benchmarks: `[--daemon PATH] [--seconds S] [--all-cpus]`.
+pub struct DeviceBenchOptions {
+    /// The daemon binary, canonicalised.
+    pub bin: PathBuf,
+    pub seconds: f64,
+    /// Pin everything to CPU 0 (the default; `--all-cpus` turns it off).
+    pub pin: bool,
+}
+
+impl DeviceBenchOptions {
+    pub fn parse(name: &str, default_seconds: f64) -> DeviceBenchOptions {
+        let mut bin = PathBuf::from("target/release/parsec");
+        let mut seconds = default_seconds;
+        let mut pin = true;
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
+                "--seconds" => {
+                    seconds = args.next().expect("--seconds S").parse().expect("a number")
+                }
+                "--all-cpus" => pin = false,
+                _ => {
+                    eprintln!("usage: {name} [--daemon PATH] [--seconds S] [--all-cpus]");
+                    std::process::exit(2);
+                }
+            }
+        }
+        let bin = std::fs::canonicalize(&bin)
+            .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
+        DeviceBenchOptions { bin, seconds, pin }
+    }
+}

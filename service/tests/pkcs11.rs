@@ -4,26 +4,18 @@
 
 mod common;
 
-use common::{fresh_dir, pkcs11_provider_table, with_provider_first, Daemon, SoftHsm, BIN};
+use common::{
+    attributes, ecc, ecdsa, fresh_dir, generate_encrypt_decrypt, generate_sign_verify,
+    pkcs11_provider_table, service_error, sha, with_provider_first, Daemon, SoftHsm, BIN,
+};
 use parsec_client::core::interface::operations::can_do_crypto::CheckType;
 use parsec_client::core::interface::operations::psa_algorithm::{
-    Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash,
+    AsymmetricEncryption, AsymmetricSignature, Hash,
 };
-use parsec_client::core::interface::operations::psa_key_attributes::{
-    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
-};
+use parsec_client::core::interface::operations::psa_key_attributes::{EccFamily, Type, UsageFlags};
 use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
-use parsec_client::error::Error as ClientError;
 use parsec_client::BasicClient;
-use sha2::Digest as _;
 use std::process::Command;
-
-fn service_error(err: ClientError) -> ResponseStatus {
-    match err {
-        ClientError::Service(status) => status,
-        other => panic!("expected a service error, got {other:?}"),
-    }
-}
 
 fn hsm_daemon(name: &str, hsm: &SoftHsm, extra: &str) -> Daemon {
     let table = pkcs11_provider_table(hsm, extra);
@@ -41,43 +33,6 @@ fn hsm_client(daemon: &Daemon, app: &str) -> BasicClient {
     let mut client = daemon.client(app);
     client.set_implicit_provider(ProviderId::Pkcs11);
     client
-}
-
-fn attributes(key_type: Type, bits: usize, alg: impl Into<Algorithm>) -> Attributes {
-    let alg = alg.into();
-    let mut usage_flags = UsageFlags::default();
-    match alg {
-        Algorithm::AsymmetricEncryption(_) => usage_flags.set_encrypt().set_decrypt(),
-        _ => usage_flags.set_sign_hash().set_verify_hash(),
-    };
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type,
-        bits,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: alg,
-        },
-    }
-}
-
-fn ecc() -> Type {
-    Type::EccKeyPair {
-        curve_family: EccFamily::SecpR1,
-    }
-}
-
-fn ecdsa(hash: Hash) -> AsymmetricSignature {
-    AsymmetricSignature::Ecdsa {
-        hash_alg: hash.into(),
-    }
-}
-
-fn sha(hash: Hash, data: &[u8]) -> Vec<u8> {
-    match hash {
-        Hash::Sha384 => sha2::Sha384::digest(data).to_vec(),
-        _ => sha2::Sha256::digest(data).to_vec(),
-    }
 }
 
 /// Every operation, every key kind the issue names; keys found again after a restart.
@@ -110,26 +65,7 @@ fn every_operation_and_restart() {
         ),
     ];
     for (name, key_type, bits, alg, hash) in signing {
-        client
-            .psa_generate_key(name, attributes(key_type, bits, alg))
-            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", daemon.log_text()));
-        let digest = sha(hash, name.as_bytes());
-        let signature = client.psa_sign_hash(name, &digest, alg).unwrap();
-        client
-            .psa_verify_hash(name, &digest, alg, &signature)
-            .unwrap();
-        let mut wrong = signature.clone();
-        wrong[4] ^= 1;
-        assert_eq!(
-            service_error(
-                client
-                    .psa_verify_hash(name, &digest, alg, &wrong)
-                    .unwrap_err()
-            ),
-            ResponseStatus::PsaErrorInvalidSignature,
-            "{name}"
-        );
-        assert!(!client.psa_export_public_key(name).unwrap().is_empty());
+        generate_sign_verify(&client, name, key_type, bits, alg, hash);
     }
     let log = daemon.log_text();
     assert!(
@@ -148,30 +84,7 @@ fn every_operation_and_restart() {
             },
         ),
     ] {
-        client
-            .psa_generate_key(name, attributes(Type::RsaKeyPair, 2048, alg))
-            .unwrap();
-        let ciphertext = client
-            .psa_asymmetric_encrypt(name, alg, b"a secret", None)
-            .unwrap();
-        assert_eq!(
-            client
-                .psa_asymmetric_decrypt(name, alg, &ciphertext, None)
-                .unwrap(),
-            b"a secret"
-        );
-        let mut bad = ciphertext.clone();
-        bad[0] ^= 0x40;
-        let status = service_error(
-            client
-                .psa_asymmetric_decrypt(name, alg, &bad, None)
-                .unwrap_err(),
-        );
-        assert!(
-            status == ResponseStatus::PsaErrorInvalidPadding
-                || status == ResponseStatus::PsaErrorInvalidArgument,
-            "{name}: {status:?}"
-        );
+        generate_encrypt_decrypt(&client, name, alg);
     }
     let oaep256 = AsymmetricEncryption::RsaOaep {
         hash_alg: Hash::Sha256,

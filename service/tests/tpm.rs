@@ -3,27 +3,19 @@
 
 mod common;
 
-use common::{fresh_dir, with_tpm_first, Daemon, Swtpm, BIN};
+use common::{
+    attributes, ecc, ecdsa, fresh_dir, generate_encrypt_decrypt, generate_sign_verify,
+    service_error, sha, with_tpm_first, Daemon, Swtpm, BIN,
+};
 use parsec_client::core::interface::operations::can_do_crypto::CheckType;
 use parsec_client::core::interface::operations::psa_algorithm::{
     Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash,
 };
-use parsec_client::core::interface::operations::psa_key_attributes::{
-    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
-};
+use parsec_client::core::interface::operations::psa_key_attributes::{EccFamily, Type, UsageFlags};
 use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
-use parsec_client::error::Error as ClientError;
 use parsec_client::BasicClient;
-use sha2::Digest as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn service_error(err: ClientError) -> ResponseStatus {
-    match err {
-        ClientError::Service(status) => status,
-        other => panic!("expected a service error, got {other:?}"),
-    }
-}
 
 fn tpm_daemon(name: &str, tpm: &Swtpm) -> Daemon {
     let tcti = tpm.tcti();
@@ -38,44 +30,6 @@ fn tpm_client(daemon: &Daemon, app: &str) -> BasicClient {
     client
 }
 
-/// A key of this type for this algorithm, with the usage flags the algorithm needs.
-fn attributes(key_type: Type, bits: usize, alg: impl Into<Algorithm>) -> Attributes {
-    let alg = alg.into();
-    let mut usage_flags = UsageFlags::default();
-    match alg {
-        Algorithm::AsymmetricEncryption(_) => usage_flags.set_encrypt().set_decrypt(),
-        _ => usage_flags.set_sign_hash().set_verify_hash(),
-    };
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type,
-        bits,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: alg,
-        },
-    }
-}
-
-fn ecdsa(hash: Hash) -> AsymmetricSignature {
-    AsymmetricSignature::Ecdsa {
-        hash_alg: hash.into(),
-    }
-}
-
-fn ecc(_bits: usize) -> Type {
-    Type::EccKeyPair {
-        curve_family: EccFamily::SecpR1,
-    }
-}
-
-fn sha(hash: Hash, data: &[u8]) -> Vec<u8> {
-    match hash {
-        Hash::Sha384 => sha2::Sha384::digest(data).to_vec(),
-        _ => sha2::Sha256::digest(data).to_vec(),
-    }
-}
-
 /// Every operation the provider serves, for every key kind the issue names.
 #[test]
 fn every_operation_through_parsec_client() {
@@ -85,8 +39,8 @@ fn every_operation_through_parsec_client() {
 
     // Signing keys: ECDSA P-256 and P-384, RSA 2048 PKCS#1 v1.5 and PSS.
     let signing = [
-        ("p256", ecc(256), 256, ecdsa(Hash::Sha256), Hash::Sha256),
-        ("p384", ecc(384), 384, ecdsa(Hash::Sha384), Hash::Sha384),
+        ("p256", ecc(), 256, ecdsa(Hash::Sha256), Hash::Sha256),
+        ("p384", ecc(), 384, ecdsa(Hash::Sha384), Hash::Sha384),
         (
             "rsa-pkcs1",
             Type::RsaKeyPair,
@@ -107,32 +61,12 @@ fn every_operation_through_parsec_client() {
         ),
     ];
     for (name, key_type, bits, alg, hash) in signing {
-        let mut attrs = attributes(key_type, bits, alg);
-        attrs.policy.usage_flags = UsageFlags::default();
-        attrs.policy.usage_flags.set_sign_hash().set_verify_hash();
-        client
-            .psa_generate_key(name, attrs)
-            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        let digest = sha(hash, name.as_bytes());
-        let signature = client.psa_sign_hash(name, &digest, alg).unwrap();
-        client
-            .psa_verify_hash(name, &digest, alg, &signature)
-            .unwrap();
-        let mut wrong = digest.clone();
-        wrong[0] ^= 1;
-        assert_eq!(
-            service_error(
-                client
-                    .psa_verify_hash(name, &wrong, alg, &signature)
-                    .unwrap_err()
-            ),
-            ResponseStatus::PsaErrorInvalidSignature,
-            "{name}"
-        );
-        let public = client.psa_export_public_key(name).unwrap();
-        assert!(!public.is_empty());
+        let signature = generate_sign_verify(&client, name, key_type, bits, alg, hash);
         if let Type::EccKeyPair { .. } = key_type {
-            assert_eq!(public.len(), 1 + 2 * bits / 8);
+            assert_eq!(
+                client.psa_export_public_key(name).unwrap().len(),
+                1 + 2 * bits / 8
+            );
             assert_eq!(signature.len(), 2 * bits / 8);
         }
     }
@@ -153,29 +87,7 @@ fn every_operation_through_parsec_client() {
         ),
         ("rsa-v15", AsymmetricEncryption::RsaPkcs1v15Crypt),
     ] {
-        client
-            .psa_generate_key(name, attributes(Type::RsaKeyPair, 2048, alg))
-            .unwrap();
-        let ciphertext = client
-            .psa_asymmetric_encrypt(name, alg, b"a secret", None)
-            .unwrap();
-        assert_eq!(ciphertext.len(), 256);
-        let plaintext = client
-            .psa_asymmetric_decrypt(name, alg, &ciphertext, None)
-            .unwrap();
-        assert_eq!(plaintext, b"a secret");
-        let mut bad = ciphertext.clone();
-        bad[10] ^= 0x40;
-        let status = service_error(
-            client
-                .psa_asymmetric_decrypt(name, alg, &bad, None)
-                .unwrap_err(),
-        );
-        assert!(
-            status == ResponseStatus::PsaErrorInvalidPadding
-                || status == ResponseStatus::PsaErrorInvalidArgument,
-            "{name}: a damaged ciphertext gives {status:?}"
-        );
+        generate_encrypt_decrypt(&client, name, alg);
     }
     // OAEP labels: the TPM needs the terminating zero, and says so.
     let oaep = AsymmetricEncryption::RsaOaep {
@@ -208,7 +120,7 @@ fn every_operation_through_parsec_client() {
     client
         .can_do_crypto(
             CheckType::Generate,
-            attributes(ecc(256), 256, ecdsa(Hash::Sha256)),
+            attributes(ecc(), 256, ecdsa(Hash::Sha256)),
         )
         .unwrap();
     assert_eq!(
@@ -228,7 +140,7 @@ fn every_operation_through_parsec_client() {
         ),
         ResponseStatus::PsaErrorNotSupported
     );
-    let mut exportable = attributes(ecc(256), 256, ecdsa(Hash::Sha256));
+    let mut exportable = attributes(ecc(), 256, ecdsa(Hash::Sha256));
     exportable.policy.usage_flags.set_export();
     assert_eq!(
         service_error(
@@ -285,7 +197,7 @@ fn two_providers_exchange_public_keys_and_private_keys() {
 
     // TPM signs, software verifies with the imported public key (ECC P-256).
     let alg = ecdsa(Hash::Sha256);
-    let mut sign_only = attributes(ecc(256), 256, alg);
+    let mut sign_only = attributes(ecc(), 256, alg);
     sign_only.policy.usage_flags = UsageFlags::default();
     sign_only
         .policy
@@ -357,12 +269,12 @@ fn two_providers_exchange_public_keys_and_private_keys() {
         .unwrap();
     // An ECC private key too: PSA gives the scalar, the TPM needs the point as well.
     let alg = ecdsa(Hash::Sha256);
-    let mut soft_ecc = attributes(ecc(256), 256, alg);
+    let mut soft_ecc = attributes(ecc(), 256, alg);
     soft_ecc.policy.usage_flags.set_export();
     soft.psa_generate_key("soft-ecc", soft_ecc).unwrap();
     let scalar = soft.psa_export_key("soft-ecc").unwrap();
     tpm_side
-        .psa_import_key("imported-ecc", &scalar, attributes(ecc(256), 256, alg))
+        .psa_import_key("imported-ecc", &scalar, attributes(ecc(), 256, alg))
         .unwrap();
     assert_eq!(
         tpm_side.psa_export_public_key("imported-ecc").unwrap(),
@@ -388,7 +300,7 @@ fn two_providers_exchange_public_keys_and_private_keys() {
         }
     };
     tpm_side
-        .psa_import_key("imported-p384", &scalar, attributes(ecc(384), 384, alg))
+        .psa_import_key("imported-p384", &scalar, attributes(ecc(), 384, alg))
         .unwrap();
     assert_eq!(
         tpm_side.psa_export_public_key("imported-p384").unwrap(),
@@ -407,7 +319,7 @@ fn two_providers_exchange_public_keys_and_private_keys() {
                 .psa_import_key(
                     "zero",
                     &[0u8; 32],
-                    attributes(ecc(256), 256, ecdsa(Hash::Sha256))
+                    attributes(ecc(), 256, ecdsa(Hash::Sha256))
                 )
                 .unwrap_err()
         ),
@@ -433,7 +345,7 @@ fn keys_survive_service_restart_and_tpm_reset() {
     let client = tpm_client(&daemon, "dave");
     let alg = ecdsa(Hash::Sha256);
     client
-        .psa_generate_key("kept", attributes(ecc(256), 256, alg))
+        .psa_generate_key("kept", attributes(ecc(), 256, alg))
         .unwrap();
     let oaep = AsymmetricEncryption::RsaOaep {
         hash_alg: Hash::Sha256,
@@ -517,7 +429,7 @@ fn reconnects_when_the_tpm_comes_back() {
     let client = tpm_client(&daemon, "erin");
     let alg = ecdsa(Hash::Sha256);
     client
-        .psa_generate_key("k", attributes(ecc(256), 256, alg))
+        .psa_generate_key("k", attributes(ecc(), 256, alg))
         .unwrap();
     let digest = sha(Hash::Sha256, b"x");
     client.psa_sign_hash("k", &digest, alg).unwrap();
@@ -566,7 +478,7 @@ fn attestation_round_trip_with_rust_make_credential() {
     for (name, key_type, bits, alg) in [
         (
             "attested-ecc",
-            ecc(256),
+            ecc(),
             256,
             Algorithm::from(ecdsa(Hash::Sha256)),
         ),

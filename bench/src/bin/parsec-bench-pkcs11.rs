@@ -10,14 +10,14 @@ use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
-use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon};
+use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon, DeviceBenchOptions};
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
 use parsec_client::core::interface::operations::psa_key_attributes::{
     Attributes, Lifetime, Policy, Type, UsageFlags,
 };
 use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::core::interface::secrecy::Secret;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
@@ -86,26 +86,11 @@ fn open_session() -> (Pkcs11, Session) {
 }
 
 fn main() {
-    let mut bin = PathBuf::from("target/release/parsec");
-    let mut seconds = 24.0;
-    let mut pin = true;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
-            "--seconds" => seconds = args.next().expect("--seconds S").parse().expect("a number"),
-            "--all-cpus" => pin = false,
-            _ => {
-                eprintln!("usage: parsec-bench-pkcs11 [--daemon PATH] [--seconds S] [--all-cpus]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let DeviceBenchOptions { bin, seconds, pin } =
+        DeviceBenchOptions::parse("parsec-bench-pkcs11", 24.0);
     if pin {
         pin_to_cpu0();
     }
-    let bin = std::fs::canonicalize(&bin)
-        .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
     let base = std::env::temp_dir().join(format!("parsec-bench-pkcs11-{}", std::process::id()));
     init_token(&base.join("hsm"));
 

@@ -7,9 +7,8 @@
 //!     cargo build --release -p parsec-service --features tpm-provider
 //!     ./target/release/parsec-bench-tpm [--daemon PATH] [--seconds S] [--all-cpus]
 
-use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon, Swtpm};
+use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon, DeviceBenchOptions, Swtpm};
 use parsec_client::core::interface::requests::ProviderId;
-use std::path::PathBuf;
 use std::str::FromStr;
 
 use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
@@ -164,26 +163,11 @@ impl InProcess {
 }
 
 fn main() {
-    let mut bin = PathBuf::from("target/release/parsec");
-    let mut seconds = 48.0;
-    let mut pin = true;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
-            "--seconds" => seconds = args.next().expect("--seconds S").parse().expect("a number"),
-            "--all-cpus" => pin = false,
-            _ => {
-                eprintln!("usage: parsec-bench-tpm [--daemon PATH] [--seconds S] [--all-cpus]");
-                std::process::exit(2);
-            }
-        }
-    }
+    let DeviceBenchOptions { bin, seconds, pin } =
+        DeviceBenchOptions::parse("parsec-bench-tpm", 48.0);
     if pin {
         pin_to_cpu0();
     }
-    let bin = std::fs::canonicalize(&bin)
-        .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
     let base = std::env::temp_dir().join(format!("parsec-bench-tpm-{}", std::process::id()));
 
     // One swtpm for both sides (each TPM command is its own connection), so that neither

@@ -33,6 +33,20 @@ pub struct Limits {
     pub buffer_size_limit: usize,
 }
 
+impl Limits {
+    /// Refuses an output larger than `buffer_size_limit` before it is produced.
+    pub fn check_output(&self, size: usize) -> Result<(), OpError> {
+        if size > self.buffer_size_limit {
+            return Err(OpError::new(
+                ResponseStatus::ResponseTooLarge,
+                format!("{size} bytes asked for, limit {}", self.buffer_size_limit),
+                "raise core_settings.buffer_size_limit or ask for less",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How a provider takes on an operation.
 pub enum Start {
     /// Run it now, on the event loop: `execute`.

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use parsec_client::auth::Authentication;
-use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+use parsec_client::core::interface::operations::psa_algorithm::{
+    Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash,
+};
 use parsec_client::core::interface::operations::psa_key_attributes::{
     Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
 };
@@ -606,4 +608,119 @@ pub fn with_provider_first(text: String, table: &str) -> String {
         &format!("{table}\n[[provider]]\nprovider_type = \"MbedCrypto\""),
         1,
     )
+}
+
+/// The status of a request the service refused.
+pub fn service_error(
+    err: parsec_client::error::Error,
+) -> parsec_client::core::interface::requests::ResponseStatus {
+    match err {
+        parsec_client::error::Error::Service(status) => status,
+        other => panic!("expected a service error, got {other:?}"),
+    }
+}
+
+/// A persistent key of this type for this algorithm, with the usage flags the algorithm needs
+/// (encrypt and decrypt, or sign and verify hashes).
+pub fn attributes(key_type: Type, bits: usize, alg: impl Into<Algorithm>) -> Attributes {
+    let alg = alg.into();
+    let mut usage_flags = UsageFlags::default();
+    match alg {
+        Algorithm::AsymmetricEncryption(_) => usage_flags.set_encrypt().set_decrypt(),
+        _ => usage_flags.set_sign_hash().set_verify_hash(),
+    };
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type,
+        bits,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: alg,
+        },
+    }
+}
+
+/// A secp-r1 (NIST) key pair type; the size goes in `attributes`.
+pub fn ecc() -> Type {
+    Type::EccKeyPair {
+        curve_family: EccFamily::SecpR1,
+    }
+}
+
+pub fn ecdsa(hash: Hash) -> AsymmetricSignature {
+    AsymmetricSignature::Ecdsa {
+        hash_alg: hash.into(),
+    }
+}
+
+/// SHA-384 of `data` for Hash::Sha384, SHA-256 otherwise.
+pub fn sha(hash: Hash, data: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    match hash {
+        Hash::Sha384 => sha2::Sha384::digest(data).to_vec(),
+        _ => sha2::Sha256::digest(data).to_vec(),
+    }
+}
+
+/// Generates a signing key `name`, signs a hash, verifies it, and checks that a damaged
+/// signature is refused as InvalidSignature; returns the signature.
+pub fn generate_sign_verify(
+    client: &BasicClient,
+    name: &str,
+    key_type: Type,
+    bits: usize,
+    alg: AsymmetricSignature,
+    hash: Hash,
+) -> Vec<u8> {
+    client
+        .psa_generate_key(name, attributes(key_type, bits, alg))
+        .unwrap_or_else(|e| panic!("generating {name}: {e:?}"));
+    let digest = sha(hash, name.as_bytes());
+    let signature = client.psa_sign_hash(name, &digest, alg).unwrap();
+    client
+        .psa_verify_hash(name, &digest, alg, &signature)
+        .unwrap();
+    let mut wrong = signature.clone();
+    wrong[4] ^= 1;
+    let status = service_error(
+        client
+            .psa_verify_hash(name, &digest, alg, &wrong)
+            .unwrap_err(),
+    );
+    assert_eq!(
+        status,
+        parsec_client::core::interface::requests::ResponseStatus::PsaErrorInvalidSignature,
+        "{name}"
+    );
+    assert!(!client.psa_export_public_key(name).unwrap().is_empty());
+    signature
+}
+
+/// Generates an RSA-2048 encryption key `name`, encrypts and decrypts, and checks that a
+/// damaged ciphertext is refused as InvalidPadding (or InvalidArgument).
+pub fn generate_encrypt_decrypt(client: &BasicClient, name: &str, alg: AsymmetricEncryption) {
+    use parsec_client::core::interface::requests::ResponseStatus;
+    client
+        .psa_generate_key(name, attributes(Type::RsaKeyPair, 2048, alg))
+        .unwrap_or_else(|e| panic!("generating {name}: {e:?}"));
+    let ciphertext = client
+        .psa_asymmetric_encrypt(name, alg, b"a secret", None)
+        .unwrap();
+    assert_eq!(ciphertext.len(), 256);
+    let plaintext = client
+        .psa_asymmetric_decrypt(name, alg, &ciphertext, None)
+        .unwrap();
+    assert_eq!(plaintext, b"a secret");
+    let mut bad = ciphertext.clone();
+    bad[10] ^= 0x40;
+    let status = service_error(
+        client
+            .psa_asymmetric_decrypt(name, alg, &bad, None)
+            .unwrap_err(),
+    );
+    assert!(
+        status == ResponseStatus::PsaErrorInvalidPadding
+            || status == ResponseStatus::PsaErrorInvalidArgument,
+        "{name}: a damaged ciphertext gives {status:?}"
+    );
 }

@@ -286,20 +286,6 @@ impl MbedCryptoProvider {
         Ok(())
     }
 
-    fn check_output(&self, size: usize) -> Result<(), OpError> {
-        if size > self.limits.buffer_size_limit {
-            return Err(OpError::new(
-                ResponseStatus::ResponseTooLarge,
-                format!(
-                    "{size} bytes asked for, limit {}",
-                    self.limits.buffer_size_limit
-                ),
-                "raise core_settings.buffer_size_limit or ask for less",
-            ));
-        }
-        Ok(())
-    }
-
     /// Runs a PSA call writing into a buffer of `size` bytes and returns the bytes written.
     fn output(
         &self,
@@ -307,7 +293,7 @@ impl MbedCryptoProvider {
         what: &str,
         call: impl FnOnce(&mut [u8]) -> Result<usize, PsaError>,
     ) -> Result<Zeroizing<Vec<u8>>, OpError> {
-        self.check_output(size)?;
+        self.limits.check_output(size)?;
         let mut buffer = Zeroizing::new(vec![0u8; size]);
         let written = call(&mut buffer).map_err(|e| psa_error(what, e))?;
         buffer.truncate(written);

@@ -608,20 +608,6 @@ impl Pkcs11Provider {
         Ok(self.conn.as_mut().expect("just set"))
     }
 
-    fn check_output(&self, size: usize) -> Result<(), OpError> {
-        if size > self.limits.buffer_size_limit {
-            return Err(OpError::new(
-                ResponseStatus::ResponseTooLarge,
-                format!(
-                    "{size} bytes asked for, limit {}",
-                    self.limits.buffer_size_limit
-                ),
-                "raise core_settings.buffer_size_limit or ask for less",
-            ));
-        }
-        Ok(())
-    }
-
     fn existing(&self, app: &str, name: &str) -> Option<&ExistingKey> {
         self.settings
             .existing_keys
@@ -821,7 +807,7 @@ impl Pkcs11Provider {
                 ))
             }
             NativeOperation::PsaGenerateRandom(op) => {
-                self.check_output(op.size)?;
+                self.limits.check_output(op.size)?;
                 let conn = self.connection()?;
                 let mut out = Zeroizing::new(vec![0u8; op.size]);
                 if op.size > 0 {

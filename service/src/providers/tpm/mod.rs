@@ -511,20 +511,6 @@ impl TpmProvider {
         Ok(self.conn.as_mut().expect("just set"))
     }
 
-    fn check_output(&self, size: usize) -> Result<(), OpError> {
-        if size > self.limits.buffer_size_limit {
-            return Err(OpError::new(
-                ResponseStatus::ResponseTooLarge,
-                format!(
-                    "{size} bytes asked for, limit {}",
-                    self.limits.buffer_size_limit
-                ),
-                "raise core_settings.buffer_size_limit or ask for less",
-            ));
-        }
-        Ok(())
-    }
-
     fn blob_of<'k>(keys: &'k AppKeys<'_>, name: &str) -> Result<(&'k [u8], Attributes), OpError> {
         let entry = keys.get(name)?;
         Ok((entry.key_id.as_slice(), entry.attributes))
@@ -719,7 +705,7 @@ impl TpmProvider {
                 ))
             }
             NativeOperation::PsaGenerateRandom(op) => {
-                self.check_output(op.size)?;
+                self.limits.check_output(op.size)?;
                 let conn = self.connection()?;
                 let mut out = Zeroizing::new(Vec::with_capacity(op.size));
                 while out.len() < op.size {
