@@ -511,3 +511,73 @@ fn three_providers_in_config_order() {
         assert_eq!(&c.psa_export_public_key("same-name").unwrap(), public);
     }
 }
+
+/// The token can be named by slot number or serial number as well as by label (upstream's
+/// two ways and ours), and the same keys are found whichever way.
+#[test]
+fn token_selected_by_slot_serial_or_label() {
+    let hsm = SoftHsm::new("select");
+    let listing = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .args(["--module", common::SOFTHSM, "-L"])
+        .output()
+        .expect("pkcs11-tool -L");
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    // "Slot 0 (0x167e510b): ..." then "  token label : ..." and "  serial num : ...".
+    let first = listing
+        .lines()
+        .find(|l| l.starts_with("Slot "))
+        .expect("a slot");
+    let hex = first
+        .split("(0x")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("slot id");
+    let slot = u64::from_str_radix(hex, 16).unwrap();
+    let serial = listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serial num"))
+        .and_then(|r| r.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .expect("serial");
+    let label_line = format!("token_label = \"{}\"", hsm.label);
+    let mut public = None;
+    for selector in [
+        label_line.clone(),
+        format!("slot_number = {slot}"),
+        format!("serial_number = \"{serial}\""),
+    ] {
+        let table = pkcs11_provider_table(&hsm, "").replace(&label_line, &selector);
+        let (key, value) = hsm.env();
+        let daemon = Daemon::start_in_env(
+            "hsm-select",
+            "Direct",
+            &[],
+            |text| with_provider_first(text, &table),
+            &[(key, &value)],
+        );
+        assert!(
+            daemon
+                .log_text()
+                .contains(&format!("serial {serial}, slot {slot}")),
+            "{selector}: {}",
+            daemon.log_text()
+        );
+        let client = hsm_client(&daemon, "henry");
+        match &public {
+            None => {
+                client
+                    .psa_generate_key("k", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+                    .unwrap();
+                public = Some(client.psa_export_public_key("k").unwrap());
+            }
+            Some(expected) => {
+                // A fresh store each time: the key is not there, but the token is the same.
+                assert!(client.list_keys().unwrap().is_empty());
+                let objects = hsm.tool(&["--list-objects"]);
+                assert!(objects.contains("label:      k"), "{selector}: {objects}");
+                assert!(!expected.is_empty());
+            }
+        }
+    }
+}
