@@ -27,8 +27,11 @@ trap 'rm -f "$log"' EXIT
 # Unit and end-to-end tests with every provider built in (doc examples are not tests here).
 # The TPM provider's tests start their own swtpm instances, the PKCS#11 provider's their
 # own SoftHSM2 tokens.
+# (No errexit here: the summary line must be printed when tests fail too.)
+set +e +o pipefail
 cargo test --workspace --all-features --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+set -e -o pipefail
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -77,7 +77,17 @@ fn socket_activation_and_readiness_notification() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut stream = UnixStream::connect(&socket).unwrap();
+    // The path appears at bind(), a moment before listen(): retry a refused connection.
+    let mut stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(stream) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                assert!(start.elapsed() < Duration::from_secs(10), "{e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("connecting to {}: {e}", socket.display()),
+        }
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
