@@ -41,6 +41,16 @@ step() { printf '== cross %s: %s\n' "$target" "$*"; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# A mirror caught mid-sync fails one index now and then: retry, then go on with what apt
+# has (a package that is really missing fails clearly at its download).
+apt_update() {
+    local try
+    for try in 1 2 3; do
+        if $SUDO apt-get update -q >/dev/null; then return 0; fi
+        sleep $((try * 5))
+    done
+    echo "   warning: apt-get update reported errors; going on with the package lists it has" >&2
+}
 setting() { awk -v key="$1" '$1 == key { print $2 }' "$recipe"; }
 debian_arch=$(setting debian_arch)
 multiarch=$(setting multiarch)
@@ -54,16 +64,16 @@ packages=$(awk '!/^#/ && NF == 2 && $1 !~ /^(debian_arch|multiarch|gcc|gcc_packa
 step "build machine"
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 if ! command -v "$gcc" >/dev/null 2>&1; then
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$gcc_package"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$gcc_package" >/dev/null
 fi
 if ! dpkg --print-foreign-architectures | grep -qx "$debian_arch"; then
     $SUDO dpkg --add-architecture "$debian_arch"
-    $SUDO apt-get update -q
+    apt_update
 fi
 first=$(echo "$packages" | head -n1 | cut -d' ' -f1)
 if ! apt-cache show "$first:$debian_arch" >/dev/null 2>&1; then
-    $SUDO apt-get update -q
+    apt_update
 fi
 
 step "packages"
@@ -134,13 +144,13 @@ if [ ! -x "$qemu_dir/usr/bin/$qemu" ]; then
     echo "   unpacked into $qemu_dir (not installed: no conflict with the machine's qemu)"
 fi
 
-step "cargo build --release --target $target --features $features"
 # shellcheck source=cross/env.sh
 . cross/env.sh "$target" "$sysroot" "$gcc"
 if [ "$generate_bindings" = yes ] && [[ ",$features," == *",tpm-provider,"* ]]; then
     # tss-esapi-sys has no bindings made in advance for this triple.
     features="$features,tpm-generate-bindings"
 fi
+step "cargo build --release --target $target --features $features"
 cargo build --release --locked --target "$target" -p parsec-service --no-default-features --features "$features"
 binary=target/$target/release/parsec
 echo "   $binary: $(stat -c %s "$binary") bytes"

@@ -11,7 +11,8 @@
 #   PARSEC_CROSS_SYSROOT, PARSEC_CROSS_MULTIARCH   read by that wrapper
 #   CARGO_TARGET_<TRIPLE_UPPER>_LINKER  the cross C compiler, which links
 #   CARGO_TARGET_<TRIPLE_UPPER>_RUSTFLAGS  -C link-arg=--sysroot=SYSROOT
-#   CC_<TRIPLE>                         the cross C compiler, for Mbed TLS (psa-crypto-sys)
+#   CC_<TRIPLE>, CFLAGS_<TRIPLE>        the cross C compiler and --sysroot, for Mbed TLS
+#                                       (psa-crypto-sys builds it with cmake)
 #   BINDGEN_EXTRA_CLANG_ARGS_<TRIPLE>   --sysroot and include paths, for bindgen
 
 parsec_cross_target=${1:?usage: . cross/env.sh TARGET SYSROOT [C-COMPILER]}
@@ -32,6 +33,7 @@ export "PKG_CONFIG_${parsec_cross_lower}=$parsec_cross_dir/pkg-config-cross"
 export "CARGO_TARGET_${parsec_cross_upper}_LINKER=$parsec_cross_cc"
 export "CARGO_TARGET_${parsec_cross_upper}_RUSTFLAGS=-C link-arg=--sysroot=$parsec_cross_sysroot"
 export "CC_${parsec_cross_lower}=$parsec_cross_cc"
+export "CFLAGS_${parsec_cross_lower}=--sysroot=$parsec_cross_sysroot"
 parsec_cross_includes="-I$parsec_cross_sysroot/usr/include"
 if [ -n "$parsec_cross_multiarch" ]; then
     parsec_cross_includes="$parsec_cross_includes -I$parsec_cross_sysroot/usr/include/$parsec_cross_multiarch"

@@ -341,7 +341,7 @@ fn signature_mechanism(
             let params = PkcsPssParams {
                 hash_alg: mechanism,
                 mgf,
-                s_len: (hash_alg.hash_length() as u64).into(),
+                s_len: (hash_alg.hash_length() as std::os::raw::c_ulong).into(),
             };
             Ok((Mechanism::RsaPkcsPss(params), hash.to_vec()))
         }
@@ -962,7 +962,7 @@ fn templates(
         Type::RsaKeyPair => {
             let mut public = public_common(key, attributes, KeyType::RSA);
             public.extend([
-                Attribute::ModulusBits((attributes.bits as u64).into()),
+                Attribute::ModulusBits((attributes.bits as std::os::raw::c_ulong).into()),
                 Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
             ]);
             Ok((public, private_common(key, attributes, KeyType::RSA)))
