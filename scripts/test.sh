@@ -21,6 +21,9 @@ bash scripts/check-systemd.sh
 echo "== stress: 64 clients, 1000 idle connections, the connection cap (answers checked)"
 cargo build -p parsec-bench --locked
 ./target/debug/parsec-stress --daemon target/debug/parsec --rounds 3
+echo "== cross: aarch64 and armv7 with every provider, checked under qemu user mode"
+bash cross/build.sh aarch64-unknown-linux-gnu
+bash cross/build.sh armv7-unknown-linux-gnueabihf
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
