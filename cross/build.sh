@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 recipe=cross/targets/$target.txt
-[ -f "$recipe" ] || { echo "cross/build.sh: no recipe $recipe (targets: $(ls cross/targets | sed 's/\.txt$//' | tr '\n' ' '))" >&2; exit 2; }
+[ -f "$recipe" ] || { echo "cross/build.sh: no recipe $recipe (targets: $(find cross/targets -name '*.txt' -printf '%f ' | sed 's/\.txt//g'))" >&2; exit 2; }
 
 cache=${PARSEC_CROSS_CACHE:-$PWD/cross/.cache}
 started=$(date +%s%N)
@@ -53,7 +53,6 @@ apt_update() {
 }
 setting() { awk -v key="$1" '$1 == key { print $2 }' "$recipe"; }
 debian_arch=$(setting debian_arch)
-multiarch=$(setting multiarch)
 gcc=$(setting gcc)
 gcc_package=$(setting gcc_package)
 qemu=$(setting qemu)
@@ -98,7 +97,7 @@ used=()
 while read -r name tested; do
     if ! deb=$(cached_deb "$name"); then
         (cd "$debs" && apt-get download -q -o APT::Sandbox::User=root "$name:$debian_arch" >/dev/null)
-        deb=$(ls "$debs/${name}"_*.deb | head -n1)
+        deb=$(find "$debs" -maxdepth 1 -name "${name}_*.deb" | head -n1)
         grep -v "  $(basename "$deb")\$" "$debs/SHA256SUMS" > "$debs/SHA256SUMS.new" || true
         (cd "$debs" && sha256sum "$(basename "$deb")") >> "$debs/SHA256SUMS.new"
         mv "$debs/SHA256SUMS.new" "$debs/SHA256SUMS"

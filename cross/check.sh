@@ -37,7 +37,7 @@ for lib in $needed; do
         exit 1
     fi
 done
-echo "   NEEDED: $(echo $needed)"
+echo "   NEEDED: $(tr '\n' ' ' <<< "$needed")"
 
 run() { "$qemu" -L "$sysroot" "$binary" "$@"; }
 version=$(run --version)
@@ -45,7 +45,7 @@ echo "   under $(basename "$qemu"): $version"
 
 dir=$(mktemp -d)
 cleanup() {
-    [ -n "${pid:-}" ] && kill -9 "$pid" 2>/dev/null || true
+    if [ -n "${pid:-}" ]; then kill -9 "$pid" 2>/dev/null || true; fi
     rm -rf "$dir"
 }
 trap cleanup EXIT

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced, not run: sets what cargo and the -sys crates' build scripts need to build
 # parsec-service for TARGET against the libraries in SYSROOT.
 #

@@ -19,5 +19,5 @@ status=${PIPESTATUS[0]}
 runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
 rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
 rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log")
-echo "fuzz: ${runs:-?} executions in ${seconds} s (${rate:-?}/s), peak RSS ${rss:-?} MB, corpus $(ls "$corpus" | wc -l) inputs"
+echo "fuzz: ${runs:-?} executions in ${seconds} s (${rate:-?}/s), peak RSS ${rss:-?} MB, corpus $(find "$corpus" -type f | wc -l) inputs"
 exit "$status"

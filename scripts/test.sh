@@ -9,6 +9,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+echo "== shellcheck"
+shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run
 echo "== cargo deny: licences, bans, sources"
 cargo deny check licenses bans sources
 echo "== feature gating: no provider, and each provider alone"
