@@ -38,19 +38,8 @@ recipe=cross/targets/$target.txt
 cache=${PARSEC_CROSS_CACHE:-$PWD/cross/.cache}
 started=$(date +%s%N)
 step() { printf '== cross %s: %s\n' "$target" "$*"; }
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-
-# A mirror caught mid-sync fails one index now and then: retry, then go on with what apt
-# has (a package that is really missing fails clearly at its download).
-apt_update() {
-    local try
-    for try in 1 2 3; do
-        if $SUDO apt-get update -q >/dev/null; then return 0; fi
-        sleep $((try * 5))
-    done
-    echo "   warning: apt-get update reported errors; going on with the package lists it has" >&2
-}
+# shellcheck source=cross/debs.sh
+. cross/debs.sh
 setting() { awk -v key="$1" '$1 == key { print $2 }' "$recipe"; }
 debian_arch=$(setting debian_arch)
 gcc=$(setting gcc)
@@ -64,10 +53,10 @@ step "build machine"
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 if ! command -v "$gcc" >/dev/null 2>&1; then
     apt_update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$gcc_package" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $debs_sudo apt-get install -y -q --no-install-recommends "$gcc_package" >/dev/null
 fi
 if ! dpkg --print-foreign-architectures | grep -qx "$debian_arch"; then
-    $SUDO dpkg --add-architecture "$debian_arch"
+    $debs_sudo dpkg --add-architecture "$debian_arch"
     apt_update
 fi
 first=$(echo "$packages" | head -n1 | cut -d' ' -f1)
@@ -77,32 +66,9 @@ fi
 
 step "packages"
 debs=$cache/debs/$debian_arch
-mkdir -p "$debs"
-touch "$debs/SHA256SUMS"
-# A cached .deb is used if its checksum is the one recorded when it was downloaded.
-cached_deb() {
-    local name=$1 file
-    for file in "$debs/${name}"_*.deb; do
-        [ -f "$file" ] || continue
-        if grep -q "  $(basename "$file")\$" "$debs/SHA256SUMS" &&
-            (cd "$debs" && grep "  $(basename "$file")\$" SHA256SUMS | sha256sum --check --status); then
-            echo "$file"
-            return 0
-        fi
-        rm -f "$file"
-    done
-    return 1
-}
 used=()
 while read -r name tested; do
-    if ! deb=$(cached_deb "$name"); then
-        (cd "$debs" && apt-get download -q -o APT::Sandbox::User=root "$name:$debian_arch" >/dev/null)
-        deb=$(find "$debs" -maxdepth 1 -name "${name}_*.deb" | head -n1)
-        grep -v "  $(basename "$deb")\$" "$debs/SHA256SUMS" > "$debs/SHA256SUMS.new" || true
-        (cd "$debs" && sha256sum "$(basename "$deb")") >> "$debs/SHA256SUMS.new"
-        mv "$debs/SHA256SUMS.new" "$debs/SHA256SUMS"
-        echo "   downloaded $(basename "$deb")"
-    fi
+    deb=$(fetch_deb "$debs" "$name:$debian_arch")
     version=$(dpkg-deb -f "$deb" Version)
     if [ "$version" != "$tested" ]; then
         echo "   note: $name is $version here; $recipe records $tested (update it once this builds and passes)"

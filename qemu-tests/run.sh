@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Boots an aarch64 appliance in QEMU with a software TPM and tests the Parsec service from
+# inside it, twice: a first boot and a reboot on the same TPM state and disk.
+#
+#   qemu-tests/run.sh [--board DIR] [--timeout SECONDS]
+#
+# Steps (each printed with its time):
+#   1. parts: Debian's cloud-arm64 kernel, busybox-static and qemu-system-arm, downloaded
+#      once into qemu-tests/.cache (checked by SHA-256), unpacked, never installed;
+#   2. build: the service (cross/build.sh, every provider) and parsec-e2e for aarch64;
+#   3. initramfs: busybox, the two binaries and the libraries they need (read from their
+#      ELF headers, taken from the cross sysroot), the board's kernel modules, users and
+#      groups, the board's config.toml as /etc/parsec/config.toml, qemu-tests/guest/init;
+#   4. a fresh ext4 disk (it will hold /var/lib: key store and the check's public keys) and
+#      a fresh swtpm state;
+#   5. boot 1: the guest loads the TPM driver, starts the service as user parsec, runs
+#      `parsec-e2e run` as an application user, restarts the service, runs `parsec-e2e check`;
+#   6. boot 2 (swtpm restarted on the same state, same disk): `parsec-e2e check` again.
+# Each boot's serial console is kept in qemu-tests/out/boot-N.log; every step the guest
+# reports is shown as it happens. Exit status 0 only if every step of both boots passed.
+# --board defaults to board-configs/qemu-aarch64 (its config.toml and modules are used).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+board=board-configs/qemu-aarch64
+limit=150
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --board) board=$2; shift 2 ;;
+        --timeout) limit=$2; shift 2 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "qemu-tests/run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+for file in config.toml modules; do
+    [ -f "$board/$file" ] || { echo "qemu-tests/run.sh: $board has no $file" >&2; exit 2; }
+done
+
+target=aarch64-unknown-linux-gnu
+cache=${PARSEC_QEMU_CACHE:-$PWD/qemu-tests/.cache}
+out=$PWD/qemu-tests/out
+sysroot=${PARSEC_CROSS_CACHE:-$PWD/cross/.cache}/sysroot/$target
+started=$(date +%s%N)
+step_started=$started
+elapsed() { printf '%d.%01d' $(( ($(date +%s%N) - $1) / 1000000000 )) $(( ($(date +%s%N) - $1) / 100000000 % 10 )); }
+step() {
+    [ "$step_started" = "$started" ] || printf '   (%s s)\n' "$(elapsed "$step_started")"
+    step_started=$(date +%s%N)
+    printf '== qemu-tests [%6s s] %s\n' "$(elapsed "$started")" "$*"
+}
+# shellcheck source=cross/debs.sh
+. cross/debs.sh
+
+# ---------------------------------------------------------------------------------------
+step "1/6 parts (kernel, busybox, qemu-system-aarch64)"
+part() { awk -v role="$1" '$1 == role { print $2 " " $3 " " $4 }' qemu-tests/parts.txt; }
+unpack_part() {
+    # unpack_part ROLE DIR: the role's package, unpacked into DIR unless already there.
+    local package arch tested deb version
+    read -r package arch tested <<< "$(part "$1")"
+    if ! dpkg --print-foreign-architectures | grep -qx "$arch" && [ "$arch" != "$(dpkg --print-architecture)" ]; then
+        $debs_sudo dpkg --add-architecture "$arch"
+        apt_update
+    fi
+    if ! apt-cache show "$package:$arch" >/dev/null 2>&1; then apt_update; fi
+    deb=$(fetch_deb "$cache/debs" "$package:$arch")
+    version=$(dpkg-deb -f "$deb" Version)
+    [ "$version" = "$tested" ] || echo "   note: $package is $version here; parts.txt records $tested"
+    if [ "$(cat "$2/.parsec-part" 2>/dev/null)" != "$(basename "$deb")" ]; then
+        rm -rf "$2"
+        mkdir -p "$2"
+        dpkg-deb -x "$deb" "$2"
+        basename "$deb" > "$2/.parsec-part"
+    fi
+    echo "   $package $version"
+}
+unpack_part kernel "$cache/kernel"
+unpack_part busybox "$cache/busybox"
+unpack_part qemu "$cache/qemu"
+kernel=$(find "$cache/kernel/boot" -name 'vmlinuz-*' | head -n1)
+kernel_version=${kernel##*/vmlinuz-}
+qemu_bin=$cache/qemu/usr/bin/qemu-system-aarch64
+qemu_libs=$cache/qemu/usr/lib/x86_64-linux-gnu:$cache/qemu/lib/x86_64-linux-gnu
+
+# qemu-system-arm's libraries this machine lacks: each library package it (or a library
+# package unpacked for it) depends on and that is not installed here, until ldd finds all.
+installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+library_depends() {
+    dpkg-deb -f "$1" Depends | tr ',' '\n' | sed 's/|.*//; s/(.*)//; s/:any//; s/ //g' | grep '^lib' || true
+}
+declare -A seen=()
+queue=$(library_depends "$(fetch_deb "$cache/debs" "$(part qemu | cut -d' ' -f1)")")
+while [ -n "$queue" ]; do
+    next=""
+    for package in $queue; do
+        [ -z "${seen[$package]:-}" ] || continue
+        seen[$package]=1
+        installed "$package" && continue
+        deb=$(fetch_deb "$cache/debs" "$package")
+        if [ ! -f "$cache/qemu/.parsec-lib-$package" ]; then
+            dpkg-deb -x "$deb" "$cache/qemu"
+            touch "$cache/qemu/.parsec-lib-$package"
+        fi
+        next="$next $(library_depends "$deb")"
+    done
+    queue=$next
+done
+missing=$(LD_LIBRARY_PATH=$qemu_libs ldd "$qemu_bin" | awk '/not found/ { print $1 }')
+if [ -n "$missing" ]; then
+    echo "qemu-tests/run.sh: qemu-system-aarch64 still lacks: $missing" >&2
+    exit 1
+fi
+echo "   $(LD_LIBRARY_PATH=$qemu_libs "$qemu_bin" --version | head -n1); kernel $kernel_version"
+
+# ---------------------------------------------------------------------------------------
+step "2/6 build (service and parsec-e2e for $target)"
+bash cross/build.sh "$target" --no-check | sed -n 's/^   target/   target/p'
+(
+    # shellcheck source=cross/env.sh
+    . cross/env.sh "$target" "$sysroot"
+    cargo build --release --locked --quiet --target "$target" -p parsec-e2e
+)
+service_bin=target/$target/release/parsec
+e2e_bin=target/$target/release/parsec-e2e
+[ -x "$e2e_bin" ] || { echo "qemu-tests/run.sh: $e2e_bin was not built" >&2; exit 1; }
+echo "   $e2e_bin: $(stat -c %s "$e2e_bin") bytes"
+
+# ---------------------------------------------------------------------------------------
+step "3/6 initramfs (board $board)"
+rm -rf "$out"
+mkdir -p "$out/rootfs"
+root=$out/rootfs
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc/parsec,etc/parsec-board,proc,sys,dev,run,tmp,var/lib,var/log,root}
+cp "$cache/busybox/bin/busybox" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"   # /init's interpreter; /init installs the other applets
+install -m 0755 qemu-tests/guest/init "$root/init"
+install -m 0755 "$service_bin" "$root/usr/bin/parsec"
+install -m 0755 "$e2e_bin" "$root/usr/bin/parsec-e2e"
+install -m 0644 "$board/config.toml" "$root/etc/parsec/config.toml"
+install -m 0644 "$board/modules" "$root/etc/parsec-board/modules"
+
+# Shared libraries: what each ELF file needs (DT_NEEDED), found in the sysroot, recursively;
+# plus the TPM device TCTI, which tpm2-tss's loader opens at run time.
+lib_dirs=("$sysroot/lib/aarch64-linux-gnu" "$sysroot/usr/lib/aarch64-linux-gnu")
+declare -A copied=()
+copy_needed() {
+    local needed name dir found
+    needed=$(LC_ALL=C readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
+    for name in $needed; do
+        [ -z "${copied[$name]:-}" ] || continue
+        found=""
+        for dir in "${lib_dirs[@]}"; do
+            if [ -e "$dir/$name" ]; then found=$dir/$name; break; fi
+        done
+        [ -n "$found" ] || { echo "qemu-tests/run.sh: $name (needed by $(basename "$1")) is not in $sysroot" >&2; exit 1; }
+        copied[$name]=1
+        mkdir -p "$root/usr/lib/aarch64-linux-gnu"
+        cp -L "$found" "$root/usr/lib/aarch64-linux-gnu/$name"
+        copy_needed "$found"
+    done
+}
+copy_needed "$service_bin"
+copy_needed "$e2e_bin"
+for tcti in libtss2-tcti-device.so.0; do
+    cp -L "$sysroot/usr/lib/aarch64-linux-gnu/$tcti" "$root/usr/lib/aarch64-linux-gnu/$tcti"
+    copy_needed "$root/usr/lib/aarch64-linux-gnu/$tcti"
+done
+mkdir -p "$root/lib"
+cp -L "$sysroot/lib/ld-linux-aarch64.so.1" "$root/lib/ld-linux-aarch64.so.1"
+
+# The board's kernel modules, from the kernel package.
+grep -v '^\s*\(#\|$\)' "$board/modules" | while read -r module; do
+    mkdir -p "$root/lib/modules/$kernel_version/$(dirname "$module")"
+    cp "$cache/kernel/lib/modules/$kernel_version/$module" "$root/lib/modules/$kernel_version/$module"
+done
+
+# Users and groups as the packages (Yocto, Buildroot) create them: the service's own user,
+# in tss for /dev/tpmrm0; parsec-clients may use the socket; app is an application.
+cat > "$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+parsec:x:990:990:Parsec service:/var/lib/parsec:/bin/false
+app:x:1000:1000:An application:/tmp:/bin/sh
+EOF
+cat > "$root/etc/group" <<'EOF'
+root:x:0:
+tss:x:991:parsec
+parsec:x:990:
+parsec-clients:x:992:app
+app:x:1000:
+EOF
+printf 'root:*::0:99999:7:::\nparsec:!::0:99999:7:::\napp:!::0:99999:7:::\n' > "$root/etc/shadow"
+chmod 0600 "$root/etc/shadow"
+
+initramfs=$out/initramfs.cpio.gz
+(cd "$root" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 | gzip -1 > "$initramfs")
+echo "   $initramfs: $(stat -c %s "$initramfs") bytes ($(find "$root/usr/lib" -name '*.so*' | wc -l) libraries, $(grep -cv '^\s*\(#\|$\)' "$board/modules") modules)"
+
+# ---------------------------------------------------------------------------------------
+step "4/6 disk and TPM state (fresh)"
+disk=$out/disk.img
+truncate -s 64M "$disk"
+mkfs.ext4 -q -F -L parsec-var-lib "$disk"
+mkdir -p "$out/tpm-state"
+echo "   $disk (ext4, 64 MiB, sparse), swtpm state in $out/tpm-state"
+
+swtpm_pid=""
+cleanup() { [ -z "$swtpm_pid" ] || kill "$swtpm_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+
+# boot N MODE: starts swtpm on the kept state, boots the guest, shows its steps as they come.
+boot() {
+    local n=$1 mode=$2 log=$out/boot-$1.log boot_started status line
+    boot_started=$(date +%s%N)
+    rm -f "$out/swtpm.sock"
+    swtpm socket --tpm2 --tpmstate "dir=$out/tpm-state" \
+        --ctrl "type=unixio,path=$out/swtpm.sock" --terminate \
+        --log "file=$out/swtpm-$n.log" &
+    swtpm_pid=$!
+    local i=0
+    while [ ! -S "$out/swtpm.sock" ]; do
+        i=$((i + 1))
+        [ "$i" -le 100 ] || { echo "qemu-tests/run.sh: swtpm did not start (see $out/swtpm-$n.log)" >&2; return 1; }
+        sleep 0.05
+    done
+    set +e +o pipefail
+    LD_LIBRARY_PATH=$qemu_libs timeout "$limit" "$qemu_bin" \
+        -M virt -cpu cortex-a57 -m 512 -nographic -no-reboot -nic none \
+        -kernel "$kernel" -initrd "$initramfs" \
+        -append "console=ttyAMA0 quiet loglevel=3 panic=-1 parsec_e2e=$mode" \
+        -chardev "socket,id=chrtpm,path=$out/swtpm.sock" \
+        -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis-device,tpmdev=tpm0 \
+        -drive "file=$disk,format=raw,if=none,id=data" -device virtio-blk-device,drive=data \
+        < /dev/null 2>&1 | while IFS= read -r line; do
+            line=${line%$'\r'}
+            printf '%s\n' "$line" >> "$log"
+            case "$line" in
+                "PARSEC-E2E step="*)
+                    awk -v b="$n" -v t="$(elapsed "$boot_started")" '{
+                        name = $2; sub(/^step=/, "", name); result = $3; sub(/^result=/, "", result)
+                        ms = $4; sub(/^ms=/, "", ms); detail = substr($0, index($0, " detail=") + 8)
+                        printf "   boot %s %6s s  %-24s %-4s %6s ms  %s\n", b, t, name, result, ms, substr(detail, 1, 90)
+                    }' <<< "$line" ;;
+                "PARSEC-E2E summary"*|"PARSEC-E2E guest-done"*) echo "   boot $n ${line#PARSEC-E2E }" ;;
+            esac
+        done
+    status=${PIPESTATUS[0]}
+    set -e -o pipefail
+    wait "$swtpm_pid" 2>/dev/null || true
+    swtpm_pid=""
+    if [ "$status" -eq 124 ]; then
+        echo "   boot $n: no power-off within $limit s (console: $log)"
+    fi
+    echo "   boot $n: $(elapsed "$boot_started") s, qemu exit status $status, console log $log"
+}
+
+# The steps each boot must report, besides guest-done with failed=0.
+required_first="boot modules tpm-device key-store-disk service-start connect ping list-providers create-ecc sign-verify-ecc software-verify-ecc create-rsa sign-verify-rsa create-rsa-enc encrypt-decrypt-rsa-enc software-encrypt-rsa-enc attestation destroy service-stop service-restart list-kept-keys still-signs-ecc still-signs-rsa still-decrypts-rsa-enc"
+required_reboot="boot modules tpm-device key-store-disk service-start connect list-kept-keys saved-public-ecc still-signs-ecc saved-public-rsa still-signs-rsa saved-public-rsa-enc still-decrypts-rsa-enc service-stop"
+verdict() {
+    local n=$1 mode=$2 required=$3 log=$out/boot-$1.log problems="" name
+    grep -q "^PARSEC-E2E guest-done boot=$mode failed=0\$" "$log" || problems="$problems no 'guest-done failed=0';"
+    if grep -q '^PARSEC-E2E step=.* result=fail' "$log"; then
+        problems="$problems failed: $(grep '^PARSEC-E2E step=.* result=fail' "$log" | awk '{ sub(/^step=/, "", $2); printf "%s ", $2 }');"
+    fi
+    for name in $required; do
+        grep -q "^PARSEC-E2E step=$name result=pass " "$log" || problems="$problems no passing $name;"
+    done
+    printf 'boot=%s mode=%s steps=%s failed=%s result=%s\n' "$n" "$mode" \
+        "$(grep -c '^PARSEC-E2E step=' "$log")" "$(grep -c '^PARSEC-E2E step=.* result=fail' "$log")" \
+        "$([ -z "$problems" ] && echo pass || echo fail)" >> "$out/result.txt"
+    if [ -n "$problems" ]; then
+        echo "   boot $n FAILED:$problems (console: $log)"
+        return 1
+    fi
+}
+
+: > "$out/result.txt"
+overall=0
+step "5/6 boot 1: start the service, run the end-to-end check, restart, check the keys"
+boot 1 first
+verdict 1 first "$required_first" || overall=1
+
+step "6/6 boot 2 (reboot: same TPM state, same disk): the first boot's keys still sign"
+if [ "$overall" -eq 0 ]; then
+    boot 2 reboot
+    verdict 2 reboot "$required_reboot" || overall=1
+else
+    echo "   skipped: boot 1 failed"
+    echo "boot=2 mode=reboot steps=0 failed=0 result=not-run" >> "$out/result.txt"
+fi
+step_started=$started
+total=$(elapsed "$started")
+echo "== qemu-tests: $([ "$overall" -eq 0 ] && echo PASS || echo FAIL) in $total s (results: $out/result.txt)"
+sed 's/^/   /' "$out/result.txt"
+exit "$overall"
