@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-board=board-configs/qemu-aarch64
+board="board-configs/qemu-aarch64"
 limit=150
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -162,12 +162,22 @@ copy_needed() {
 }
 copy_needed "$service_bin"
 copy_needed "$e2e_bin"
-for tcti in libtss2-tcti-device.so.0; do
-    cp -L "$sysroot/usr/lib/aarch64-linux-gnu/$tcti" "$root/usr/lib/aarch64-linux-gnu/$tcti"
-    copy_needed "$root/usr/lib/aarch64-linux-gnu/$tcti"
-done
+tcti=libtss2-tcti-device.so.0
+cp -L "$sysroot/usr/lib/aarch64-linux-gnu/$tcti" "$root/usr/lib/aarch64-linux-gnu/$tcti"
+copy_needed "$root/usr/lib/aarch64-linux-gnu/$tcti"
 mkdir -p "$root/lib"
 cp -L "$sysroot/lib/ld-linux-aarch64.so.1" "$root/lib/ld-linux-aarch64.so.1"
+
+# The board's kernel options, against the kernel that boots (=m is also met by =y).
+kernel_config=$cache/kernel/boot/config-$kernel_version
+while IFS="=" read -r option wanted; do
+    have=$(sed -n "s/^$option=//p" "$kernel_config")
+    if [ "$have" != "$wanted" ] && ! { [ "$wanted" = m ] && [ "$have" = y ]; }; then
+        echo "qemu-tests/run.sh: $board/kernel.config wants $option=$wanted; kernel $kernel_version has '${have:-not set}'" >&2
+        exit 1
+    fi
+done < <(grep -v '^\s*\(#\|$\)' "$board/kernel.config")
+echo "   kernel options: $(grep -cv '^\s*\(#\|$\)' "$board/kernel.config") from $board/kernel.config present in $kernel_version"
 
 # The board's kernel modules, from the kernel package.
 grep -v '^\s*\(#\|$\)' "$board/modules" | while read -r module; do
@@ -205,6 +215,7 @@ mkdir -p "$out/tpm-state"
 echo "   $disk (ext4, 64 MiB, sparse), swtpm state in $out/tpm-state"
 
 swtpm_pid=""
+# shellcheck disable=SC2317 # run by the trap
 cleanup() { [ -z "$swtpm_pid" ] || kill "$swtpm_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -263,9 +274,11 @@ verdict() {
     if grep -q '^PARSEC-E2E step=.* result=fail' "$log"; then
         problems="$problems failed: $(grep '^PARSEC-E2E step=.* result=fail' "$log" | awk '{ sub(/^step=/, "", $2); printf "%s ", $2 }');"
     fi
+    local missing=""
     for name in $required; do
-        grep -q "^PARSEC-E2E step=$name result=pass " "$log" || problems="$problems no passing $name;"
+        grep -q "^PARSEC-E2E step=$name result=pass " "$log" || missing="$missing $name"
     done
+    [ -z "$missing" ] || problems="$problems $(wc -w <<< "$missing") required steps did not pass (${missing:1:120});"
     printf 'boot=%s mode=%s steps=%s failed=%s result=%s\n' "$n" "$mode" \
         "$(grep -c '^PARSEC-E2E step=' "$log")" "$(grep -c '^PARSEC-E2E step=.* result=fail' "$log")" \
         "$([ -z "$problems" ] && echo pass || echo fail)" >> "$out/result.txt"

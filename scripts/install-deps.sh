@@ -4,13 +4,14 @@
 # TPM provider links tpm2-tss), swtpm and tpm2-tools (the TPM provider's tests run against a
 # software TPM), softhsm2 and opensc (the PKCS#11 provider's tests use a SoftHSM2 token and
 # pkcs11-tool), systemd (socket activation tests and unit checks), openssl (tests verify
-# signatures with it), file (cross/check.sh), shellcheck and parsec-tool (a real client the tests drive).
+# signatures with it), file (cross/check.sh), cpio and e2fsprogs (qemu-tests: the initramfs
+# and the guest disk), shellcheck and parsec-tool (a real client the tests drive).
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc file shellcheck)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc file shellcheck cpio e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

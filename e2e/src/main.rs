@@ -337,11 +337,13 @@ impl Check {
         for (name, kind) in KEPT {
             let Some(saved) = report.step(&format!("saved-public-{}", short(name)), || {
                 let file = keep.join(format!("{name}.pub"));
-                let saved =
-                    std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let saved = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
                 let now = self.client.psa_export_public_key(name).map_err(text)?;
                 if now != saved {
-                    return Err(format!("{name} exports another public key than {}", file.display()));
+                    return Err(format!(
+                        "{name} exports another public key than {}",
+                        file.display()
+                    ));
                 }
                 Ok(saved)
             }) else {
@@ -505,9 +507,12 @@ impl Check {
             return Err("the key's name is not the hash of its public area".into());
         }
         let credential = Sha256::digest(b"the verifier's nonce").to_vec();
-        let challenge =
-            tpm_credential::make_credential(&prepared.attesting_key_pub, &prepared.name, &credential)
-                .map_err(|e| format!("MakeCredential: {e:?}"))?;
+        let challenge = tpm_credential::make_credential(
+            &prepared.attesting_key_pub,
+            &prepared.name,
+            &credential,
+        )
+        .map_err(|e| format!("MakeCredential: {e:?}"))?;
         let answer = self
             .client
             .activate_credential_attestation(
@@ -524,10 +529,12 @@ impl Check {
         if let Some(last) = blob.last_mut() {
             *last ^= 1;
         }
-        match self
-            .client
-            .activate_credential_attestation(name.to_string(), None, blob, challenge.secret)
-        {
+        match self.client.activate_credential_attestation(
+            name.to_string(),
+            None,
+            blob,
+            challenge.secret,
+        ) {
             Err(ClientError::Service(_)) => {}
             other => return Err(format!("a tampered challenge was answered: {other:?}")),
         }
