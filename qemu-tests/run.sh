@@ -139,6 +139,7 @@ install -m 0755 "$service_bin" "$root/usr/bin/parsec"
 install -m 0755 "$e2e_bin" "$root/usr/bin/parsec-e2e"
 install -m 0644 "$board/config.toml" "$root/etc/parsec/config.toml"
 install -m 0644 "$board/modules" "$root/etc/parsec-board/modules"
+install -D -m 0755 sysvinit/parsec "$root/etc/init.d/parsec"
 
 # Shared libraries: what each ELF file needs (DT_NEEDED), found in the sysroot, recursively;
 # plus the TPM device TCTI, which tpm2-tss's loader opens at run time.
@@ -266,7 +267,7 @@ boot() {
 }
 
 # The steps each boot must report, besides guest-done with failed=0.
-required_first="boot modules tpm-device key-store-disk service-start connect ping list-providers create-ecc sign-verify-ecc software-verify-ecc create-rsa sign-verify-rsa create-rsa-enc encrypt-decrypt-rsa-enc software-encrypt-rsa-enc attestation destroy service-stop service-restart list-kept-keys still-signs-ecc still-signs-rsa still-decrypts-rsa-enc"
+required_first="boot modules tpm-device key-store-disk service-start connect ping list-providers create-ecc sign-verify-ecc verify-with-public-ecc create-rsa sign-verify-rsa create-rsa-enc encrypt-decrypt-rsa-enc encrypt-with-public-rsa-enc attestation destroy service-stop service-restart list-kept-keys still-signs-ecc still-signs-rsa still-decrypts-rsa-enc"
 required_reboot="boot modules tpm-device key-store-disk service-start connect list-kept-keys saved-public-ecc still-signs-ecc saved-public-rsa still-signs-rsa saved-public-rsa-enc still-decrypts-rsa-enc service-stop"
 verdict() {
     local n=$1 mode=$2 required=$3 log=$out/boot-$1.log problems="" name

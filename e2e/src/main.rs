@@ -14,8 +14,9 @@
 //! ping to destroy and keeps three keys, whose public keys it writes to `--keep DIR`;
 //! `check` (after a restart or a reboot) proves those keys are still there and still the
 //! same keys: each signs or decrypts, checked against the saved public key. Public-key
-//! checks run on the software provider (MbedCrypto), so a signature the TPM made is
-//! verified by a different implementation. The exit status is 0 only if every step passed.
+//! checks run on the software provider (MbedCrypto) when the service offers it, so a
+//! signature the TPM made is verified by a different implementation; otherwise on the
+//! provider under test, with the public key imported as a separate key. The exit status is 0 only if every step passed.
 
 use parsec_client::core::interface::operations::list_providers::Uuid;
 use parsec_client::core::interface::operations::psa_algorithm::{
@@ -51,8 +52,8 @@ const KEPT: [(&str, KeyKind); 3] = [
 ];
 /// A key made only to be destroyed.
 const SCRATCH: &str = "e2e-scratch";
-/// Public keys imported into the software provider to check the provider under test.
-const SOFTWARE_COPY: &str = "e2e-software-copy";
+/// Public keys imported into the verifier to check the provider under test.
+const PUBLIC_COPY: &str = "e2e-public-copy";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -161,8 +162,9 @@ impl Detail for Vec<u8> {
 impl Detail for Check {
     fn detail(&self) -> String {
         format!(
-            "provider under test {:?}, auth {:?}",
+            "provider under test {:?}, public-key checks on {:?}, auth {:?}",
             self.provider,
+            self.verifier,
             self.client.auth_data()
         )
     }
@@ -241,6 +243,9 @@ impl KeyKind {
 struct Check {
     client: BasicClient,
     provider: ProviderId,
+    /// Where public keys are imported to check the provider under test: the software
+    /// provider when the service offers it, else the provider under test itself.
+    verifier: ProviderId,
 }
 
 impl Check {
@@ -250,7 +255,22 @@ impl Check {
         let mut client = BasicClient::new(Some("parsec-e2e".to_string())).map_err(text)?;
         let provider = provider.unwrap_or_else(|| client.implicit_provider());
         client.set_implicit_provider(provider);
-        Ok(Check { client, provider })
+        let offered: Vec<ProviderId> = client
+            .list_providers()
+            .map_err(text)?
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        let verifier = if offered.contains(&ProviderId::MbedCrypto) {
+            ProviderId::MbedCrypto
+        } else {
+            provider
+        };
+        Ok(Check {
+            client,
+            provider,
+            verifier,
+        })
     }
 
     /// Every operation, then the keys `check` looks for.
@@ -280,15 +300,15 @@ impl Check {
                 report.step(&format!("sign-verify-{}", short(name)), || {
                     self.sign_and_verify(name, alg)
                 });
-                report.step(&format!("software-verify-{}", short(name)), || {
-                    self.software_verify(name, kind, &public)
+                report.step(&format!("verify-with-public-{}", short(name)), || {
+                    self.verify_with_public(name, kind, &public)
                 });
             } else {
                 report.step(&format!("encrypt-decrypt-{}", short(name)), || {
                     self.encrypt_decrypt(name)
                 });
-                report.step(&format!("software-encrypt-{}", short(name)), || {
-                    self.software_encrypt(name, kind, &public)
+                report.step(&format!("encrypt-with-public-{}", short(name)), || {
+                    self.encrypt_with_public(name, kind, &public)
                 });
             }
             report.step(&format!("save-public-{}", short(name)), || {
@@ -351,11 +371,11 @@ impl Check {
             };
             if kind.signature().is_some() {
                 report.step(&format!("still-signs-{}", short(name)), || {
-                    self.software_verify(name, kind, &saved)
+                    self.verify_with_public(name, kind, &saved)
                 });
             } else {
                 report.step(&format!("still-decrypts-{}", short(name)), || {
-                    self.software_encrypt(name, kind, &saved)
+                    self.encrypt_with_public(name, kind, &saved)
                 });
             }
         }
@@ -367,11 +387,6 @@ impl Check {
         let core_uuid = Uuid::nil();
         if !ids.contains(&self.provider) {
             return Err(format!("{:?} is not offered: {ids:?}", self.provider));
-        }
-        if !ids.contains(&ProviderId::MbedCrypto) {
-            return Err(format!(
-                "the software provider (MbedCrypto) is needed for the cross-checks: {ids:?}"
-            ));
         }
         let named: Vec<String> = providers
             .iter()
@@ -388,7 +403,7 @@ impl Check {
         for key in keys {
             let ours = KEPT.iter().any(|(name, _)| *name == key.name)
                 || key.name == SCRATCH
-                || key.name == SOFTWARE_COPY;
+                || key.name == PUBLIC_COPY;
             if ours {
                 let mut client = self.other_provider(key.provider_id)?;
                 client.set_implicit_provider(key.provider_id);
@@ -420,20 +435,23 @@ impl Check {
         ))
     }
 
-    /// A signature by the provider under test, verified by the software provider with the
-    /// given public key.
-    fn software_verify(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
+    /// A signature by the provider under test, verified with the given public key by the
+    /// verifier (the software provider when there is one).
+    fn verify_with_public(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
         let alg = kind.signature().ok_or("not a signing key")?;
         let digest = Sha256::digest(name.as_bytes()).to_vec();
         let signature = self
             .client
             .psa_sign_hash(name, &digest, alg)
             .map_err(text)?;
-        self.with_software_copy(kind, public, |software| {
-            software
-                .psa_verify_hash(SOFTWARE_COPY, &digest, alg, &signature)
-                .map_err(|e| format!("MbedCrypto does not verify it: {}", text(e)))?;
-            Ok("signature verified by MbedCrypto with the public key".to_string())
+        self.with_public_copy(kind, public, |verifier| {
+            verifier
+                .psa_verify_hash(PUBLIC_COPY, &digest, alg, &signature)
+                .map_err(|e| format!("{:?} does not verify it: {}", self.verifier, text(e)))?;
+            Ok(format!(
+                "signature verified by {:?} with the public key",
+                self.verifier
+            ))
         })
     }
 
@@ -456,17 +474,16 @@ impl Check {
         Ok(format!("{}-byte ciphertext round trip", ciphertext.len()))
     }
 
-    /// Encrypted by the software provider with the public key, decrypted by the provider
-    /// under test.
-    fn software_encrypt(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
+    /// Encrypted with the public key by the verifier, decrypted by the provider under test.
+    fn encrypt_with_public(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
         let alg = AsymmetricEncryption::RsaOaep {
             hash_alg: Hash::Sha256,
         };
         let message = format!("for {name} only");
-        let ciphertext = self.with_software_copy(kind, public, |software| {
-            software
-                .psa_asymmetric_encrypt(SOFTWARE_COPY, alg, message.as_bytes(), None)
-                .map_err(|e| format!("MbedCrypto: {}", text(e)))
+        let ciphertext = self.with_public_copy(kind, public, |verifier| {
+            verifier
+                .psa_asymmetric_encrypt(PUBLIC_COPY, alg, message.as_bytes(), None)
+                .map_err(|e| format!("{:?}: {}", self.verifier, text(e)))
         })?;
         let plaintext = self
             .client
@@ -475,24 +492,24 @@ impl Check {
         if plaintext != message.as_bytes() {
             return Err("decrypted text differs".into());
         }
-        Ok("MbedCrypto's ciphertext decrypted".to_string())
+        Ok(format!("{:?}'s ciphertext decrypted", self.verifier))
     }
 
-    /// Runs `f` with the public key imported into the software provider, then removes it.
-    fn with_software_copy<T>(
+    /// Runs `f` with the public key imported into the verifier, then removes it.
+    fn with_public_copy<T>(
         &self,
         kind: KeyKind,
         public: &[u8],
         f: impl FnOnce(&BasicClient) -> Result<T, String>,
     ) -> Result<T, String> {
-        let software = self.other_provider(ProviderId::MbedCrypto)?;
-        software
-            .psa_import_key(SOFTWARE_COPY, public, kind.attributes(true))
-            .map_err(|e| format!("MbedCrypto refused the public key: {}", text(e)))?;
-        let outcome = f(&software);
-        software
-            .psa_destroy_key(SOFTWARE_COPY)
-            .map_err(|e| format!("removing the software copy: {}", text(e)))?;
+        let verifier = self.other_provider(self.verifier)?;
+        verifier
+            .psa_import_key(PUBLIC_COPY, public, kind.attributes(true))
+            .map_err(|e| format!("{:?} refused the public key: {}", self.verifier, text(e)))?;
+        let outcome = f(&verifier);
+        verifier
+            .psa_destroy_key(PUBLIC_COPY)
+            .map_err(|e| format!("removing the public copy: {}", text(e)))?;
         outcome
     }
 
