@@ -1,0 +1,154 @@
+SUMMARY = "Parsec service: hardware-backed keys for every application through one API"
+DESCRIPTION = "A single-threaded daemon serving the Parsec wire protocol (PSA Crypto \
+operations) on /run/parsec/parsec.sock. Each client's keys live in its own namespace, in a \
+TPM 2.0 (tpm2-tss), a PKCS#11 token (HSM, secure element, YubiKey) or software (Mbed TLS)."
+HOMEPAGE = "https://parallaxsecond.github.io/parsec-book/"
+SECTION = "security"
+# The service is Apache-2.0; the crates it is built from add the others.
+LICENSE = "Apache-2.0 & MIT & BSD-3-Clause & ISC & Unicode-3.0"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
+# OE-core has no Unicode-3.0 text before wrynose: take it from a crate that carries it
+# (PARSEC_UNICODE_LICENSE_FILE comes with the crate list, relative to ${S}).
+NO_GENERIC_LICENSE[Unicode-3.0] = "${PARSEC_UNICODE_LICENSE_FILE}"
+
+# The source: by default the repository this layer is part of, at its HEAD. Production
+# builds pin it: PARSEC_SRC_URI = "git://<your mirror>;protocol=https;branch=main" and
+# SRCREV = "<commit>" (the crate list below must come from that commit's Cargo.lock).
+PARSEC_SRC_URI ??= "git://${PARSEC_TOPDIR};protocol=file;branch=main"
+SRC_URI = "${PARSEC_SRC_URI};destsuffix=git"
+SRCREV ??= "${AUTOREV}"
+PV = "0.1.0+git"
+S = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}/git"
+
+# Every crate of Cargo.lock with its checksum (meta-parsec/scripts/parsec-crates.py).
+require ${BPN}-crates.inc
+
+inherit cargo pkgconfig systemd update-rc.d useradd
+
+# Providers. Default: the TPM when the distro has tpm2, and PKCS#11 (no build dependency:
+# the token's module is loaded at run time). The software provider (mbed-crypto) builds
+# Mbed TLS and its bindings with bindgen, so it needs clang-native: meta-clang on
+# scarthgap, OE-core itself from whinlatter on. It is the default only without tpm2.
+PACKAGECONFIG ??= "${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'tpm', 'mbed-crypto', d)} pkcs11"
+PACKAGECONFIG[tpm] = ",,tpm2-tss,libtss2 libtss2-mu libtss2-tcti-device"
+PACKAGECONFIG[pkcs11] = ",,,"
+PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
+
+# tss-esapi-sys ships bindings made in advance for aarch64 and x86_64 (matched on CPU and
+# OS, so *-poky-linux triples use them): no bindgen, no clang. Other CPUs generate them.
+PARSEC_TSS_PREBUILT_ARCHS = "aarch64 x86_64"
+DEPENDS += "${@bb.utils.contains('PACKAGECONFIG', 'tpm', '' if d.getVar('TARGET_ARCH') in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split() else 'clang-native', '', d)}"
+
+def parsec_cargo_features(d):
+    features = {
+        'tpm': 'tpm-provider',
+        'pkcs11': 'pkcs11-provider',
+        'mbed-crypto': 'mbed-crypto-provider',
+    }
+    enabled = [f for f in d.getVar('PACKAGECONFIG').split() if f in features]
+    chosen = ['parsec-service/' + features[f] for f in enabled]
+    if 'tpm' in enabled and d.getVar('TARGET_ARCH') not in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split():
+        chosen.append('parsec-service/tpm-generate-bindings')
+    return ','.join(chosen)
+
+PARSEC_CARGO_FEATURES = "${@parsec_cargo_features(d)}"
+# The service and the end-to-end check (packaged apart, for test images), with the
+# providers chosen above and no others.
+CARGO_BUILD_FLAGS:append = " -p parsec-service -p parsec-e2e --no-default-features \
+    ${@'--features ' + d.getVar('PARSEC_CARGO_FEATURES') if d.getVar('PARSEC_CARGO_FEATURES') else ''}"
+# The workspace's release profile strips; the image's debug packages need the symbols.
+export CARGO_PROFILE_RELEASE_STRIP = "false"
+# For bindgen (software provider, or TPM bindings on other CPUs): clang-native's libclang,
+# headers from the target sysroot.
+export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
+export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${RECIPE_SYSROOT}"
+
+# The configuration: the MACHINE's directory in board-configs/, or PARSEC_CONFIG (a path
+# in the source tree, or absolute). Providers it names that are not built in are left out
+# of the installed file, which says so in its first lines.
+def parsec_board_for_machine(d):
+    boards = {
+        'qemuarm64': 'qemu-aarch64',
+        'raspberrypi4-64': 'raspberrypi4-64',
+        'imx8mp-lpddr4-evk': 'imx8mp-evk-yubikey',
+    }
+    return boards.get(d.getVar('MACHINE'), '')
+
+PARSEC_BOARD ??= "${@parsec_board_for_machine(d)}"
+PARSEC_CONFIG ??= "${@'board-configs/%s/config.toml' % d.getVar('PARSEC_BOARD') if d.getVar('PARSEC_BOARD') else 'service/config/default.toml'}"
+
+python parsec_make_config() {
+    import os
+    import re
+    source = d.getVar('PARSEC_CONFIG')
+    if not os.path.isabs(source):
+        source = os.path.join(d.getVar('S'), source)
+    if not os.path.isfile(source):
+        bb.fatal('PARSEC_CONFIG: no such file %s (MACHINE %s, PARSEC_BOARD "%s")'
+                 % (source, d.getVar('MACHINE'), d.getVar('PARSEC_BOARD')))
+    built = {
+        'Tpm': 'tpm',
+        'Pkcs11': 'pkcs11',
+        'MbedCrypto': 'mbed-crypto',
+    }
+    packageconfig = d.getVar('PACKAGECONFIG').split()
+    # Split the file into tables; [[provider.existing_keys]] belongs to its provider.
+    blocks, current = [], []
+    for line in open(source).read().splitlines(keepends=True):
+        header = re.match(r'\s*\[\[?\s*([A-Za-z_.]+)', line)
+        if header and not header.group(1).startswith('provider.'):
+            blocks.append(current)
+            current = []
+        current.append(line)
+    blocks.append(current)
+    kept, left_out = [], []
+    for block in blocks:
+        text = ''.join(block)
+        kind = re.search(r'^\s*provider_type\s*=\s*"([A-Za-z0-9]+)"', text, re.M)
+        if kind and built.get(kind.group(1)) not in packageconfig:
+            left_out.append(kind.group(1))
+            continue
+        kept.append(text)
+    if not any(re.search(r'^\s*provider_type\s*=', t, re.M) for t in kept):
+        bb.fatal('%s: none of its providers (%s) is built: PACKAGECONFIG is "%s"'
+                 % (source, ', '.join(left_out), ' '.join(packageconfig)))
+    note = ''
+    if left_out:
+        note = ('# Built without %s: left out of this file at build time (PACKAGECONFIG "%s").\n'
+                % (', '.join(left_out), ' '.join(packageconfig)))
+        bb.note('%s: left out %s (not in PACKAGECONFIG)' % (source, ', '.join(left_out)))
+    with open(os.path.join(d.getVar('B'), 'parsec-config.toml'), 'w') as f:
+        f.write(note + ''.join(kept))
+}
+do_install[prefuncs] += "parsec_make_config"
+
+do_install:append() {
+    # /etc/parsec: the service reads it (group parsec), nobody else.
+    install -d -m 0750 ${D}${sysconfdir}/parsec
+    install -m 0640 ${B}/parsec-config.toml ${D}${sysconfdir}/parsec/config.toml
+    chgrp -R parsec ${D}${sysconfdir}/parsec
+
+    install -d ${D}${systemd_system_unitdir}
+    install -m 0644 ${S}/systemd/parsec.service ${S}/systemd/parsec.socket ${D}${systemd_system_unitdir}/
+    install -D -m 0644 ${S}/systemd/parsec-tmpfiles.conf ${D}${nonarch_libdir}/tmpfiles.d/parsec.conf
+
+    install -D -m 0755 ${S}/sysvinit/parsec ${D}${sysconfdir}/init.d/parsec
+}
+
+# The service's own user, in tss for /dev/tpmrm0; parsec-clients may use the socket.
+USERADD_PACKAGES = "${PN}"
+GROUPADD_PARAM:${PN} = "--system parsec; --system parsec-clients; --system tss"
+USERADD_PARAM:${PN} = "--system --home-dir /var/lib/parsec --no-create-home \
+    --shell /sbin/nologin --gid parsec --groups tss parsec"
+
+SYSTEMD_SERVICE:${PN} = "parsec.socket parsec.service"
+INITSCRIPT_NAME = "parsec"
+INITSCRIPT_PARAMS = "defaults 70 30"
+
+PACKAGES =+ "${PN}-e2e"
+SUMMARY:${PN}-e2e = "End-to-end check of a running Parsec service (for test images)"
+FILES:${PN}-e2e = "${bindir}/parsec-e2e"
+RDEPENDS:${PN}-e2e = "${PN}"
+
+FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/parsec.conf"
+CONFFILES:${PN} = "${sysconfdir}/parsec/config.toml"
