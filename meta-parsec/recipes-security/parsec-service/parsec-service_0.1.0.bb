@@ -28,8 +28,19 @@ inherit cargo pkgconfig systemd update-rc.d useradd
 # Providers. Default: the TPM when the distro has tpm2, and PKCS#11 (no build dependency:
 # the token's module is loaded at run time). The software provider (mbed-crypto) builds
 # Mbed TLS and its bindings with bindgen, so it needs clang-native: meta-clang on
-# scarthgap, OE-core itself from whinlatter on. It is the default only without tpm2.
-PACKAGECONFIG ??= "${@bb.utils.contains('DISTRO_FEATURES', 'tpm2', 'tpm', 'mbed-crypto', d)} pkcs11"
+# scarthgap, OE-core itself from whinlatter on. It is a default only without tpm2, and
+# only where a clang recipe exists.
+def parsec_clang_available(d):
+    return bool(bb.utils.which(d.getVar('BBPATH'), 'recipes-devtools/clang/clang_git.bb'))
+
+def parsec_default_providers(d):
+    if bb.utils.contains('DISTRO_FEATURES', 'tpm2', True, False, d):
+        return 'tpm pkcs11'
+    if parsec_clang_available(d):
+        return 'mbed-crypto pkcs11'
+    return 'pkcs11'
+
+PACKAGECONFIG ??= "${@parsec_default_providers(d)}"
 PACKAGECONFIG[tpm] = ",,tpm2-tss,libtss2 libtss2-mu libtss2-tcti-device"
 PACKAGECONFIG[pkcs11] = ",,,"
 PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
@@ -62,6 +73,16 @@ export CARGO_PROFILE_RELEASE_STRIP = "false"
 # headers from the target sysroot.
 export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
 export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${RECIPE_SYSROOT}"
+
+python () {
+    # Say why at parse time rather than "Nothing PROVIDES 'clang-native'".
+    needs_clang = [f for f in d.getVar('PARSEC_CARGO_FEATURES').split(',')
+                   if f.endswith(('/mbed-crypto-provider', '/tpm-generate-bindings'))]
+    if needs_clang and not parsec_clang_available(d):
+        raise bb.parse.SkipRecipe('%s need bindgen and so clang-native, which no layer '
+                                  'provides: add meta-clang (scarthgap), or take mbed-crypto '
+                                  'out of PACKAGECONFIG' % ' and '.join(needs_clang))
+}
 
 # The configuration: the MACHINE's directory in board-configs/, or PARSEC_CONFIG (a path
 # in the source tree, or absolute). Providers it names that are not built in are left out
