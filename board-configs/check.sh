@@ -19,7 +19,7 @@ for dir in board-configs/*/; do
     dir=${dir%/}
     board=$(basename "$dir")
     boards=$((boards + 1))
-    for file in config.toml README.md kernel.config modules; do
+    for file in config.toml README.md kernel.cfg modules; do
         if [ ! -f "$dir/$file" ]; then
             echo "board $board: no $file" >&2
             status=1
@@ -43,9 +43,9 @@ for dir in board-configs/*/; do
         echo "board $board: a syntax error was accepted" >&2
         status=1
     fi
-    # Every kernel.config line is an option assignment.
-    if grep -v '^\s*\(#\|$\)' "$dir/kernel.config" | grep -qv '^CONFIG_[A-Z0-9_]*=\(y\|m\|"[^"]*"\|[0-9]*\)$'; then
-        echo "board $board: kernel.config has a line that is not CONFIG_X=value" >&2
+    # Every kernel.cfg line is an option assignment.
+    if grep -v '^\s*\(#\|$\)' "$dir/kernel.cfg" | grep -qv '^CONFIG_[A-Z0-9_]*=\(y\|m\|"[^"]*"\|[0-9]*\)$'; then
+        echo "board $board: kernel.cfg has a line that is not CONFIG_X=value" >&2
         status=1
     fi
 done
