@@ -22,6 +22,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# meta-parsec and buildroot-ext checks (scripts/check-layers.sh).
+python_tools=(oelint-adv==9.11.2 kconfiglib==14.1.0 kas==5.5 pyflakes==4.1.0 jsonschema PyYAML)
+if ! python3 -c "import oelint_adv, kconfiglib, kas, pyflakes, jsonschema, yaml" 2>/dev/null; then
+    echo "install-deps: pip install ${python_tools[*]}"
+    python3 -m pip install -q --root-user-action=ignore "${python_tools[@]}" 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages "${python_tools[@]}"
+fi
+
 if ! command -v parsec-tool >/dev/null 2>&1; then
     echo "install-deps: cargo install parsec-tool"
     cargo install --locked parsec-tool --version 0.7.0

@@ -10,7 +10,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== shellcheck"
-shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run qemu-tests/run.sh qemu-tests/guest/init board-configs/check.sh sysvinit/parsec
+shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run qemu-tests/run.sh qemu-tests/guest/init board-configs/check.sh sysvinit/parsec \
+    buildroot-ext/board/raspberrypi4-64/post-build-tpm.sh
 echo "== cargo deny: licences, bans, sources"
 cargo deny check licenses bans sources
 echo "== feature gating: no provider, and each provider alone"
@@ -28,6 +29,8 @@ bash cross/build.sh aarch64-unknown-linux-gnu
 bash cross/build.sh armv7-unknown-linux-gnueabihf
 echo "== board configs: each board's files, its config.toml through parsec --check-config"
 bash board-configs/check.sh
+echo "== meta-parsec and buildroot-ext: crate list, oelint-adv, pyflakes, kas schema, kconfiglib"
+bash scripts/check-layers.sh
 echo "== qemu-tests: the aarch64 appliance in QEMU with swtpm, first boot and reboot"
 bash qemu-tests/run.sh
 echo "== cargo test"

@@ -1,4 +1,5 @@
 SUMMARY = "Parsec service: hardware-backed keys for every application through one API"
+SUMMARY:${PN}-e2e = "End-to-end check of a running Parsec service (for test images)"
 DESCRIPTION = "A single-threaded daemon serving the Parsec wire protocol (PSA Crypto \
 operations) on /run/parsec/parsec.sock. Each client's keys live in its own namespace, in a \
 TPM 2.0 (tpm2-tss), a PKCS#11 token (HSM, secure element, YubiKey) or software (Mbed TLS)."
@@ -15,9 +16,9 @@ NO_GENERIC_LICENSE[Unicode-3.0] = "${PARSEC_UNICODE_LICENSE_FILE}"
 # builds pin it: PARSEC_SRC_URI = "git://<your mirror>;protocol=https;branch=main" and
 # SRCREV = "<commit>" (the crate list below must come from that commit's Cargo.lock).
 PARSEC_SRC_URI ??= "git://${PARSEC_TOPDIR};protocol=file;branch=main"
+PV = "0.1.0+git"
 SRC_URI = "${PARSEC_SRC_URI};destsuffix=git"
 SRCREV ??= "${AUTOREV}"
-PV = "0.1.0+git"
 S = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}/git"
 
 # Every crate of Cargo.lock with its checksum (meta-parsec/scripts/parsec-crates.py).
@@ -41,14 +42,13 @@ def parsec_default_providers(d):
     return 'pkcs11'
 
 PACKAGECONFIG ??= "${@parsec_default_providers(d)}"
-PACKAGECONFIG[tpm] = ",,tpm2-tss,libtss2 libtss2-mu libtss2-tcti-device"
-PACKAGECONFIG[pkcs11] = ",,,"
-PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
-
 # tss-esapi-sys ships bindings made in advance for aarch64 and x86_64 (matched on CPU and
 # OS, so *-poky-linux triples use them): no bindgen, no clang. Other CPUs generate them.
 PARSEC_TSS_PREBUILT_ARCHS = "aarch64 x86_64"
-DEPENDS += "${@bb.utils.contains('PACKAGECONFIG', 'tpm', '' if d.getVar('TARGET_ARCH') in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split() else 'clang-native', '', d)}"
+PARSEC_TSS_BINDGEN = "${@'' if d.getVar('TARGET_ARCH') in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split() else 'clang-native'}"
+PACKAGECONFIG[tpm] = ",,tpm2-tss ${PARSEC_TSS_BINDGEN},libtss2 libtss2-mu libtss2-tcti-device"
+PACKAGECONFIG[pkcs11] = ",,,"
+PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
 
 def parsec_cargo_features(d):
     features = {
@@ -76,16 +76,22 @@ export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${RECIPE_SYSROOT}"
 
 python () {
     # Say why at parse time rather than "Nothing PROVIDES 'clang-native'".
-    needs_clang = [f for f in d.getVar('PARSEC_CARGO_FEATURES').split(',')
-                   if f.endswith(('/mbed-crypto-provider', '/tpm-generate-bindings'))]
-    if needs_clang and not parsec_clang_available(d):
-        raise bb.parse.SkipRecipe('%s need bindgen and so clang-native, which no layer '
-                                  'provides: add meta-clang (scarthgap), or take mbed-crypto '
-                                  'out of PACKAGECONFIG' % ' and '.join(needs_clang))
+    features = d.getVar('PARSEC_CARGO_FEATURES').split(',')
+    why = []
+    if 'parsec-service/mbed-crypto-provider' in features:
+        why.append('the software provider (PACKAGECONFIG mbed-crypto)')
+    if 'parsec-service/tpm-generate-bindings' in features:
+        why.append('the TPM provider on %s (tss-esapi has no bindings made in advance for '
+                   'it)' % d.getVar('TARGET_ARCH'))
+    if why and not parsec_clang_available(d):
+        raise bb.parse.SkipRecipe('%s needs bindgen, so clang-native, which no layer provides: '
+                                  'add meta-clang (scarthgap) or change PACKAGECONFIG'
+                                  % ' and '.join(why))
 }
 
-# The configuration: the MACHINE's directory in board-configs/, or PARSEC_CONFIG (a path
-# in the source tree, or absolute). Providers it names that are not built in are left out
+# The configuration: the MACHINE's directory in board-configs/ (generic-tpm for another
+# MACHINE when the TPM provider is built), or PARSEC_CONFIG (a path in the source tree, or
+# absolute). Providers it names that are not built in are left out
 # of the installed file, which says so in its first lines.
 def parsec_board_for_machine(d):
     boards = {
@@ -93,7 +99,10 @@ def parsec_board_for_machine(d):
         'raspberrypi4-64': 'raspberrypi4-64',
         'imx8mp-lpddr4-evk': 'imx8mp-evk-yubikey',
     }
-    return boards.get(d.getVar('MACHINE'), '')
+    board = boards.get(d.getVar('MACHINE'), '')
+    if not board and bb.utils.contains('PACKAGECONFIG', 'tpm', True, False, d):
+        board = 'generic-tpm'  # the TPM at /dev/tpmrm0, nothing else
+    return board
 
 PARSEC_BOARD ??= "${@parsec_board_for_machine(d)}"
 PARSEC_CONFIG ??= "${@'board-configs/%s/config.toml' % d.getVar('PARSEC_BOARD') if d.getVar('PARSEC_BOARD') else 'service/config/default.toml'}"
@@ -159,7 +168,7 @@ do_install:append() {
 # The service's own user, in tss for /dev/tpmrm0; parsec-clients may use the socket.
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system parsec; --system parsec-clients; --system tss"
-USERADD_PARAM:${PN} = "--system --home-dir /var/lib/parsec --no-create-home \
+USERADD_PARAM:${PN} = "--system --home-dir ${localstatedir}/lib/parsec --no-create-home \
     --shell /sbin/nologin --gid parsec --groups tss parsec"
 
 SYSTEMD_SERVICE:${PN} = "parsec.socket parsec.service"
@@ -167,9 +176,7 @@ INITSCRIPT_NAME = "parsec"
 INITSCRIPT_PARAMS = "defaults 70 30"
 
 PACKAGES =+ "${PN}-e2e"
-SUMMARY:${PN}-e2e = "End-to-end check of a running Parsec service (for test images)"
-FILES:${PN}-e2e = "${bindir}/parsec-e2e"
-RDEPENDS:${PN}-e2e = "${PN}"
-
 FILES:${PN} += "${nonarch_libdir}/tmpfiles.d/parsec.conf"
+FILES:${PN}-e2e += "${bindir}/parsec-e2e"
 CONFFILES:${PN} = "${sysconfdir}/parsec/config.toml"
+RDEPENDS:${PN}-e2e = "${PN}"
