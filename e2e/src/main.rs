@@ -437,7 +437,12 @@ impl Check {
 
     /// A signature by the provider under test, verified with the given public key by the
     /// verifier (the software provider when there is one).
-    fn verify_with_public(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
+    fn verify_with_public(
+        &self,
+        name: &str,
+        kind: KeyKind,
+        public: &[u8],
+    ) -> Result<String, String> {
         let alg = kind.signature().ok_or("not a signing key")?;
         let digest = Sha256::digest(name.as_bytes()).to_vec();
         let signature = self
@@ -475,7 +480,12 @@ impl Check {
     }
 
     /// Encrypted with the public key by the verifier, decrypted by the provider under test.
-    fn encrypt_with_public(&self, name: &str, kind: KeyKind, public: &[u8]) -> Result<String, String> {
+    fn encrypt_with_public(
+        &self,
+        name: &str,
+        kind: KeyKind,
+        public: &[u8],
+    ) -> Result<String, String> {
         let alg = AsymmetricEncryption::RsaOaep {
             hash_alg: Hash::Sha256,
         };
