@@ -103,9 +103,11 @@ define PARSEC_SERVICE_INSTALL_INIT_SYSTEMD
 		$(TARGET_DIR)/usr/lib/tmpfiles.d/parsec.conf
 endef
 
-# The service's own user, in tss for /dev/tpmrm0; parsec-clients may use the socket.
+# The service's own user, in tss for /dev/tpmrm0; the group parsec-clients (no user of
+# its own) may use the socket: add applications' users to it.
 define PARSEC_SERVICE_USERS
-	parsec -1 parsec -1 * /var/lib/parsec - tss,parsec-clients Parsec service
+	parsec -1 parsec -1 * /var/lib/parsec - tss Parsec service
+	- - parsec-clients -1 * - - - Parsec clients
 endef
 
 # /etc/parsec readable by the service only; the key store its own.
