@@ -2,7 +2,9 @@
 # Checks every board directory: the files a board must have, and its config.toml with the
 # service's own parser (`parsec --check-config`, built with every provider). To prove the
 # check can fail, each config is also checked with an unknown key added and with a syntax
-# error; both must be refused.
+# error; both must be refused. Then board-configs/select-providers (the filter the Yocto
+# recipe and the Buildroot package install each config through) for every set of built
+# providers: board-configs/check-select-providers.py.
 #
 #   board-configs/check.sh [PARSEC-BINARY]     (default: target/debug/parsec, all features)
 set -euo pipefail
@@ -50,4 +52,6 @@ for dir in board-configs/*/; do
     fi
 done
 echo "board-configs: $boards boards checked, $([ "$status" -eq 0 ] && echo all valid || echo FAILED)"
+# What meta-parsec and buildroot-ext install: each config with only the providers built.
+python3 board-configs/check-select-providers.py "$parsec" || status=1
 exit "$status"

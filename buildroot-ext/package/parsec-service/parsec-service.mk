@@ -55,33 +55,29 @@ PARSEC_SERVICE_CARGO_BUILD_OPTS = \
 PARSEC_SERVICE_BIN_DIR = $(@D)/target/$(RUSTC_TARGET_NAME)/$(if $(BR2_ENABLE_DEBUG),debug,release)
 PARSEC_SERVICE_CONFIG_FILE = $(call qstrip,$(BR2_PACKAGE_PARSEC_SERVICE_CONFIG))
 
-# The configuration must not name a provider the binary lacks (the service would refuse
-# to start): say so at build time.
-define PARSEC_SERVICE_CHECK_CONFIG
+# The providers built in, as config.toml names them.
+PARSEC_SERVICE_PROVIDERS = \
+	$(if $(BR2_PACKAGE_PARSEC_SERVICE_TPM),Tpm) \
+	$(if $(BR2_PACKAGE_PARSEC_SERVICE_PKCS11),Pkcs11) \
+	$(if $(BR2_PACKAGE_PARSEC_SERVICE_MBED_CRYPTO),MbedCrypto)
+
+# The configuration with the providers built in only (board-configs/select-providers drops
+# the others' tables and says so in the file's first line), made before the long cargo
+# build: a file naming none of them stops the build here, as the service would refuse it.
+define PARSEC_SERVICE_SELECT_PROVIDERS
 	config='$(if $(PARSEC_SERVICE_CONFIG_FILE),$(PARSEC_SERVICE_CONFIG_FILE),$(@D)/service/config/default.toml)'; \
 	test -f "$$config" || { echo "parsec-service: configuration $$config: no such file"; exit 1; }; \
-	for provider in $$(sed -n 's/^[[:space:]]*provider_type[[:space:]]*=[[:space:]]*"\([A-Za-z0-9]*\)".*/\1/p' "$$config"); do \
-		case "$$provider" in \
-		Tpm) enabled='$(BR2_PACKAGE_PARSEC_SERVICE_TPM)'; option=TPM ;; \
-		Pkcs11) enabled='$(BR2_PACKAGE_PARSEC_SERVICE_PKCS11)'; option=PKCS11 ;; \
-		MbedCrypto) enabled='$(BR2_PACKAGE_PARSEC_SERVICE_MBED_CRYPTO)'; option=MBED_CRYPTO ;; \
-		*) enabled=; option="(none: unknown provider_type $$provider)" ;; \
-		esac; \
-		if [ "$$enabled" != y ]; then \
-			echo "parsec-service: $$config uses the $$provider provider: enable BR2_PACKAGE_PARSEC_SERVICE_$$option"; \
-			exit 1; \
-		fi; \
-	done
+	sh $(@D)/board-configs/select-providers "$$config" $(PARSEC_SERVICE_PROVIDERS) \
+		> $(@D)/parsec-config.toml || \
+		{ echo "parsec-service: enable a provider $$config uses (BR2_PACKAGE_PARSEC_SERVICE_*)"; exit 1; }
 endef
-PARSEC_SERVICE_PRE_BUILD_HOOKS += PARSEC_SERVICE_CHECK_CONFIG
+PARSEC_SERVICE_PRE_BUILD_HOOKS += PARSEC_SERVICE_SELECT_PROVIDERS
 
 # A workspace has no single package for `cargo install`: install what was built.
 define PARSEC_SERVICE_INSTALL_TARGET_CMDS
 	$(INSTALL) -D -m 0755 $(PARSEC_SERVICE_BIN_DIR)/parsec $(TARGET_DIR)/usr/bin/parsec
 	$(PARSEC_SERVICE_INSTALL_E2E)
-	$(INSTALL) -D -m 0640 \
-		$(if $(PARSEC_SERVICE_CONFIG_FILE),$(PARSEC_SERVICE_CONFIG_FILE),$(@D)/service/config/default.toml) \
-		$(TARGET_DIR)/etc/parsec/config.toml
+	$(INSTALL) -D -m 0640 $(@D)/parsec-config.toml $(TARGET_DIR)/etc/parsec/config.toml
 endef
 
 ifeq ($(BR2_PACKAGE_PARSEC_SERVICE_E2E),y)

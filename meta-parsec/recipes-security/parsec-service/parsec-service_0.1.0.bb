@@ -91,8 +91,8 @@ python () {
 
 # The configuration: the MACHINE's directory in board-configs/ (generic-tpm for another
 # MACHINE when the TPM provider is built), or PARSEC_CONFIG (a path in the source tree, or
-# absolute). Providers it names that are not built in are left out
-# of the installed file, which says so in its first lines.
+# absolute). Providers it names that are not built in are left out of the installed file,
+# which says so in its first line.
 def parsec_board_for_machine(d):
     boards = {
         'qemuarm64': 'qemu-aarch64',
@@ -107,52 +107,26 @@ def parsec_board_for_machine(d):
 PARSEC_BOARD ??= "${@parsec_board_for_machine(d)}"
 PARSEC_CONFIG ??= "${@'board-configs/%s/config.toml' % d.getVar('PARSEC_BOARD') if d.getVar('PARSEC_BOARD') else 'service/config/default.toml'}"
 
-python parsec_make_config() {
-    import os
-    import re
-    source = d.getVar('PARSEC_CONFIG')
-    if not os.path.isabs(source):
-        source = os.path.join(d.getVar('S'), source)
-    if not os.path.isfile(source):
-        bb.fatal('PARSEC_CONFIG: no such file %s (MACHINE %s, PARSEC_BOARD "%s")'
-                 % (source, d.getVar('MACHINE'), d.getVar('PARSEC_BOARD')))
-    built = {
-        'Tpm': 'tpm',
-        'Pkcs11': 'pkcs11',
-        'MbedCrypto': 'mbed-crypto',
-    }
-    packageconfig = d.getVar('PACKAGECONFIG').split()
-    # Split the file into tables; [[provider.existing_keys]] belongs to its provider.
-    blocks, current = [], []
-    for line in open(source).read().splitlines(keepends=True):
-        header = re.match(r'\s*\[\[?\s*([A-Za-z_.]+)', line)
-        if header and not header.group(1).startswith('provider.'):
-            blocks.append(current)
-            current = []
-        current.append(line)
-    blocks.append(current)
-    kept, left_out = [], []
-    for block in blocks:
-        text = ''.join(block)
-        kind = re.search(r'^\s*provider_type\s*=\s*"([A-Za-z0-9]+)"', text, re.M)
-        if kind and built.get(kind.group(1)) not in packageconfig:
-            left_out.append(kind.group(1))
-            continue
-        kept.append(text)
-    if not any(re.search(r'^\s*provider_type\s*=', t, re.M) for t in kept):
-        bb.fatal('%s: none of its providers (%s) is built: PACKAGECONFIG is "%s"'
-                 % (source, ', '.join(left_out), ' '.join(packageconfig)))
-    note = ''
-    if left_out:
-        note = ('# Built without %s: left out of this file at build time (PACKAGECONFIG "%s").\n'
-                % (', '.join(left_out), ' '.join(packageconfig)))
-        bb.note('%s: left out %s (not in PACKAGECONFIG)' % (source, ', '.join(left_out)))
-    with open(os.path.join(d.getVar('B'), 'parsec-config.toml'), 'w') as f:
-        f.write(note + ''.join(kept))
-}
-do_install[prefuncs] += "parsec_make_config"
+# The providers built in, as config.toml names them.
+def parsec_built_providers(d):
+    types = {'tpm': 'Tpm', 'pkcs11': 'Pkcs11', 'mbed-crypto': 'MbedCrypto'}
+    return ' '.join(types[f] for f in d.getVar('PACKAGECONFIG').split() if f in types)
+
+PARSEC_BUILT_PROVIDERS = "${@parsec_built_providers(d)}"
 
 do_install:append() {
+    # The board's config with the providers this build has (board-configs/select-providers
+    # drops the others' tables and says so in the file's first line; it fails when none
+    # would be left).
+    config="${PARSEC_CONFIG}"
+    case "$config" in
+        /*) ;;
+        *) config="${S}/$config" ;;
+    esac
+    [ -f "$config" ] || bbfatal "PARSEC_CONFIG: no such file $config (MACHINE ${MACHINE}, PARSEC_BOARD '${PARSEC_BOARD}')"
+    sh ${S}/board-configs/select-providers "$config" ${PARSEC_BUILT_PROVIDERS} > ${B}/parsec-config.toml ||
+        bbfatal "$config: no provider it names is built: PACKAGECONFIG is '${PACKAGECONFIG}'"
+
     # /etc/parsec: the service reads it (group parsec), nobody else.
     install -d -m 0750 ${D}${sysconfdir}/parsec
     install -m 0640 ${B}/parsec-config.toml ${D}${sysconfdir}/parsec/config.toml
