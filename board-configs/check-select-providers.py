@@ -40,6 +40,10 @@ def main():
         for board in os.listdir(os.path.join(TOP, "board-configs"))
         if os.path.isfile(os.path.join(TOP, "board-configs", board, "config.toml"))
     ) + [os.path.join("service", "config", "default.toml")]
+    originals = {}
+    for source in sources:
+        with open(os.path.join(TOP, source)) as f:
+            originals[source] = f.read()
     sets = [list(c) for n in range(1, 4) for c in itertools.combinations(PROVIDERS, n)]
     awks = [a for a in ("gawk", "mawk") if shutil.which(a)]
     if not awks:
@@ -49,8 +53,7 @@ def main():
         output = os.path.join(scratch, "config.toml")
         for awk, source, built in itertools.product(awks, sources, sets):
             label = f"{source} built with {' '.join(built)} ({awk})"
-            with open(os.path.join(TOP, source), "rb") as f:
-                in_file = providers_in(f.read().decode())
+            in_file = providers_in(originals[source])
             expected = [p for p in in_file if p in built]
             run = subprocess.run(
                 ["sh", SCRIPT, os.path.join(TOP, source), *built],
@@ -90,9 +93,7 @@ def main():
                 print(f"FAIL {label}: {problem}")
             failures += len(problems)
     # Nothing dropped, nothing changed: a build with every provider installs the file as it is.
-    for source in sources:
-        with open(os.path.join(TOP, source)) as f:
-            original = f.read()
+    for source, original in originals.items():
         run = subprocess.run(["sh", SCRIPT, os.path.join(TOP, source), *PROVIDERS], capture_output=True, text=True)
         if run.stdout != original:
             print(f"FAIL {source}: changed although every provider is built")

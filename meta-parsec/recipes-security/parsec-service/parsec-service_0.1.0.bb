@@ -50,15 +50,20 @@ PACKAGECONFIG[tpm] = ",,tpm2-tss ${PARSEC_TSS_BINDGEN},libtss2 libtss2-mu libtss
 PACKAGECONFIG[pkcs11] = ",,,"
 PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
 
-def parsec_cargo_features(d):
-    features = {
-        'tpm': 'tpm-provider',
-        'pkcs11': 'pkcs11-provider',
-        'mbed-crypto': 'mbed-crypto-provider',
+# The providers PACKAGECONFIG enables: each one's cargo feature and its provider_type in
+# config.toml.
+def parsec_enabled_providers(d):
+    providers = {
+        'tpm': ('tpm-provider', 'Tpm'),
+        'pkcs11': ('pkcs11-provider', 'Pkcs11'),
+        'mbed-crypto': ('mbed-crypto-provider', 'MbedCrypto'),
     }
-    enabled = [f for f in d.getVar('PACKAGECONFIG').split() if f in features]
-    chosen = ['parsec-service/' + features[f] for f in enabled]
-    if 'tpm' in enabled and d.getVar('TARGET_ARCH') not in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split():
+    return [providers[f] for f in d.getVar('PACKAGECONFIG').split() if f in providers]
+
+def parsec_cargo_features(d):
+    chosen = ['parsec-service/' + feature for feature, _ in parsec_enabled_providers(d)]
+    if 'tpm' in d.getVar('PACKAGECONFIG').split() and \
+            d.getVar('TARGET_ARCH') not in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split():
         chosen.append('parsec-service/tpm-generate-bindings')
     return ','.join(chosen)
 
@@ -108,11 +113,7 @@ PARSEC_BOARD ??= "${@parsec_board_for_machine(d)}"
 PARSEC_CONFIG ??= "${@'board-configs/%s/config.toml' % d.getVar('PARSEC_BOARD') if d.getVar('PARSEC_BOARD') else 'service/config/default.toml'}"
 
 # The providers built in, as config.toml names them.
-def parsec_built_providers(d):
-    types = {'tpm': 'Tpm', 'pkcs11': 'Pkcs11', 'mbed-crypto': 'MbedCrypto'}
-    return ' '.join(types[f] for f in d.getVar('PACKAGECONFIG').split() if f in types)
-
-PARSEC_BUILT_PROVIDERS = "${@parsec_built_providers(d)}"
+PARSEC_BUILT_PROVIDERS = "${@' '.join(kind for _, kind in parsec_enabled_providers(d))}"
 
 do_install:append() {
     # The board's config with the providers this build has (board-configs/select-providers
