@@ -14,6 +14,8 @@ shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run qemu-tests/
     buildroot-ext/board/raspberrypi4-64/post-build-tpm.sh
 echo "== cargo deny: licences, bans, sources"
 cargo deny check licenses bans sources
+echo "== toolchain policy: the lowest Rust of Yocto scarthgap and wrynose and Buildroot's LTS build the locked tree"
+bash scripts/check-toolchains.sh
 echo "== feature gating: no provider, and each provider alone"
 cargo check -p parsec-service --no-default-features --locked
 cargo check -p parsec-service --no-default-features --features tpm-provider --locked
@@ -21,6 +23,8 @@ cargo check -p parsec-service --no-default-features --features pkcs11-provider -
 echo "== systemd units"
 cargo build -p parsec-service --locked
 bash scripts/check-systemd.sh
+echo "== init script: start waits for the socket, reports failure with the reason, logs to its file"
+bash scripts/check-init-script.sh target/debug/parsec
 echo "== stress: 64 clients, 1000 idle connections, the connection cap (answers checked)"
 cargo build -p parsec-bench --locked
 ./target/debug/parsec-stress --daemon target/debug/parsec --rounds 3

@@ -1,6 +1,6 @@
 //! `parsec`: the service's command line.
 
-use parsec_service::config::{ConfigSource, Overrides, DEFAULT_CONFIG_PATH};
+use parsec_service::config::{ConfigSource, LogTarget, Overrides, DEFAULT_CONFIG_PATH};
 use parsec_service::dispatcher::Dispatcher;
 use parsec_service::front_end::server::Server;
 use parsec_service::{config, logging};
@@ -121,12 +121,15 @@ fn main() -> ExitCode {
         eprintln!("parsec: {e}");
         return ExitCode::FAILURE;
     }
+    let target = config.log_target;
     if nix::unistd::geteuid().is_root() && !config.allow_root {
-        log::error!(
-            "refusing to run as root: run the service as its own user, or set core_settings.allow_root = true in {}",
-            source.describe()
+        return fatal(
+            target,
+            &format!(
+                "refusing to run as root: run the service as its own user, or set core_settings.allow_root = true in {}",
+                source.describe()
+            ),
         );
-        return ExitCode::FAILURE;
     }
     log::info!(
         "parsec {} starting with {}",
@@ -136,18 +139,12 @@ fn main() -> ExitCode {
     raise_file_limit(config.max_connections);
     let dispatcher = match Dispatcher::new(&config) {
         Ok(dispatcher) => dispatcher,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fatal(target, &e.to_string()),
     };
     let result = Server::new(config, source, dispatcher).and_then(Server::run);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(target, &e.to_string()),
     }
 }
 
@@ -170,4 +167,14 @@ fn raise_file_limit(max_connections: usize) {
             "the file descriptor limit ({hard}) is below listener.max_connections + 32 ({needed}): raise LimitNOFILE or lower max_connections"
         );
     }
+}
+
+/// Why the service stops: logged, and with syslog as the target also written to stderr, so
+/// that whoever started it (an init script, a shell) sees the reason without reading syslog.
+fn fatal(target: LogTarget, message: &str) -> ExitCode {
+    log::error!("{message}");
+    if target == LogTarget::Syslog {
+        eprintln!("parsec: {message}");
+    }
+    ExitCode::FAILURE
 }

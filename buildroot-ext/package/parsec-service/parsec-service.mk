@@ -31,8 +31,9 @@ endif
 
 ifeq ($(BR2_PACKAGE_PARSEC_SERVICE_MBED_CRYPTO),y)
 # psa-crypto-sys builds Mbed TLS with cmake (its configure step is a Python script) and
-# generates its bindings with bindgen.
-PARSEC_SERVICE_DEPENDENCIES += host-cmake host-python3
+# generates its bindings with bindgen. The build machine's cmake is used when it is new
+# enough (BR2_CMAKE_HOST_DEPENDENCY, as package/rust does); host-cmake is built otherwise.
+PARSEC_SERVICE_DEPENDENCIES += $(BR2_CMAKE_HOST_DEPENDENCY) host-python3
 PARSEC_SERVICE_NEEDS_BINDGEN = y
 endif
 
@@ -98,6 +99,17 @@ define PARSEC_SERVICE_INSTALL_INIT_SYSTEMD
 	$(INSTALL) -D -m 0644 $(@D)/systemd/parsec-tmpfiles.conf \
 		$(TARGET_DIR)/usr/lib/tmpfiles.d/parsec.conf
 endef
+
+# BusyBox mdev gives the kernel's resource manager to the group tss (the service's group for
+# the TPM); the rule goes first in /etc/mdev.conf, where the first match wins. With eudev or
+# systemd-udev, tpm2-tss's own udev rules (tpm-udev.rules) do the same.
+ifeq ($(BR2_PACKAGE_PARSEC_SERVICE_TPM)$(BR2_ROOTFS_DEVICE_CREATION_DYNAMIC_MDEV),yy)
+define PARSEC_SERVICE_MDEV_TPM_RULE
+	grep -q '^tpmrm\[0-9\]+' $(TARGET_DIR)/etc/mdev.conf || \
+		$(SED) '1i tpmrm[0-9]+\troot:tss 660' $(TARGET_DIR)/etc/mdev.conf
+endef
+PARSEC_SERVICE_TARGET_FINALIZE_HOOKS += PARSEC_SERVICE_MDEV_TPM_RULE
+endif
 
 # The service's own user, in tss for /dev/tpmrm0; the group parsec-clients (no user of
 # its own) may use the socket: add applications' users to it.
