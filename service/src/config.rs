@@ -15,6 +15,9 @@ use std::time::Duration;
 
 /// The configuration used when no file is given and `/etc/parsec/config.toml` does not exist.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
+/// Requests that may wait for one hardware provider by default: with the 1 MiB body limit,
+/// at most 32 MiB of queued bodies per device, and a client waits behind at most 32 others.
+pub const DEFAULT_PROVIDER_QUEUE_LIMIT: u64 = 32;
 /// Where the service looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/parsec/config.toml";
 
@@ -33,6 +36,8 @@ pub struct Config {
     /// Requests per second each application may make (0: no limit), and its burst.
     pub client_rate_limit: u32,
     pub client_rate_burst: u32,
+    /// Requests that may wait for each hardware provider's device (beyond the one running).
+    pub provider_queue_limit: usize,
     pub authenticator: AuthenticatorKind,
     pub admins: Vec<String>,
     pub providers: Vec<ProviderSettings>,
@@ -265,6 +270,7 @@ struct FileCoreSettings {
     allow_deprecated: Option<bool>,
     client_rate_limit: Option<u32>,
     client_rate_burst: Option<u32>,
+    provider_queue_limit: Option<u64>,
     /// Upstream's worker pool; this service has one thread by design.
     thread_pool_size: Option<u64>,
     /// Upstream's polling interval; this service blocks in the event loop instead.
@@ -497,6 +503,16 @@ impl Config {
                     format!("core_settings.{key} = {value} is out of range: expected a number of bytes from 1 to 4294967295"),
                 ));
             }
+        }
+
+        let provider_queue_limit = core
+            .provider_queue_limit
+            .unwrap_or(DEFAULT_PROVIDER_QUEUE_LIMIT);
+        if provider_queue_limit == 0 || provider_queue_limit > 65_536 {
+            return Err(error(
+                core_line,
+                format!("core_settings.provider_queue_limit = {provider_queue_limit} is out of range: expected a number of requests from 1 to 65536"),
+            ));
         }
 
         let listener = parsed.listener.as_ref().ok_or_else(|| {
@@ -769,6 +785,7 @@ impl Config {
             client_rate_burst: core
                 .client_rate_burst
                 .unwrap_or_else(|| core.client_rate_limit.unwrap_or(0).max(1)),
+            provider_queue_limit: provider_queue_limit as usize,
             authenticator: authenticator.auth_type,
             admins,
             providers,

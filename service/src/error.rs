@@ -103,6 +103,21 @@ pub fn hint_for(status: ResponseStatus) -> &'static str {
     }
 }
 
+/// A name a client chose, made safe for one log line: control characters, quotes and
+/// backslashes escaped (no forged lines), at most 128 characters kept.
+pub fn escape(name: &str) -> String {
+    const CAP: usize = 128;
+    let mut out: String = name
+        .chars()
+        .take(CAP)
+        .flat_map(|c| c.escape_debug())
+        .collect();
+    if name.chars().count() > CAP {
+        out.push_str("...");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +137,15 @@ mod tests {
             OpError::storage("x", &err).status,
             ResponseStatus::PsaErrorStorageFailure
         );
+    }
+
+    #[test]
+    fn escape_keeps_one_line_and_caps_the_length() {
+        let forged = "nokey\"\n[ERROR parsec] forged line";
+        let escaped = super::escape(forged);
+        assert!(!escaped.contains('\n'));
+        assert_eq!(escaped, "nokey\\\"\\n[ERROR parsec] forged line");
+        let long = "a".repeat(1 << 20);
+        assert_eq!(super::escape(&long).len(), 128 + 3);
     }
 }

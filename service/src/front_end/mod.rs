@@ -88,6 +88,7 @@ pub fn answer_stream(
             match answer_frame(dispatcher, &frame, peer, body_len_limit) {
                 Dispatched::Done(response) => response,
                 Dispatched::Deferred(pending) => finish_blocking(dispatcher, pending),
+                Dispatched::Queued(ticket) => dispatcher.wait_for(ticket),
             }
         }
         Ok(Progress::Reject(status)) => Response::from_status(status),

@@ -1,6 +1,6 @@
 //! The event loop: one thread, one `mio::Poll`, serving every client.
 //!
-//! Tokens: the listening socket, the signal pipe, then one per connection. Each connection
+//! Tokens: the listening socket, the signal pipe, the workers' waker, then one per connection. Each connection
 //! carries a deadline fixed when it is accepted (now + `listener.timeout`); deadlines are
 //! queued in accept order, so they are sorted and expiring them is O(1) per connection.
 //! A request is answered as soon as its last byte arrives, within the same wake-up, so a
@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const FIRST_CONNECTION: usize = 2;
+/// Woken by a hardware provider's worker when a request is done.
+const WORKERS: Token = Token(2);
+const FIRST_CONNECTION: usize = 3;
 /// How long shutdown waits for responses still being written.
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// How long shutdown waits for requests running in child processes (RSA-4096 generation).
@@ -57,6 +59,8 @@ pub struct Server {
     /// Requests running in child processes (slow key generation), by the token of the
     /// pipe their child writes to.
     jobs: HashMap<Token, Job>,
+    /// Requests in the hands of hardware providers' workers: the connection of each ticket.
+    queued: HashMap<u64, Token>,
     next_token: usize,
     dispatcher: Dispatcher,
     config: Config,
@@ -152,6 +156,9 @@ impl Server {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| format!("cannot watch signals: {e}"))?;
+        let waker = mio::Waker::new(poll.registry(), WORKERS)
+            .map_err(|e| format!("cannot create the workers' waker: {e}"))?;
+        dispatcher.set_waker(waker);
         Ok(Server {
             poll,
             listener,
@@ -163,6 +170,7 @@ impl Server {
             ready_cheap: VecDeque::new(),
             ready_heavy: VecDeque::new(),
             jobs: HashMap::new(),
+            queued: HashMap::new(),
             next_token: FIRST_CONNECTION,
             dispatcher,
             config,
@@ -211,6 +219,7 @@ impl Server {
                             }
                         }
                     }
+                    WORKERS => self.deliver_completed(),
                     token if self.jobs.contains_key(&token) => self.job_output(token),
                     token => self.serve(token),
                 }
@@ -332,8 +341,29 @@ impl Server {
                 self.send(token);
             }
             Dispatched::Deferred(pending) => self.watch_job(token, pending),
+            Dispatched::Queued(ticket) => {
+                self.queued.insert(ticket, token);
+            }
         }
         true
+    }
+
+    /// Sends the responses of requests the workers have finished.
+    fn deliver_completed(&mut self) {
+        let answers = self.dispatcher.completed();
+        self.deliver(answers);
+    }
+
+    fn deliver(&mut self, answers: Vec<(u64, Response)>) {
+        for (ticket, response) in answers {
+            let Some(token) = self.queued.remove(&ticket) else {
+                continue;
+            };
+            if let Some(connection) = self.connections.get_mut(&token) {
+                connection.respond(framing::encode(response));
+                self.send(token);
+            }
+        }
     }
 
     /// Watches the pipe of a request that runs in a child process.
@@ -524,7 +554,7 @@ impl Server {
         // A device that takes one client at a time (a TPM simulator) must be let go of
         // before the new providers open it; the old ones reopen it if they stay in service.
         self.dispatcher.release_devices();
-        let dispatcher = match Dispatcher::new(&config) {
+        let mut dispatcher = match self.dispatcher.successor(&config) {
             Ok(dispatcher) => dispatcher,
             Err(e) => {
                 log::error!("SIGHUP: {e}; keeping the running configuration");
@@ -560,7 +590,10 @@ impl Server {
             log::warn!("SIGHUP: core_settings.log_target changes take effect at the next start");
         }
         crate::logging::set_level(config.log_level);
+        // Requests in the old providers' hands are finished, moved or failed, never lost.
+        let answers = dispatcher.adopt(&mut self.dispatcher);
         self.dispatcher = dispatcher;
+        self.deliver(answers);
         self.config = config;
         log::info!(
             "SIGHUP: {source} reloaded, listening on {}",
@@ -576,7 +609,8 @@ impl Server {
         while self.answer_next() {}
         let until = Instant::now() + JOB_WAIT;
         let mut events = Events::with_capacity(16);
-        while !self.jobs.is_empty() && Instant::now() < until {
+        while (!self.jobs.is_empty() || self.dispatcher.outstanding() > 0) && Instant::now() < until
+        {
             let _ = self
                 .poll
                 .poll(&mut events, Some(Duration::from_millis(100)));
@@ -588,6 +622,7 @@ impl Server {
             for token in ready {
                 self.job_output(token);
             }
+            self.deliver_completed();
         }
         let _ = self.poll.registry().deregister(&mut self.listener);
         if !self.activated {

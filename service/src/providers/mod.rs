@@ -25,6 +25,7 @@ pub mod mbed_crypto;
 pub mod pkcs11;
 #[cfg(feature = "tpm-provider")]
 pub mod tpm;
+pub mod worker;
 
 /// Limits every provider applies to what it produces.
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +121,7 @@ pub fn build(
     settings: &ProviderSettings,
     store: &mut KeyStore,
     limits: Limits,
-) -> Result<Option<Box<dyn Provider>>, String> {
+) -> Result<Option<Box<dyn Provider + Send>>, String> {
     match &settings.kind {
         #[cfg(feature = "mbed-crypto-provider")]
         ProviderKind::MbedCrypto { storage_dir } => {
@@ -135,12 +136,18 @@ pub fn build(
         #[cfg(feature = "tpm-provider")]
         ProviderKind::Tpm(tpm_settings) => {
             let provider = tpm::TpmProvider::start(tpm_settings, store, limits)?;
-            Ok(provider.map(|p| Box::new(p) as Box<dyn Provider>))
+            Ok(provider.map(|p| Box::new(p) as Box<dyn Provider + Send>))
         }
         // Config checking never yields a provider that is not built in.
         #[allow(unreachable_patterns)]
         other => Err(format!("{other:?} is not built into this binary")),
     }
+}
+
+/// Whether a provider talks to a device that may take seconds per command (TPM, token): such
+/// a provider runs on a worker thread of its own, never on the event loop.
+pub fn is_hardware(kind: &ProviderKind) -> bool {
+    !matches!(kind, ProviderKind::MbedCrypto { .. })
 }
 
 /// The wire id of a configured provider, known before it is built.
@@ -152,17 +159,74 @@ pub fn id_of(kind: &ProviderKind) -> ProviderId {
     }
 }
 
-/// The key store as one application sees it through one provider.
+/// The key store as one application sees it through one provider: the store itself (on the
+/// event loop), or a [`Snapshot`] of it (on a hardware provider's worker thread).
 pub struct AppKeys<'a> {
-    store: &'a mut KeyStore,
+    backing: Backing<'a>,
     app: &'a str,
     provider: ProviderId,
+}
+
+enum Backing<'a> {
+    Store(&'a mut KeyStore),
+    Snapshot(&'a mut Snapshot),
+}
+
+/// One application's keys in one provider, copied out of the store for a worker thread, and
+/// the changes the operation makes, applied to the store by the event loop when the worker
+/// is done (only then is the client answered).
+pub struct Snapshot {
+    entries: std::collections::HashMap<String, KeyEntry>,
+    mounted: std::collections::HashSet<String>,
+    pub changes: Vec<Change>,
+}
+
+/// A change an operation made to its application's keys.
+pub enum Change {
+    Create(String, KeyEntry),
+    Remove(String),
+}
+
+impl Snapshot {
+    pub fn of(store: &KeyStore, app: &str, provider: ProviderId) -> Snapshot {
+        let mut entries = std::collections::HashMap::new();
+        let mut mounted = std::collections::HashSet::new();
+        for (triple, entry) in store.keys_of(app) {
+            if triple.provider == provider as u8 {
+                if store.is_mounted(triple) {
+                    mounted.insert(triple.name.clone());
+                }
+                entries.insert(triple.name.clone(), entry.clone());
+            }
+        }
+        Snapshot {
+            entries,
+            mounted,
+            changes: Vec::new(),
+        }
+    }
+}
+
+fn no_such_key(name: &str) -> OpError {
+    OpError::new(
+        ResponseStatus::PsaErrorDoesNotExist,
+        format!("no key named \"{name}\""),
+        "the application has no key of that name in this provider: see ListKeys",
+    )
 }
 
 impl<'a> AppKeys<'a> {
     pub fn new(store: &'a mut KeyStore, app: &'a str, provider: ProviderId) -> Self {
         AppKeys {
-            store,
+            backing: Backing::Store(store),
+            app,
+            provider,
+        }
+    }
+
+    pub fn in_snapshot(snapshot: &'a mut Snapshot, app: &'a str, provider: ProviderId) -> Self {
+        AppKeys {
+            backing: Backing::Snapshot(snapshot),
             app,
             provider,
         }
@@ -178,18 +242,23 @@ impl<'a> AppKeys<'a> {
 
     /// The entry of an existing key.
     pub fn get(&self, name: &str) -> Result<&KeyEntry, OpError> {
-        self.store.get(&self.triple(name)).ok_or_else(|| {
-            OpError::new(
-                ResponseStatus::PsaErrorDoesNotExist,
-                format!("no key named \"{name}\""),
-                "the application has no key of that name in this provider: see ListKeys",
-            )
-        })
+        let found = match &self.backing {
+            Backing::Store(store) => store.get(&self.triple(name)),
+            Backing::Snapshot(snapshot) => snapshot.entries.get(name),
+        };
+        found.ok_or_else(|| no_such_key(name))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match &self.backing {
+            Backing::Store(store) => store.contains(&self.triple(name)),
+            Backing::Snapshot(snapshot) => snapshot.entries.contains_key(name),
+        }
     }
 
     /// Fails with PsaErrorAlreadyExists if the name is taken.
     pub fn ensure_free(&self, name: &str) -> Result<(), OpError> {
-        if self.store.contains(&self.triple(name)) {
+        if self.contains(name) {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorAlreadyExists,
                 format!("a key named \"{name}\" exists already"),
@@ -201,20 +270,51 @@ impl<'a> AppKeys<'a> {
 
     /// Whether the key was mapped from the config (a key that was on the device already).
     pub fn is_mounted(&self, name: &str) -> bool {
-        self.store.is_mounted(&self.triple(name))
+        match &self.backing {
+            Backing::Store(store) => store.is_mounted(&self.triple(name)),
+            Backing::Snapshot(snapshot) => snapshot.mounted.contains(name),
+        }
     }
 
-    /// Records a new key; only once this returns may the client be told it exists.
+    /// Records a new key; only once it is in the store may the client be told it exists (on
+    /// a worker, the event loop stores it before it answers).
     pub fn create(&mut self, name: &str, entry: KeyEntry) -> Result<(), OpError> {
-        self.store.insert(self.triple(name), entry)
+        let triple = self.triple(name);
+        match &mut self.backing {
+            Backing::Store(store) => store.insert(triple, entry),
+            Backing::Snapshot(snapshot) => {
+                if snapshot.entries.contains_key(name) {
+                    return Err(OpError::new(
+                        ResponseStatus::PsaErrorAlreadyExists,
+                        format!("a key named \"{name}\" exists already"),
+                        "destroy it first or choose another name",
+                    ));
+                }
+                snapshot.entries.insert(name.to_string(), entry.clone());
+                snapshot
+                    .changes
+                    .push(Change::Create(name.to_string(), entry));
+                Ok(())
+            }
+        }
     }
 
     /// Forgets a key and returns its entry, so that the provider can destroy the material.
     pub fn remove(&mut self, name: &str) -> Result<KeyEntry, OpError> {
-        let triple = self.triple(name);
-        if !self.store.contains(&triple) {
-            return Err(self.get(name).unwrap_err());
+        if !self.contains(name) {
+            return Err(no_such_key(name));
         }
-        self.store.remove(&triple)
+        let triple = self.triple(name);
+        match &mut self.backing {
+            Backing::Store(store) => store.remove(&triple),
+            Backing::Snapshot(snapshot) => {
+                snapshot.mounted.remove(name);
+                snapshot.changes.push(Change::Remove(name.to_string()));
+                snapshot
+                    .entries
+                    .remove(name)
+                    .ok_or_else(|| no_such_key(name))
+            }
+        }
     }
 }

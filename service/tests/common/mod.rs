@@ -22,6 +22,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_parsec");
 /// Serialises the one moment parsec-client reads the socket path from the environment.
 static ENV: Mutex<()> = Mutex::new(());
 
+pub mod slow_tpm;
+
 pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -473,7 +475,7 @@ impl Drop for Swtpm {
 }
 
 /// Two consecutive free TCP ports on loopback (swtpm's server and control ports).
-fn free_port_pair() -> u16 {
+pub fn free_port_pair() -> u16 {
     loop {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();

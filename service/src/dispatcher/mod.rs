@@ -1,0 +1,590 @@
+//! From a decoded request to a response: authenticate, decode the body, run the operation
+//! (core operations in `core`, the rest in the provider the header names), encode the result.
+//!
+//! The software provider runs on the event loop; each hardware provider runs on a worker
+//! thread of its own behind a bounded queue (`slots`, `providers::worker`): its requests are
+//! `Queued`, and their responses come out of `completed` once the worker is done.
+//!
+//! Every failure is logged once, here, with the application, provider, opcode, the native
+//! cause and a hint; the client gets the status alone.
+
+mod core;
+mod slots;
+
+use crate::authenticators::{Application, Authenticator, PeerCredentials};
+use crate::config::Config;
+use crate::error::OpError;
+use crate::key_store::{KeyStore, KeyTriple};
+use crate::providers::worker::{Done, Inbox, Job, Outbox, Worker};
+use crate::providers::{self, AppKeys, Change, Deferred, Limits, Snapshot, Start};
+use crate::rate_limit::RateLimiter;
+use parsec_interface::operations::{Convert, NativeOperation, NativeResult};
+use parsec_interface::operations_protobuf::ProtobufConverter;
+use parsec_interface::requests::request::RequestHeader;
+use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
+use slots::{Remote, Slot, Waiting};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// What `dispatch` did with a request.
+pub enum Dispatched {
+    Done(Response),
+    /// Running in a child process: watch `job.output`, then call `Dispatcher::complete`.
+    Deferred(PendingRequest),
+    /// Waiting for, or running on, a hardware provider's worker: its response comes out of
+    /// `Dispatcher::completed` under this ticket.
+    Queued(u64),
+}
+
+pub struct PendingRequest {
+    header: RequestHeader,
+    app: String,
+    /// By identity: a reload may remove or reorder providers meanwhile.
+    provider: ProviderId,
+    pub job: Deferred,
+}
+
+enum Step {
+    Result(NativeResult),
+    Deferred(String, Deferred),
+    Queued(u64),
+}
+
+/// Who answers a request.
+enum Route {
+    Core,
+    /// The index of the provider in config order (valid for this dispatch only).
+    Provider(usize),
+}
+
+/// A request in the hands of a worker (queued or running): what its response needs.
+struct Ticket {
+    header: RequestHeader,
+    app: String,
+}
+
+/// Everything that answers requests: the authenticator, the providers and the key store.
+pub struct Dispatcher {
+    authenticator: Authenticator,
+    slots: Vec<Slot>,
+    store: KeyStore,
+    converter: ProtobufConverter,
+    limiter: Option<RateLimiter>,
+    /// Results of the workers; handed from one dispatcher to the next on reload.
+    inbox: Inbox,
+    tickets: HashMap<u64, Ticket>,
+    next_ticket: u64,
+    /// Tickets that could not be handed to their worker, answered by `completed`.
+    failed: Vec<(u64, OpError)>,
+}
+
+impl Dispatcher {
+    /// Opens the key store and starts every configured provider, in config order.
+    pub fn new(config: &Config) -> Result<Dispatcher, String> {
+        let inbox = Inbox::new();
+        let outbox = inbox.outbox();
+        Self::build(config, inbox, outbox)
+    }
+
+    /// A dispatcher for a new configuration whose workers report to this one's inbox, so
+    /// that `adopt` can hand it the requests still in hand.
+    pub fn successor(&self, config: &Config) -> Result<Dispatcher, String> {
+        Self::build(config, Inbox::new(), self.inbox.outbox())
+    }
+
+    fn build(config: &Config, inbox: Inbox, outbox: Outbox) -> Result<Dispatcher, String> {
+        let roots: Vec<(ProviderId, std::path::PathBuf)> = config
+            .providers
+            .iter()
+            .map(|p| (providers::id_of(&p.kind), p.key_store_dir.clone()))
+            .collect();
+        let (mut store, damaged) =
+            KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
+        for entry in &damaged {
+            log::error!(
+                "key store: skipping damaged entry {}: {}; its key is unusable until the file is restored or removed",
+                entry.path.display(),
+                entry.reason
+            );
+        }
+        let limits = Limits {
+            buffer_size_limit: config.buffer_size_limit,
+        };
+        let mut slots = Vec::new();
+        for settings in &config.providers {
+            let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
+            let Some(provider) = providers::build(settings, &mut store, limits).map_err(failed)?
+            else {
+                continue;
+            };
+            if !providers::is_hardware(&settings.kind) {
+                slots.push(Slot::local(provider));
+                continue;
+            }
+            let (id, info, opcodes) = (provider.id(), provider.info(), provider.opcodes());
+            let worker = Worker::spawn(
+                &settings.name,
+                slots::next_instance(),
+                provider,
+                outbox.clone(),
+            )
+            .map_err(failed)?;
+            slots.push(Slot::Remote(Box::new(Remote {
+                worker,
+                name: settings.name.clone(),
+                id,
+                info,
+                opcodes,
+                busy: false,
+                queue: VecDeque::new(),
+                queue_limit: config.provider_queue_limit,
+            })));
+        }
+        let workers = slots.iter().filter(|s| s.instance().is_some()).count();
+        log::info!(
+            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + {workers} provider workers",
+            store.len(),
+            damaged.len()
+        );
+        Ok(Dispatcher {
+            authenticator: Authenticator::new(config.authenticator, config.admins.clone()),
+            slots,
+            store,
+            converter: ProtobufConverter {},
+            limiter: RateLimiter::new(config.client_rate_limit, config.client_rate_burst),
+            inbox,
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            failed: Vec::new(),
+        })
+    }
+
+    /// The waker the workers wake when a result is ready (the event loop's).
+    pub fn set_waker(&self, waker: mio::Waker) {
+        self.inbox.set_waker(waker);
+    }
+
+    /// Requests in the hands of workers, queued or running.
+    pub fn outstanding(&self) -> usize {
+        self.tickets.len()
+    }
+
+    /// Takes over from the dispatcher this one succeeds (`successor`): its inbox, the
+    /// requests running on its workers (their results are matched by ticket, and their key
+    /// changes stored here if a provider of the same kind is still configured), and the
+    /// requests still waiting in its queues, which move to this dispatcher's provider of the
+    /// same kind or are answered with an error. Returns the responses to send at once.
+    pub fn adopt(&mut self, old: &mut Dispatcher) -> Vec<(u64, Response)> {
+        std::mem::swap(&mut self.inbox, &mut old.inbox);
+        self.tickets.extend(old.tickets.drain());
+        self.next_ticket = self.next_ticket.max(old.next_ticket);
+        let mut answers = Vec::new();
+        let waiting: Vec<Waiting> = old
+            .slots
+            .iter_mut()
+            .filter_map(|slot| match slot {
+                Slot::Remote(remote) => Some(remote.queue.drain(..)),
+                Slot::Local { .. } => None,
+            })
+            .flatten()
+            .collect();
+        for waiting in waiting {
+            let ticket = waiting.ticket;
+            let Some(provider) = self.tickets.get(&ticket).map(|t| t.header.provider) else {
+                continue;
+            };
+            let index = self.slots.iter().position(|s| s.id() == provider);
+            let queued = match index.map(|i| &mut self.slots[i]) {
+                Some(Slot::Remote(new)) => new.admit(waiting).map(|()| index),
+                _ => Err(OpError::new(
+                    ResponseStatus::PsaErrorCommunicationFailure,
+                    format!("{provider:?} was removed by a reload before the request ran"),
+                    "the configuration changed: send the request again",
+                )),
+            };
+            match queued {
+                Ok(Some(index)) => self.pump(index),
+                Ok(None) => {}
+                Err(error) => {
+                    if let Some(t) = self.tickets.remove(&ticket) {
+                        answers.push((ticket, self.respond(t.header, Some(&t.app), Err(error))));
+                    }
+                }
+            }
+        }
+        answers
+    }
+
+    /// Lets every provider close its device connection (before a reload builds new ones).
+    pub fn release_devices(&mut self) {
+        for slot in &mut self.slots {
+            slot.release_device();
+        }
+    }
+
+    /// Answers one request, starts it in a child process, or queues it for a hardware
+    /// provider's worker. Never fails: errors become a response status.
+    pub fn dispatch(&mut self, request: Request, peer: Option<PeerCredentials>) -> Dispatched {
+        let header = request.header;
+        let mut app_name = None;
+        let outcome = self.authenticate(&request, peer).and_then(|app| {
+            app_name = app.as_ref().map(|a| a.name.clone());
+            self.throttle(app.as_ref(), peer)?;
+            let route = self.route(&header, app.as_ref())?;
+            let operation = self
+                .converter
+                .body_to_operation(request.body, header.opcode)
+                .map_err(|status| {
+                    OpError::new(
+                        status,
+                        format!("decoding the {:?} body: {status}", header.opcode),
+                        crate::error::hint_for(status),
+                    )
+                })?;
+            match (route, app) {
+                (Route::Core, app) => Ok(Step::Result(self.execute_core(operation, app.as_ref())?)),
+                (Route::Provider(index), Some(app)) => {
+                    self.run_on(index, header, app.name, operation)
+                }
+                (Route::Provider(_), None) => {
+                    Err(OpError::status(ResponseStatus::NotAuthenticated))
+                }
+            }
+        });
+        match outcome {
+            Ok(Step::Deferred(app, job)) => Dispatched::Deferred(PendingRequest {
+                header,
+                app,
+                provider: header.provider,
+                job,
+            }),
+            Ok(Step::Queued(ticket)) => Dispatched::Queued(ticket),
+            Ok(Step::Result(result)) => {
+                Dispatched::Done(self.respond(header, app_name.as_deref(), Ok(result)))
+            }
+            Err(error) => Dispatched::Done(self.respond(header, app_name.as_deref(), Err(error))),
+        }
+    }
+
+    fn run_on(
+        &mut self,
+        index: usize,
+        header: RequestHeader,
+        app: String,
+        operation: NativeOperation,
+    ) -> Result<Step, OpError> {
+        match &mut self.slots[index] {
+            Slot::Local { provider, .. } => {
+                let keys = AppKeys::new(&mut self.store, &app, header.provider);
+                match provider.start(operation, keys)? {
+                    Start::Deferred(job) => Ok(Step::Deferred(app, job)),
+                    Start::Now(operation) => {
+                        let keys = AppKeys::new(&mut self.store, &app, header.provider);
+                        Ok(Step::Result(provider.execute(operation, keys)?))
+                    }
+                }
+            }
+            Slot::Remote(remote) => {
+                let ticket = self.next_ticket;
+                remote.admit(Waiting {
+                    ticket,
+                    app: app.clone(),
+                    op: operation,
+                })?;
+                self.next_ticket += 1;
+                self.tickets.insert(ticket, Ticket { header, app });
+                self.pump(index);
+                Ok(Step::Queued(ticket))
+            }
+        }
+    }
+
+    /// Hands an idle worker the next request of its queue, with a snapshot of its
+    /// application's keys taken now (after every change the requests before it made).
+    fn pump(&mut self, index: usize) {
+        let Slot::Remote(remote) = &mut self.slots[index] else {
+            return;
+        };
+        while !remote.busy {
+            let Some(waiting) = remote.queue.pop_front() else {
+                return;
+            };
+            let snapshot = Snapshot::of(&self.store, &waiting.app, remote.id);
+            let ticket = waiting.ticket;
+            let sent = remote.worker.run(Job {
+                ticket,
+                app: waiting.app,
+                op: waiting.op,
+                snapshot,
+            });
+            match sent {
+                Ok(()) => remote.busy = true,
+                // The worker is gone: answered with the next results.
+                Err(error) => self.failed.push((ticket, error)),
+            }
+        }
+    }
+
+    /// The responses of every request a worker has finished since the last call, by ticket.
+    /// Each one's key changes are stored first: a client hears of a key only once it is in
+    /// the store.
+    pub fn completed(&mut self) -> Vec<(u64, Response)> {
+        let mut answers = Vec::new();
+        for (ticket, error) in std::mem::take(&mut self.failed) {
+            if let Some(t) = self.tickets.remove(&ticket) {
+                answers.push((ticket, self.respond(t.header, Some(&t.app), Err(error))));
+            }
+        }
+        while let Some(done) = self.inbox.try_next() {
+            answers.extend(self.finish(done));
+        }
+        answers
+    }
+
+    /// Waits for the response to one queued request (in-process use: tests, the fuzzer).
+    pub fn wait_for(&mut self, ticket: u64) -> Response {
+        loop {
+            let answers = self.completed();
+            if let Some((_, response)) = answers.into_iter().find(|(t, _)| *t == ticket) {
+                return response;
+            }
+            if !self.tickets.contains_key(&ticket) {
+                return Response::from_status(ResponseStatus::PsaErrorCommunicationFailure);
+            }
+            if let Some(done) = self.inbox.wait(Duration::from_secs(600)) {
+                if let Some((t, response)) = self.finish(done) {
+                    if t == ticket {
+                        return response;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, done: Done) -> Option<(u64, Response)> {
+        // The worker is free for the next request, if it still belongs to this dispatcher.
+        let index = self
+            .slots
+            .iter()
+            .position(|s| s.instance() == Some(done.instance));
+        if let Some(Slot::Remote(remote)) = index.map(|i| &mut self.slots[i]) {
+            remote.busy = false;
+        }
+        let ticket = self.tickets.remove(&done.ticket)?;
+        let outcome = done.result.and_then(|result| {
+            self.store_changes(&done.app, done.provider, done.changes, index)?;
+            Ok(result)
+        });
+        let response = self.respond(ticket.header, Some(&ticket.app), outcome);
+        if let Some(index) = index {
+            self.pump(index);
+        }
+        Some((done.ticket, response))
+    }
+
+    /// Stores what a worker's operation changed. A request that ran on a provider a reload
+    /// has since removed has nowhere to store a new key: it fails (a TPM key's material is
+    /// only its blob, which is dropped; a token object is destroyed when the provider is
+    /// still there to do it, and named in the log otherwise).
+    fn store_changes(
+        &mut self,
+        app: &str,
+        provider: ProviderId,
+        changes: Vec<Change>,
+        index: Option<usize>,
+    ) -> Result<(), OpError> {
+        let configured = self.slots.iter().any(|s| s.id() == provider);
+        for change in changes {
+            match change {
+                Change::Create(name, entry) => {
+                    if !configured {
+                        log::warn!(
+                            "{provider:?}: key \"{}\" of \"{}\" was made by a provider a reload removed; it is not stored",
+                            crate::error::escape(&name),
+                            crate::error::escape(app)
+                        );
+                        return Err(OpError::new(
+                            ResponseStatus::PsaErrorCommunicationFailure,
+                            format!("{provider:?} was removed by a reload while the request ran"),
+                            "the configuration changed: send the request again",
+                        ));
+                    }
+                    let triple = KeyTriple::new(app, provider, &name);
+                    if let Err(error) = self.store.insert(triple, entry.clone()) {
+                        if let Some(slot) = index.map(|i| &mut self.slots[i]) {
+                            let _ = slot.destroy_material(entry);
+                        }
+                        return Err(error);
+                    }
+                }
+                Change::Remove(name) => {
+                    let triple = KeyTriple::new(app, provider, &name);
+                    if self.store.contains(&triple) {
+                        self.store.remove(&triple)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes a request `dispatch` deferred, with everything its child process wrote.
+    pub fn complete(&mut self, pending: PendingRequest, output: Vec<u8>) -> Response {
+        let PendingRequest {
+            header,
+            app,
+            provider,
+            job,
+        } = pending;
+        // The child has closed its end of the pipe: collect it.
+        let exit = nix::sys::wait::waitpid(job.child, None);
+        log::debug!(
+            "deferred {:?} for \"{app}\": child {} ended: {exit:?}",
+            header.opcode,
+            job.child
+        );
+        let result = match self.slots.iter_mut().find(|s| s.id() == provider) {
+            Some(Slot::Local { provider, .. }) => {
+                let keys = AppKeys::new(&mut self.store, &app, header.provider);
+                provider.complete(job.state, output, keys)
+            }
+            _ => Err(OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                format!("{provider:?} was removed by a reload while the request ran"),
+                "the configuration changed: send the request again",
+            )),
+        };
+        self.respond(header, Some(&app), result)
+    }
+
+    /// Encodes a result, or logs a failure, into the response for `header`.
+    fn respond(
+        &self,
+        header: RequestHeader,
+        app_name: Option<&str>,
+        outcome: Result<NativeResult, OpError>,
+    ) -> Response {
+        let outcome = outcome.and_then(|result| {
+            self.converter.result_to_body(result).map_err(|status| {
+                OpError::new(
+                    status,
+                    format!("encoding the result: {status}"),
+                    "report this as a bug",
+                )
+            })
+        });
+        match outcome {
+            Ok(body) => {
+                let mut response = Response::from_request_header(header, ResponseStatus::Success);
+                response.body = body;
+                response
+            }
+            Err(error) => {
+                log::warn!(
+                    "request failed: app={} provider={:?} opcode={:?} status={:?} cause=\"{}\" hint=\"{}\"",
+                    app_name.unwrap_or("(unauthenticated)"),
+                    header.provider,
+                    header.opcode,
+                    error.status,
+                    error.cause,
+                    error.hint
+                );
+                Response::from_request_header(header, error.status)
+            }
+        }
+    }
+
+    /// Refuses the request if its application is over its rate. Unauthenticated callers are
+    /// counted by UID.
+    fn throttle(
+        &mut self,
+        app: Option<&Application>,
+        peer: Option<PeerCredentials>,
+    ) -> Result<(), OpError> {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return Ok(());
+        };
+        let client = match (app, peer) {
+            (Some(app), _) => app.name.clone(),
+            (None, Some(peer)) => format!("(unauthenticated uid {})", peer.uid),
+            (None, None) => "(unauthenticated)".to_string(),
+        };
+        if limiter.admit(&client, std::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ResponseStatus::PsaErrorInsufficientMemory,
+            format!("over its rate limit of {} requests/s", limiter.per_second()),
+            "the application sends more than core_settings.client_rate_limit allows: slow it down or raise the limit",
+        ))
+    }
+
+    fn authenticate(
+        &self,
+        request: &Request,
+        peer: Option<PeerCredentials>,
+    ) -> Result<Option<Application>, OpError> {
+        let auth_type = request.header.auth_type;
+        if auth_type == AuthType::NoAuth {
+            return Ok(None);
+        }
+        if auth_type != self.authenticator.auth_type() {
+            return Err(OpError::new(
+                ResponseStatus::AuthenticatorNotRegistered,
+                format!(
+                    "request uses {auth_type:?}, the service uses {:?}",
+                    self.authenticator.auth_type()
+                ),
+                "the client must use the authenticator ListAuthenticators reports",
+            ));
+        }
+        self.authenticator
+            .authenticate(&request.auth, peer)
+            .map(Some)
+    }
+
+    /// Decides who answers, before the body is decoded: the core, or an enabled provider
+    /// that implements the opcode; and whether the caller may ask.
+    fn route(&self, header: &RequestHeader, app: Option<&Application>) -> Result<Route, OpError> {
+        let opcode = header.opcode;
+        if (header.provider == ProviderId::Core) != opcode.is_core() {
+            return Err(OpError::new(
+                ResponseStatus::InvalidHeader,
+                format!("{opcode:?} sent to {:?}", header.provider),
+                "core operations go to the core provider (0), cryptographic ones to a crypto provider",
+            ));
+        }
+        let public = matches!(
+            opcode,
+            Opcode::Ping | Opcode::ListProviders | Opcode::ListOpcodes | Opcode::ListAuthenticators
+        );
+        if !public && app.is_none() {
+            return Err(OpError::status(ResponseStatus::NotAuthenticated));
+        }
+        if opcode.is_admin() && !app.is_some_and(|a| a.is_admin) {
+            return Err(OpError::status(ResponseStatus::AdminOperation));
+        }
+        if header.provider == ProviderId::Core {
+            return Ok(Route::Core);
+        }
+        let index = self
+            .slots
+            .iter()
+            .position(|p| p.id() == header.provider)
+            .ok_or_else(|| {
+                OpError::new(
+                    ResponseStatus::ProviderNotRegistered,
+                    format!("{:?} is not enabled", header.provider),
+                    crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
+                )
+            })?;
+        if !self.slots[index].opcodes().contains(&opcode) {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorNotSupported,
+                format!("{:?} does not implement {opcode:?}", header.provider),
+                "see ListOpcodes for what this provider serves",
+            ));
+        }
+        Ok(Route::Provider(index))
+    }
+}
