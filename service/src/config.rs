@@ -18,6 +18,12 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
 /// Requests that may wait for one hardware provider by default: with the 1 MiB body limit,
 /// at most 32 MiB of queued bodies per device, and a client waits behind at most 32 others.
 pub const DEFAULT_PROVIDER_QUEUE_LIMIT: u64 = 32;
+/// Software-provider RSA generations in child processes at once, by default: each is a
+/// copy-on-write fork that keeps a core busy for up to seconds (RSA-4096).
+pub const DEFAULT_MAX_KEYGEN_PROCESSES: u64 = 4;
+/// Request bytes held across all connections by default: 16 MiB (at most 16 full-size
+/// requests in memory at once on a 512 MiB device); raised to body_len_limit if smaller.
+pub const DEFAULT_CONNECTION_BUFFER_BUDGET: u64 = 16 << 20;
 /// Where the service looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/parsec/config.toml";
 
@@ -38,6 +44,10 @@ pub struct Config {
     pub client_rate_burst: u32,
     /// Requests that may wait for each hardware provider's device (beyond the one running).
     pub provider_queue_limit: usize,
+    /// Software-provider key generations running in child processes at once.
+    pub max_keygen_processes: usize,
+    /// Bytes of requests the service holds across all connections before it stops reading.
+    pub connection_buffer_budget: usize,
     pub authenticator: AuthenticatorKind,
     pub admins: Vec<String>,
     pub providers: Vec<ProviderSettings>,
@@ -271,6 +281,8 @@ struct FileCoreSettings {
     client_rate_limit: Option<u32>,
     client_rate_burst: Option<u32>,
     provider_queue_limit: Option<u64>,
+    max_keygen_processes: Option<u64>,
+    connection_buffer_budget: Option<u64>,
     /// Upstream's worker pool; this service has one thread by design.
     thread_pool_size: Option<u64>,
     /// Upstream's polling interval; this service blocks in the event loop instead.
@@ -512,6 +524,25 @@ impl Config {
             return Err(error(
                 core_line,
                 format!("core_settings.provider_queue_limit = {provider_queue_limit} is out of range: expected a number of requests from 1 to 65536"),
+            ));
+        }
+
+        let max_keygen_processes = core
+            .max_keygen_processes
+            .unwrap_or(DEFAULT_MAX_KEYGEN_PROCESSES);
+        if max_keygen_processes == 0 || max_keygen_processes > 1024 {
+            return Err(error(
+                core_line,
+                format!("core_settings.max_keygen_processes = {max_keygen_processes} is out of range: expected a number of processes from 1 to 1024"),
+            ));
+        }
+        let connection_buffer_budget = core
+            .connection_buffer_budget
+            .unwrap_or(DEFAULT_CONNECTION_BUFFER_BUDGET.max(body_len_limit));
+        if connection_buffer_budget < body_len_limit || connection_buffer_budget > 1 << 40 {
+            return Err(error(
+                core_line,
+                format!("core_settings.connection_buffer_budget = {connection_buffer_budget} is out of range: expected a number of bytes from body_len_limit ({body_len_limit}) to 1099511627776"),
             ));
         }
 
@@ -786,6 +817,8 @@ impl Config {
                 .client_rate_burst
                 .unwrap_or_else(|| core.client_rate_limit.unwrap_or(0).max(1)),
             provider_queue_limit: provider_queue_limit as usize,
+            max_keygen_processes: max_keygen_processes as usize,
+            connection_buffer_budget: connection_buffer_budget as usize,
             authenticator: authenticator.auth_type,
             admins,
             providers,

@@ -11,8 +11,8 @@
 
 mod common;
 
-use common::slow_tpm::{SlowTpm, TPM2_CC_CREATE};
-use common::{attributes, ecdsa, p256_signing, service_error, with_tpm_first, Daemon, Swtpm};
+use common::slow_tpm::{SlowTpm, TPM2_CC_CREATE, TPM2_CC_CREATE_PRIMARY, TPM2_CC_GET_RANDOM};
+use common::{attributes, ecc, ecdsa, p256_signing, service_error, with_tpm_first, Daemon, Swtpm};
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
 use parsec_client::core::interface::operations::psa_key_attributes::Type;
 use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
@@ -168,4 +168,66 @@ fn the_queue_bound_refuses_then_recovers() {
             .count(),
         2
     );
+}
+
+/// The endorsement key is derived once per connection to the TPM (TPM2_CreatePrimary in the
+/// endorsement hierarchy: seconds on a discrete TPM), then reloaded from its saved context.
+#[test]
+fn the_endorsement_key_is_created_once() {
+    let tpm = Swtpm::start("isolation-ek");
+    let slow = SlowTpm::start(tpm.port, &[], 0);
+    let daemon = slow_daemon("isolation-ek", &tpm, &slow, "");
+    let client = client_of(&daemon, "alice", ProviderId::Tpm);
+    client
+        .psa_generate_key("ecc", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .unwrap();
+    let before = slow.count(TPM2_CC_CREATE_PRIMARY);
+    let first = client
+        .prepare_activate_credential("ecc".to_string(), None)
+        .unwrap();
+    assert_eq!(
+        slow.count(TPM2_CC_CREATE_PRIMARY),
+        before + 1,
+        "the first attestation makes the EK"
+    );
+    for _ in 0..3 {
+        let again = client
+            .prepare_activate_credential("ecc".to_string(), None)
+            .unwrap();
+        assert_eq!(again.attesting_key_pub, first.attesting_key_pub);
+    }
+    assert_eq!(
+        slow.count(TPM2_CC_CREATE_PRIMARY),
+        before + 1,
+        "later attestations reuse the EK"
+    );
+}
+
+/// A large random request is served in chunks: another client's TPM request gets its turn
+/// between two of them instead of waiting for the whole request.
+#[test]
+fn a_large_tpm_random_request_lets_others_in() {
+    const SLOW_RANDOM: &[(u32, u64)] = &[(TPM2_CC_GET_RANDOM, 2)];
+    let tpm = Swtpm::start("isolation-random");
+    let slow = SlowTpm::start(tpm.port, SLOW_RANDOM, 0);
+    let daemon = slow_daemon("isolation-random", &tpm, &slow, "");
+    let other = client_of(&daemon, "bob", ProviderId::Tpm);
+    other
+        .psa_generate_key("ecc", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .unwrap();
+    let big = client_of(&daemon, "alice", ProviderId::Tpm);
+    // 32 KiB: about a thousand TPM2_GetRandom commands at 2 ms each.
+    let random = std::thread::spawn(move || big.psa_generate_random(32 * 1024));
+    wait_until("the TPM is busy with random bytes", || {
+        slow.slow_in_flight()
+    });
+    let signature = other.psa_sign_hash("ecc", &[1; 32], ecdsa(Hash::Sha256));
+    assert!(
+        !random.is_finished(),
+        "the other client's sign waited for the whole random request"
+    );
+    signature.unwrap();
+    let bytes = random.join().unwrap().unwrap();
+    assert_eq!(bytes.len(), 32 * 1024);
+    assert!(bytes.iter().any(|&b| b != 0));
 }

@@ -18,7 +18,7 @@ use crate::key_store::{KeyStore, KeyTriple};
 use crate::providers::worker::{Done, Inbox, Job, Outbox, Worker};
 use crate::providers::{self, AppKeys, Change, Deferred, Limits, Snapshot, Start};
 use crate::rate_limit::RateLimiter;
-use parsec_interface::operations::{Convert, NativeOperation, NativeResult};
+use parsec_interface::operations::{psa_generate_random, Convert, NativeOperation, NativeResult};
 use parsec_interface::operations_protobuf::ProtobufConverter;
 use parsec_interface::requests::request::RequestHeader;
 use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
@@ -61,6 +61,18 @@ enum Route {
 struct Ticket {
     header: RequestHeader,
     app: String,
+    /// A large random request, served in chunks (see `RANDOM_CHUNK`).
+    random: Option<RandomParts>,
+}
+
+/// Random bytes asked of a device beyond this are fetched this many at a time, each chunk a
+/// job of its own that goes to the back of the queue: a megabyte of TPM2_GetRandom (32,768
+/// commands) no longer holds the device from every other client.
+const RANDOM_CHUNK: usize = 1024;
+
+struct RandomParts {
+    remaining: usize,
+    collected: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// Everything that answers requests: the authenticator, the providers and the key store.
@@ -76,6 +88,7 @@ pub struct Dispatcher {
     next_ticket: u64,
     /// Tickets that could not be handed to their worker, answered by `completed`.
     failed: Vec<(u64, OpError)>,
+    limits: Limits,
 }
 
 impl Dispatcher {
@@ -109,6 +122,7 @@ impl Dispatcher {
         }
         let limits = Limits {
             buffer_size_limit: config.buffer_size_limit,
+            max_keygen_processes: config.max_keygen_processes,
         };
         let mut slots = Vec::new();
         for settings in &config.providers {
@@ -156,6 +170,7 @@ impl Dispatcher {
             tickets: HashMap::new(),
             next_ticket: 1,
             failed: Vec::new(),
+            limits,
         })
     }
 
@@ -286,13 +301,31 @@ impl Dispatcher {
             }
             Slot::Remote(remote) => {
                 let ticket = self.next_ticket;
+                let (operation, random) = match operation {
+                    NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {
+                        self.limits.check_output(op.size)?;
+                        let parts = RandomParts {
+                            remaining: op.size - RANDOM_CHUNK,
+                            collected: zeroize::Zeroizing::new(Vec::with_capacity(op.size)),
+                        };
+                        (random_chunk(RANDOM_CHUNK), Some(parts))
+                    }
+                    operation => (operation, None),
+                };
                 remote.admit(Waiting {
                     ticket,
                     app: app.clone(),
                     op: operation,
                 })?;
                 self.next_ticket += 1;
-                self.tickets.insert(ticket, Ticket { header, app });
+                self.tickets.insert(
+                    ticket,
+                    Ticket {
+                        header,
+                        app,
+                        random,
+                    },
+                );
                 self.pump(index);
                 Ok(Step::Queued(ticket))
             }
@@ -370,8 +403,47 @@ impl Dispatcher {
         if let Some(Slot::Remote(remote)) = index.map(|i| &mut self.slots[i]) {
             remote.busy = false;
         }
-        let ticket = self.tickets.remove(&done.ticket)?;
-        let outcome = done.result.and_then(|result| {
+        let mut ticket = self.tickets.remove(&done.ticket)?;
+        // One chunk of a large random request: collect it; the next goes to the back of the
+        // queue, behind whatever other clients asked meanwhile.
+        if let (Some(parts), Ok(NativeResult::PsaGenerateRandom(chunk))) =
+            (ticket.random.as_mut(), &done.result)
+        {
+            parts.collected.extend_from_slice(&chunk.random_bytes);
+            if parts.remaining > 0 {
+                let size = parts.remaining.min(RANDOM_CHUNK);
+                parts.remaining -= size;
+                if let Some(Slot::Remote(remote)) = index.map(|i| &mut self.slots[i]) {
+                    remote.queue.push_back(Waiting {
+                        ticket: done.ticket,
+                        app: ticket.app.clone(),
+                        op: random_chunk(size),
+                    });
+                    self.tickets.insert(done.ticket, ticket);
+                    if let Some(index) = index {
+                        self.pump(index);
+                    }
+                    return None;
+                }
+            }
+        }
+        let result = match ticket.random.take() {
+            Some(parts) if done.result.is_ok() && parts.remaining == 0 => Ok(
+                NativeResult::PsaGenerateRandom(psa_generate_random::Result {
+                    random_bytes: parts.collected,
+                }),
+            ),
+            Some(_) if done.result.is_ok() => Err(OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                format!(
+                    "{:?} was removed by a reload while the request ran",
+                    done.provider
+                ),
+                "the configuration changed: send the request again",
+            )),
+            _ => done.result,
+        };
+        let outcome = result.and_then(|result| {
             self.store_changes(&done.app, done.provider, done.changes, index)?;
             Ok(result)
         });
@@ -587,4 +659,8 @@ impl Dispatcher {
         }
         Ok(Route::Provider(index))
     }
+}
+
+fn random_chunk(size: usize) -> NativeOperation {
+    NativeOperation::PsaGenerateRandom(psa_generate_random::Operation { size })
 }

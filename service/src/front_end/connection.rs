@@ -13,6 +13,40 @@ use std::time::Instant;
 /// How much of the payload is read per `read` call at most.
 const CHUNK: usize = 16 * 1024;
 
+/// The bytes of requests the service may hold across all its connections
+/// (`core_settings.connection_buffer_budget`). A connection reserves its whole payload when
+/// its header is in, before reading any of it; when the budget cannot take it, the
+/// connection waits (nothing more is read from it) until others close. One request is
+/// always admitted when nothing else is held, so a full-size request is never stuck.
+#[derive(Debug)]
+pub struct Budget {
+    pub limit: usize,
+    pub used: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget { limit, used: 0 }
+    }
+
+    pub fn unlimited() -> Budget {
+        Budget::new(usize::MAX)
+    }
+
+    fn try_reserve(&mut self, bytes: usize) -> bool {
+        if self.used == 0 || self.used.saturating_add(bytes) <= self.limit {
+            self.used += bytes;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn release(&mut self, bytes: usize) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+}
+
 enum State {
     Header {
         buf: [u8; HEADER_LEN],
@@ -20,6 +54,11 @@ enum State {
     },
     Payload {
         frame: Vec<u8>,
+        total: usize,
+    },
+    /// The header is in; the payload waits for room in the budget.
+    Stalled {
+        header: [u8; HEADER_LEN],
         total: usize,
     },
     /// The whole request is in; it waits in the server's queue for its turn.
@@ -40,6 +79,8 @@ pub enum Progress {
     Reject(ResponseStatus),
     /// The client closed the connection before sending a whole request.
     Closed,
+    /// The buffer budget is spent: read again once other connections have closed.
+    Stalled,
 }
 
 /// One connection, over a Unix socket in the service, over any byte stream in tests and
@@ -49,6 +90,8 @@ pub struct Connection<S = UnixStream> {
     pub peer: Option<PeerCredentials>,
     /// When the client must have sent its request (and read its response) by.
     pub deadline: Instant,
+    /// Payload bytes reserved in the budget (given back when the connection closes).
+    pub reserved: usize,
     state: State,
 }
 
@@ -58,6 +101,7 @@ impl<S: Read + Write> Connection<S> {
             stream,
             peer,
             deadline,
+            reserved: 0,
             state: State::Header {
                 buf: [0; HEADER_LEN],
                 filled: 0,
@@ -67,6 +111,11 @@ impl<S: Read + Write> Connection<S> {
 
     pub fn is_writing(&self) -> bool {
         matches!(self.state, State::Writing { .. })
+    }
+
+    /// True while the connection waits for room in the buffer budget.
+    pub fn is_stalled(&self) -> bool {
+        matches!(self.state, State::Stalled { .. })
     }
 
     /// True once the request is complete and waiting to be answered.
@@ -80,7 +129,7 @@ impl<S: Read + Write> Connection<S> {
     }
 
     /// Reads what the socket has, up to the end of the request.
-    pub fn read(&mut self, body_len_limit: usize) -> io::Result<Progress> {
+    pub fn read(&mut self, body_len_limit: usize, budget: &mut Budget) -> io::Result<Progress> {
         loop {
             match &mut self.state {
                 State::Header { buf, filled } => {
@@ -97,10 +146,23 @@ impl<S: Read + Write> Connection<S> {
                         Ok(len) => len,
                         Err(status) => return Ok(Progress::Reject(status)),
                     };
-                    let total = HEADER_LEN + payload;
-                    let mut frame = Vec::with_capacity(total.min(HEADER_LEN + CHUNK));
-                    frame.extend_from_slice(buf);
-                    self.state = State::Payload { frame, total };
+                    self.state = State::Stalled {
+                        header: *buf,
+                        total: HEADER_LEN + payload,
+                    };
+                }
+                State::Stalled { header, total } => {
+                    let payload = *total - HEADER_LEN;
+                    if !budget.try_reserve(payload) {
+                        return Ok(Progress::Stalled);
+                    }
+                    self.reserved = payload;
+                    let mut frame = Vec::with_capacity((*total).min(HEADER_LEN + CHUNK));
+                    frame.extend_from_slice(header);
+                    self.state = State::Payload {
+                        frame,
+                        total: *total,
+                    };
                 }
                 State::Payload { frame, total } => {
                     if frame.len() == *total {

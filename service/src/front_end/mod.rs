@@ -83,7 +83,7 @@ pub fn answer_stream(
         output: Vec::new(),
     };
     let mut connection = Connection::new(stream, peer, std::time::Instant::now());
-    let response = match connection.read(body_len_limit) {
+    let response = match connection.read(body_len_limit, &mut connection::Budget::unlimited()) {
         Ok(Progress::Frame(frame)) => {
             match answer_frame(dispatcher, &frame, peer, body_len_limit) {
                 Dispatched::Done(response) => response,
@@ -92,7 +92,7 @@ pub fn answer_stream(
             }
         }
         Ok(Progress::Reject(status)) => Response::from_status(status),
-        Ok(Progress::Pending | Progress::Closed) | Err(_) => return Vec::new(),
+        Ok(Progress::Pending | Progress::Closed | Progress::Stalled) | Err(_) => return Vec::new(),
     };
     connection.respond(framing::encode(response));
     let _ = connection.write();

@@ -6,7 +6,7 @@
 //! A request is answered as soon as its last byte arrives, within the same wake-up, so a
 //! slow or silent client only ever holds its own connection.
 
-use super::connection::{Connection, Progress};
+use super::connection::{Budget, Connection, Progress};
 use super::{framing, systemd};
 use crate::authenticators::PeerCredentials;
 use crate::config::{Config, ConfigSource, ProviderKind};
@@ -61,6 +61,10 @@ pub struct Server {
     jobs: HashMap<Token, Job>,
     /// Requests in the hands of hardware providers' workers: the connection of each ticket.
     queued: HashMap<u64, Token>,
+    /// Request bytes held across connections, and the connections waiting for room in it.
+    budget: Budget,
+    stalled: VecDeque<Token>,
+    last_budget_log: Option<Instant>,
     next_token: usize,
     dispatcher: Dispatcher,
     config: Config,
@@ -171,6 +175,9 @@ impl Server {
             ready_heavy: VecDeque::new(),
             jobs: HashMap::new(),
             queued: HashMap::new(),
+            budget: Budget::new(config.connection_buffer_budget),
+            stalled: VecDeque::new(),
+            last_budget_log: None,
             next_token: FIRST_CONNECTION,
             dispatcher,
             config,
@@ -230,6 +237,9 @@ impl Server {
                 return Ok(());
             }
             self.answer_next();
+            if !self.stalled.is_empty() {
+                self.resume_stalled();
+            }
         }
     }
 
@@ -286,8 +296,25 @@ impl Server {
             return;
         };
         if !connection.is_writing() {
-            let response = match connection.read(self.config.body_len_limit) {
+            let response = match connection.read(self.config.body_len_limit, &mut self.budget) {
                 Ok(Progress::Pending) => return,
+                Ok(Progress::Stalled) => {
+                    self.stalled.push_back(token);
+                    let now = Instant::now();
+                    if self
+                        .last_budget_log
+                        .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1))
+                    {
+                        log::warn!(
+                            "holding {} request bytes (core_settings.connection_buffer_budget = {}): reading paused on {} connections until others finish",
+                            self.budget.used,
+                            self.budget.limit,
+                            self.stalled.len()
+                        );
+                        self.last_budget_log = Some(now);
+                    }
+                    return;
+                }
                 Ok(Progress::Closed) => {
                     log::debug!("client closed its connection before sending a whole request");
                     self.close(token);
@@ -460,7 +487,25 @@ impl Server {
     fn close(&mut self, token: Token) {
         // Dropping the stream closes its only descriptor, which also removes it from the
         // epoll set: no deregister call (one system call fewer per request).
-        self.connections.remove(&token);
+        if let Some(connection) = self.connections.remove(&token) {
+            self.budget.release(connection.reserved);
+        }
+    }
+
+    /// Reads again from connections that waited for room in the buffer budget, oldest first,
+    /// while there is room (their data is in the socket already: no event will come).
+    fn resume_stalled(&mut self) {
+        for _ in 0..self.stalled.len() {
+            if self.budget.used >= self.budget.limit {
+                return;
+            }
+            let Some(token) = self.stalled.pop_front() else {
+                return;
+            };
+            if self.connections.get(&token).is_some_and(|c| c.is_stalled()) {
+                self.serve(token);
+            }
+        }
     }
 
     /// Closes every connection whose deadline has passed.
@@ -491,8 +536,9 @@ impl Server {
             if connection.deadline != deadline {
                 continue; // the token was reused by a later connection
             }
-            if connection.is_queued() {
-                // The client sent its whole request in time; it waits for the service.
+            if connection.is_queued() || connection.is_stalled() {
+                // The client sent its whole request in time (or the service stopped reading
+                // it for want of buffer room); it waits for the service.
                 let later = now + self.config.read_timeout;
                 connection.deadline = later;
                 self.deadlines.push_back((later, token));

@@ -32,6 +32,45 @@ pub mod worker;
 pub struct Limits {
     /// Largest output buffer one operation may produce, in bytes.
     pub buffer_size_limit: usize,
+    /// Child processes (slow key generations) that may run at once, service-wide.
+    pub max_keygen_processes: usize,
+}
+
+/// Child processes running deferred operations, across every provider and reload.
+static CHILDREN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the `max_keygen_processes` places for a child process, held by its `Deferred`
+/// until the request is finished (whatever happens to it), then given back.
+pub struct ChildSlot(());
+
+impl ChildSlot {
+    pub fn take(limits: &Limits) -> Result<ChildSlot, OpError> {
+        use std::sync::atomic::Ordering;
+        let taken = CHILDREN.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limits.max_keygen_processes).then_some(n + 1)
+        });
+        match taken {
+            Ok(_) => Ok(ChildSlot(())),
+            Err(running) => Err(OpError::new(
+                ResponseStatus::PsaErrorInsufficientMemory,
+                format!(
+                    "{running} key generation processes are running (core_settings.max_keygen_processes = {})",
+                    limits.max_keygen_processes
+                ),
+                "retry when one has finished, or raise core_settings.max_keygen_processes",
+            )),
+        }
+    }
+
+    pub fn running() -> usize {
+        CHILDREN.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ChildSlot {
+    fn drop(&mut self) {
+        CHILDREN.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Limits {
@@ -61,6 +100,8 @@ pub struct Deferred {
     /// The read end of the pipe the child writes its result to; end of file when done.
     pub output: std::fs::File,
     pub child: nix::unistd::Pid,
+    /// Its place among `max_keygen_processes`, given back when the request is finished.
+    pub slot: ChildSlot,
     /// What the provider needs to finish the operation.
     pub state: Box<dyn std::any::Any>,
 }

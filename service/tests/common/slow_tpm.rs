@@ -21,6 +21,7 @@ use std::time::Duration;
 pub const TPM2_CC_CREATE_PRIMARY: u32 = 0x131;
 pub const TPM2_CC_CREATE: u32 = 0x153;
 pub const TPM2_CC_SIGN: u32 = 0x15D;
+pub const TPM2_CC_GET_RANDOM: u32 = 0x17B;
 
 /// Delays of a discrete SPI TPM (see the module's notes), in milliseconds.
 pub const REAL_TPM: &[(u32, u64)] = &[
@@ -35,6 +36,8 @@ pub struct Counters {
     /// Delayed commands (those in the table) begun and answered.
     pub slow_begun: AtomicUsize,
     pub slow_done: AtomicUsize,
+    /// Commands passed on, by command code.
+    pub by_code: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
 }
 
 pub struct SlowTpm {
@@ -77,6 +80,17 @@ impl SlowTpm {
             > self.counters.slow_done.load(Ordering::SeqCst)
     }
 
+    /// How many commands of this code the service has sent.
+    pub fn count(&self, code: u32) -> usize {
+        self.counters
+            .by_code
+            .lock()
+            .unwrap()
+            .get(&code)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn slow_done(&self) -> usize {
         self.counters.slow_done.load(Ordering::SeqCst)
     }
@@ -106,6 +120,7 @@ fn relay_commands(
     loop {
         let command = read_message(&mut client)?;
         let code = u32::from_be_bytes(command[6..10].try_into().unwrap());
+        *counters.by_code.lock().unwrap().entry(code).or_default() += 1;
         let slow = table.iter().find(|(c, _)| *c == code).map(|(_, ms)| *ms);
         if slow.is_some() {
             counters.slow_begun.fetch_add(1, Ordering::SeqCst);

@@ -39,8 +39,11 @@ pub fn spawn(attributes: Attributes) -> Result<(File, Pid), OpError> {
             "the service is out of file descriptors",
         )
     })?;
-    // SAFETY: the service has one thread, so the child is a consistent copy of it; the child
-    // only uses Mbed TLS and its end of the pipe, and leaves with _exit, never returning into
+    // SAFETY: the child has only this thread, the event loop's, which is the only one that
+    // uses Mbed TLS (hardware providers' worker threads never do), so Mbed TLS's state is a
+    // consistent copy; glibc's malloc is made usable in a forked child by its own fork
+    // handlers. The child only uses Mbed TLS, the allocator and its end of the pipe, takes no
+    // lock another thread may hold (no logging), and leaves with _exit, never returning into
     // the parent's code.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {

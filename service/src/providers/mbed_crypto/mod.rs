@@ -543,10 +543,12 @@ impl Provider for MbedCryptoProvider {
             NativeOperation::PsaGenerateKey(op) if op.attributes.key_type == Type::RsaKeyPair => {
                 capabilities::check(CheckType::Generate, op.attributes)?;
                 keys.ensure_free(&op.key_name)?;
+                let slot = super::ChildSlot::take(&self.limits)?;
                 let (output, child) = keygen::spawn(op.attributes)?;
                 Ok(Start::Deferred(Deferred {
                     output,
                     child,
+                    slot,
                     state: Box::new(keygen::Job {
                         name: op.key_name,
                         attributes: op.attributes,

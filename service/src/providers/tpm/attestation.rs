@@ -34,8 +34,46 @@ fn only_the_ek() -> OpError {
     )
 }
 
-/// Creates the EK in the endorsement hierarchy (the TPM derives the same key every time).
-fn load_ek(conn: &mut Connection, settings: &TpmSettings) -> Result<KeyHandle, OpError> {
+/// The EK (the TPM derives the same key from its endorsement seed every time), loaded, with
+/// its public area. The first call creates it in the endorsement hierarchy and saves its
+/// context; later calls load that context, skipping the RSA key derivation. The caller
+/// flushes the handle when done.
+fn load_ek(conn: &mut Connection, settings: &TpmSettings) -> Result<(KeyHandle, Public), OpError> {
+    if let Some((saved, public)) = conn.ek.clone() {
+        match conn.ctx.context_load(saved) {
+            Ok(handle) => return Ok((KeyHandle::from(handle), public)),
+            // After a TPM reset a saved context is void: make the EK again.
+            Err(e) => {
+                log::info!(
+                    "tpm: the saved endorsement key context did not load ({}); creating it again",
+                    tpm_error("TPM2_ContextLoad", e)
+                );
+                conn.ek = None;
+            }
+        }
+    }
+    let handle = create_ek(conn, settings)?;
+    let public = conn.call_plain("TPM2_ReadPublic (endorsement key)", |ctx| {
+        ctx.read_public(handle)
+    });
+    let public = match public {
+        Ok((public, _, _)) => public,
+        Err(e) => {
+            flush(conn, handle.into(), "endorsement key");
+            return Err(e);
+        }
+    };
+    match conn.ctx.context_save(handle.into()) {
+        Ok(saved) => conn.ek = Some((saved, public.clone())),
+        Err(e) => log::warn!(
+            "tpm: cannot save the endorsement key's context ({}): it will be created for each attestation",
+            tpm_error("TPM2_ContextSave", e)
+        ),
+    }
+    Ok((handle, public))
+}
+
+fn create_ek(conn: &mut Connection, settings: &TpmSettings) -> Result<KeyHandle, OpError> {
     let auth = Auth::try_from(settings.endorsement_hierarchy_auth.bytes().to_vec())
         .map_err(|e| keys::tss_wrapper("endorsement_hierarchy_auth", e))?;
     conn.ctx
@@ -82,12 +120,15 @@ pub(super) fn prepare(
         .marshall()
         .map_err(|e| keys::tss_wrapper("marshalling the public area", e))?;
 
-    let ek_handle = load_ek(conn, settings)?;
-    let ek_public = conn.call_plain("TPM2_ReadPublic (endorsement key)", |ctx| {
-        ctx.read_public(ek_handle)
-    });
-    flush(conn, ek_handle.into(), "endorsement key");
-    let (ek_public, _, _) = ek_public?;
+    // Only the public area is needed: from the cache when the EK was made before.
+    let ek_public = match conn.ek.as_ref() {
+        Some((_, public)) => public.clone(),
+        None => {
+            let (ek_handle, public) = load_ek(conn, settings)?;
+            flush(conn, ek_handle.into(), "endorsement key");
+            public
+        }
+    };
     let Public::Rsa {
         unique, parameters, ..
     } = ek_public
@@ -137,7 +178,7 @@ pub(super) fn attest(
     let secret = EncryptedSecret::try_from(secret.to_vec()).map_err(|_| bad("secret"))?;
     let blob = keys.get(attested_key_name)?.key_id.clone();
     let (handle, _) = conn.load(&blob)?;
-    let ek_handle = load_ek(conn, settings)?;
+    let (ek_handle, _) = load_ek(conn, settings)?;
 
     let policy = conn.call_plain("TPM2_StartAuthSession (policy)", |ctx| {
         ctx.start_auth_session(

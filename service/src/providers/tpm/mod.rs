@@ -229,6 +229,11 @@ struct Connection {
     session: AuthSession,
     /// The key used last, still loaded.
     loaded: Option<Loaded>,
+    /// The endorsement key's saved context and public area, made on the first attestation
+    /// and reused for the connection's life: creating the EK is an RSA key derivation
+    /// (seconds on a discrete TPM), loading its saved context is not. It is not kept loaded:
+    /// a TPM without a resource manager has only three transient object slots.
+    ek: Option<(tss_esapi::utils::TpmsContext, tss_esapi::structures::Public)>,
     /// Set when a call fails in a way that means the connection is gone.
     broken: bool,
 }
@@ -299,6 +304,7 @@ impl Connection {
             primary,
             session,
             loaded: None,
+            ek: None,
             broken: false,
         })
     }
