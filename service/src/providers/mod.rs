@@ -18,6 +18,8 @@ use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod der;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+mod device;
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod ecc;
 #[cfg(feature = "mbed-crypto-provider")]
 pub mod mbed_crypto;

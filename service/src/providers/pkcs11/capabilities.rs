@@ -1,0 +1,76 @@
+//! What the PKCS#11 provider can generate, import and use: the table behind CanDoCrypto and the up-front checks.
+
+use super::*;
+
+/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
+pub(super) fn check(
+    check_type: CheckType,
+    attributes: Attributes,
+    allow_export: bool,
+) -> Result<(), OpError> {
+    let key_type = attributes.key_type;
+    let size_ok = match key_type {
+        Type::RsaKeyPair | Type::RsaPublicKey => {
+            (check_type == CheckType::Import && attributes.bits == 0)
+                || ((1024..=4096).contains(&attributes.bits) && attributes.bits % 8 == 0)
+        }
+        Type::EccKeyPair { curve_family } | Type::EccPublicKey { curve_family } => {
+            ec_params(curve_family, attributes.bits).is_ok()
+        }
+        _ => false,
+    };
+    if !size_ok {
+        return Err(not_supported(format!(
+            "{key_type:?} of {} bits",
+            attributes.bits
+        )));
+    }
+    match check_type {
+        CheckType::Generate if key_type.is_public_key() => {
+            return Err(not_supported(format!(
+                "generating a public key ({key_type:?}): generate the key pair"
+            )))
+        }
+        CheckType::Derive => return Err(not_supported("key derivation".into())),
+        _ => {}
+    }
+    if attributes.policy.usage_flags.export() && !key_type.is_public_key() && !allow_export {
+        return Err(OpError::new(
+            ResponseStatus::PsaErrorNotPermitted,
+            "a private key with the export usage flag, and allow_export = false",
+            "the config forbids exportable keys on this token: drop the export flag, or set allow_export = true",
+        ));
+    }
+    match attributes.policy.permitted_algorithms {
+        Algorithm::AsymmetricSignature(sig) => {
+            if !matches!(
+                sig,
+                AsymmetricSignature::RsaPkcs1v15Sign { .. }
+                    | AsymmetricSignature::RsaPss { .. }
+                    | AsymmetricSignature::Ecdsa { .. }
+            ) {
+                return Err(not_supported(format!("signature algorithm {sig:?}")));
+            }
+        }
+        Algorithm::AsymmetricEncryption(AsymmetricEncryption::RsaOaep { hash_alg }) => {
+            hash_mechanism(hash_alg)?;
+        }
+        Algorithm::AsymmetricEncryption(_) | Algorithm::None => {}
+        other => return Err(not_supported(format!("algorithm {other:?}"))),
+    }
+    if attributes.policy.permitted_algorithms != Algorithm::None {
+        attributes
+            .compatible_with_alg(attributes.policy.permitted_algorithms)
+            .map_err(|e| {
+                OpError::new(
+                    ResponseStatus::from(e),
+                    format!(
+                        "{:?} does not fit a {key_type:?}",
+                        attributes.policy.permitted_algorithms
+                    ),
+                    "choose an algorithm for this key type",
+                )
+            })?;
+    }
+    Ok(())
+}

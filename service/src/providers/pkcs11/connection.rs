@@ -1,0 +1,170 @@
+//! The open token: the module loaded, the token found by its selector, a logged-in session, the objects of each key looked up by CKA_ID.
+
+use super::*;
+
+/// The objects of one key on the token.
+#[derive(Clone, Copy)]
+pub(super) struct Objects {
+    pub(super) private: Option<ObjectHandle>,
+    pub(super) public: Option<ObjectHandle>,
+}
+
+/// The module loaded, the token found, a logged-in session.
+pub(super) struct Connection {
+    /// Kept so that the module stays initialised while the session lives.
+    pub(super) _pkcs11: Pkcs11,
+    pub(super) session: Session,
+    /// For log lines: `token "label" (serial ..., slot N)`.
+    pub(super) token: String,
+    pub(super) objects: HashMap<Vec<u8>, Objects>,
+    pub(super) broken: bool,
+}
+
+impl Link for Connection {
+    fn broken(&self) -> bool {
+        self.broken
+    }
+}
+
+pub(super) fn token_line(label: &str, serial: &str, slot: Slot) -> String {
+    format!(
+        "token \"{}\" (serial {}, slot {})",
+        label.trim(),
+        serial.trim(),
+        slot.id()
+    )
+}
+
+impl Connection {
+    pub(super) fn open(settings: &Pkcs11Settings) -> Result<Connection, String> {
+        let module = settings.library_path.display().to_string();
+        let pkcs11 = Pkcs11::new(&settings.library_path)
+            .map_err(|e| format!("cannot load the PKCS#11 module {module}: {e}"))?;
+        pkcs11
+            .initialize(CInitializeArgs::OsThreads)
+            .map_err(|e| format!("{}", ckr::error("C_Initialize", &module, e)))?;
+        let slots = pkcs11
+            .get_slots_with_token()
+            .map_err(|e| format!("{}", ckr::error("C_GetSlotList", &module, e)))?;
+        let mut seen = Vec::new();
+        let mut chosen = None;
+        for slot in slots {
+            let Ok(info) = pkcs11.get_token_info(slot) else {
+                continue;
+            };
+            let line = token_line(info.label(), info.serial_number(), slot);
+            let matches = match &settings.token {
+                TokenSelector::Slot(id) => slot.id() == *id,
+                TokenSelector::Serial(serial) => info.serial_number().trim() == serial.trim(),
+                TokenSelector::Label(label) => info.label().trim() == label.trim(),
+                TokenSelector::Only => true,
+            };
+            if matches && info.token_initialized() {
+                chosen = match chosen {
+                    None => Some((slot, line.clone())),
+                    Some(_) if settings.token == TokenSelector::Only => {
+                        return Err(format!(
+                            "{module} has several tokens and the config names none: set slot_number, serial_number or token_label (tokens seen: {})",
+                            std::iter::once(line).chain(seen).collect::<Vec<_>>().join(", ")
+                        ))
+                    }
+                    other => other,
+                };
+            }
+            seen.push(line);
+        }
+        let Some((slot, token)) = chosen else {
+            return Err(format!(
+                "no initialised token matches {:?} in {module}; tokens seen: {}",
+                settings.token,
+                if seen.is_empty() {
+                    "none".to_string()
+                } else {
+                    seen.join(", ")
+                }
+            ));
+        };
+        let session = pkcs11
+            .open_rw_session(slot)
+            .map_err(|e| format!("{}", ckr::error("opening a session", &token, e)))?;
+        if !settings.user_pin.bytes().is_empty() {
+            let pin = String::from_utf8_lossy(settings.user_pin.bytes()).to_string();
+            match session.login(UserType::User, Some(&Secret::new(pin))) {
+                Ok(())
+                | Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::UserAlreadyLoggedIn,
+                    _,
+                )) => {}
+                Err(e) => return Err(format!("{}", ckr::error("logging in", &token, e))),
+            }
+        }
+        Ok(Connection {
+            _pkcs11: pkcs11,
+            session,
+            token,
+            objects: HashMap::new(),
+            broken: false,
+        })
+    }
+
+    /// Decodes a failed call, and notes when the token is gone.
+    pub(super) fn fail(&mut self, operation: &str, err: cryptoki::error::Error) -> OpError {
+        if ckr::token_lost(&err) {
+            self.broken = true;
+        }
+        ckr::error(operation, &self.token, err)
+    }
+
+    /// The objects of a key, found on the token once and then remembered.
+    pub(super) fn objects(&mut self, key_id: &[u8]) -> Result<Objects, OpError> {
+        if let Some(objects) = self.objects.get(key_id) {
+            return Ok(*objects);
+        }
+        let key = KeyRef::decode(key_id)?;
+        let mut found = Objects {
+            private: None,
+            public: None,
+        };
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let handles = self
+                .session
+                .find_objects(&key.template(class))
+                .map_err(|e| self.fail("finding the key", e))?;
+            let first = handles.first().copied();
+            if class == ObjectClass::PRIVATE_KEY {
+                found.private = first;
+            } else {
+                found.public = first;
+            }
+        }
+        if found.private.is_none() && found.public.is_none() {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorStorageFailure,
+                format!("no object with this key's CKA_ID/label on {}", self.token),
+                "the key was deleted from the token by another program, or this is another token",
+            ));
+        }
+        self.objects.insert(key_id.to_vec(), found);
+        Ok(found)
+    }
+
+    pub(super) fn private(&mut self, key_id: &[u8]) -> Result<ObjectHandle, OpError> {
+        self.objects(key_id)?.private.ok_or_else(|| {
+            OpError::new(
+                ResponseStatus::PsaErrorNotPermitted,
+                format!("the key has no private key object on {}", self.token),
+                "this is a public key: it can verify and encrypt only",
+            )
+        })
+    }
+
+    /// The public key object, or the private one for tokens that keep no public object
+    /// (a private key object answers verify and encrypt on most tokens).
+    pub(super) fn public(&mut self, key_id: &[u8]) -> Result<ObjectHandle, OpError> {
+        let objects = self.objects(key_id)?;
+        Ok(objects
+            .public
+            .or(objects.private)
+            .expect("objects() found one"))
+    }
+}

@@ -1,0 +1,263 @@
+//! How keys look on the token: the CKA_ID scheme (`KeyRef`), the attribute templates for generation and import, and finding which attribute a token refuses.
+
+use super::*;
+
+/// How the key store names a token object (the entry's `key_id`, bincode).
+#[derive(serde::Serialize, serde::Deserialize, Clone, PartialEq, Eq, Hash)]
+pub(super) struct KeyRef {
+    pub(super) id: Option<Vec<u8>>,
+    pub(super) label: Option<String>,
+}
+
+impl KeyRef {
+    pub(super) fn decode(bytes: &[u8]) -> Result<KeyRef, OpError> {
+        bincode::deserialize(bytes).map_err(|e| {
+            OpError::new(
+                ResponseStatus::PsaErrorCorruptionDetected,
+                format!("the key store entry is not a PKCS#11 key reference: {e}"),
+                "restore the entry from a backup, or remove it",
+            )
+        })
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).expect("a struct of vectors serializes")
+    }
+
+    /// The attributes that find this key's objects of one class.
+    pub(super) fn template(&self, class: ObjectClass) -> Vec<Attribute> {
+        let mut template = vec![Attribute::Class(class)];
+        if let Some(id) = &self.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        if let Some(label) = &self.label {
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        template
+    }
+}
+
+/// The common attributes of a new key's objects.
+pub(super) fn common(key: &KeyRef, class: ObjectClass, key_type: KeyType) -> Vec<Attribute> {
+    let mut template = key.template(class);
+    template.extend([Attribute::Token(true), Attribute::KeyType(key_type)]);
+    template
+}
+
+pub(super) fn uses(attributes: &Attributes) -> (bool, bool) {
+    let flags = attributes.policy.usage_flags;
+    let sign =
+        flags.sign_hash() || flags.verify_hash() || flags.sign_message() || flags.verify_message();
+    let crypt = flags.encrypt() || flags.decrypt();
+    (sign || !crypt, crypt)
+}
+
+pub(super) fn private_common(
+    key: &KeyRef,
+    attributes: &Attributes,
+    key_type: KeyType,
+) -> Vec<Attribute> {
+    let (sign, crypt) = uses(attributes);
+    let exportable = attributes.policy.usage_flags.export();
+    let mut template = common(key, ObjectClass::PRIVATE_KEY, key_type);
+    template.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(!exportable),
+        Attribute::Extractable(exportable),
+        Attribute::Sign(sign),
+        Attribute::Decrypt(crypt),
+    ]);
+    template
+}
+
+pub(super) fn public_common(
+    key: &KeyRef,
+    attributes: &Attributes,
+    key_type: KeyType,
+) -> Vec<Attribute> {
+    let (sign, crypt) = uses(attributes);
+    let mut template = common(key, ObjectClass::PUBLIC_KEY, key_type);
+    template.extend([
+        Attribute::Private(false),
+        Attribute::Verify(sign),
+        Attribute::Encrypt(crypt),
+    ]);
+    template
+}
+
+/// Public and private templates for C_GenerateKeyPair.
+pub(super) fn templates(
+    key: &KeyRef,
+    attributes: &Attributes,
+) -> Result<(Vec<Attribute>, Vec<Attribute>), OpError> {
+    match attributes.key_type {
+        Type::RsaKeyPair => {
+            let mut public = public_common(key, attributes, KeyType::RSA);
+            public.extend([
+                Attribute::ModulusBits((attributes.bits as std::os::raw::c_ulong).into()),
+                Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            ]);
+            Ok((public, private_common(key, attributes, KeyType::RSA)))
+        }
+        Type::EccKeyPair { curve_family } => {
+            let (_, crypt) = uses(attributes);
+            if crypt {
+                return Err(not_supported("ECC keys for encryption".into()));
+            }
+            let mut public = public_common(key, attributes, KeyType::EC);
+            public.push(Attribute::EcParams(
+                ec_params(curve_family, attributes.bits)?.to_vec(),
+            ));
+            Ok((public, private_common(key, attributes, KeyType::EC)))
+        }
+        other => Err(not_supported(format!("generating {other:?}"))),
+    }
+}
+
+/// Object templates for an import, and the attributes to record (bits read from the data).
+pub(super) fn import_templates(
+    key: &KeyRef,
+    attributes: &Attributes,
+    data: &[u8],
+) -> Result<(Attributes, Vec<Vec<Attribute>>), OpError> {
+    let invalid = |what: &str| {
+        OpError::new(
+            ResponseStatus::PsaErrorInvalidArgument,
+            format!("the key data is not {what}"),
+            "PSA formats: RSA key pairs as PKCS#1 RSAPrivateKey DER, RSA public keys as RSAPublicKey DER, ECC key pairs as the private scalar, ECC public keys as 0x04||x||y",
+        )
+    };
+    let mut attributes = *attributes;
+    let check_bits = |attributes: &mut Attributes, bits: usize| {
+        if attributes.bits != 0 && attributes.bits != bits {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorInvalidArgument,
+                format!(
+                    "the attributes say {} bits, the key has {bits}",
+                    attributes.bits
+                ),
+                "set bits to the key's size, or to 0",
+            ));
+        }
+        attributes.bits = bits;
+        Ok(())
+    };
+    match attributes.key_type {
+        Type::RsaKeyPair => {
+            let k = der::parse_rsa_private(data)
+                .ok_or_else(|| invalid("a two-prime DER RSAPrivateKey"))?;
+            check_bits(&mut attributes, k.modulus.len() * 8)?;
+            let exponent = k.exponent.to_be_bytes().to_vec();
+            let mut private = private_common(key, &attributes, KeyType::RSA);
+            private.extend([
+                Attribute::Modulus(k.modulus.to_vec()),
+                Attribute::PublicExponent(exponent.clone()),
+                Attribute::PrivateExponent(k.private_exponent.to_vec()),
+                Attribute::Prime1(k.prime1.to_vec()),
+                Attribute::Prime2(k.prime2.to_vec()),
+                Attribute::Exponent1(k.exponent1.to_vec()),
+                Attribute::Exponent2(k.exponent2.to_vec()),
+                Attribute::Coefficient(k.coefficient.to_vec()),
+            ]);
+            let mut public = public_common(key, &attributes, KeyType::RSA);
+            public.extend([
+                Attribute::Modulus(k.modulus.to_vec()),
+                Attribute::PublicExponent(exponent),
+            ]);
+            Ok((attributes, vec![private, public]))
+        }
+        Type::RsaPublicKey => {
+            let k = der::parse_rsa_public(data).ok_or_else(|| invalid("a DER RSAPublicKey"))?;
+            check_bits(&mut attributes, k.modulus.len() * 8)?;
+            let mut public = public_common(key, &attributes, KeyType::RSA);
+            public.extend([
+                Attribute::Modulus(k.modulus.to_vec()),
+                Attribute::PublicExponent(k.exponent.to_be_bytes().to_vec()),
+            ]);
+            Ok((attributes, vec![public]))
+        }
+        Type::EccKeyPair { curve_family } => {
+            let params = ec_params(curve_family, attributes.bits)?.to_vec();
+            let (x, y) = ecc::public_point(attributes.bits, data)?;
+            let mut private = private_common(key, &attributes, KeyType::EC);
+            private.extend([
+                Attribute::EcParams(params.clone()),
+                Attribute::Value(data.to_vec()),
+            ]);
+            let mut public = public_common(key, &attributes, KeyType::EC);
+            let point = [&[0x04][..], &x, &y].concat();
+            public.extend([
+                Attribute::EcParams(params),
+                Attribute::EcPoint(der::to_octet_string(&point)),
+            ]);
+            Ok((attributes, vec![private, public]))
+        }
+        Type::EccPublicKey { curve_family } => {
+            let params = ec_params(curve_family, attributes.bits)?.to_vec();
+            let len = attributes.bits.div_ceil(8);
+            if data.len() != 1 + 2 * len || data[0] != 0x04 {
+                return Err(invalid("an uncompressed point 0x04||x||y of this curve"));
+            }
+            let mut public = public_common(key, &attributes, KeyType::EC);
+            public.extend([
+                Attribute::EcParams(params),
+                Attribute::EcPoint(der::to_octet_string(data)),
+            ]);
+            Ok((attributes, vec![public]))
+        }
+        other => Err(not_supported(format!("importing {other:?}"))),
+    }
+}
+
+/// CKR_TEMPLATE_INCONSISTENT and friends do not say which attribute the token refuses: find
+/// it by generating again without each optional attribute in turn (keys made while probing
+/// are destroyed), and name it in the error.
+pub(super) fn name_refused_attribute(
+    conn: &mut Connection,
+    mut err: OpError,
+    mechanism: &Mechanism,
+    public: &[Attribute],
+    private: &[Attribute],
+) -> OpError {
+    if !err.cause.contains("CKR_TEMPLATE_") && !err.cause.contains("CKR_ATTRIBUTE_") {
+        return err;
+    }
+    let optional = |a: &Attribute| {
+        matches!(
+            a,
+            Attribute::Sensitive(_)
+                | Attribute::Extractable(_)
+                | Attribute::Private(_)
+                | Attribute::Sign(_)
+                | Attribute::Decrypt(_)
+                | Attribute::Verify(_)
+                | Attribute::Encrypt(_)
+                | Attribute::Label(_)
+        )
+    };
+    for (which, template) in [("private", private), ("public", public)] {
+        for (index, attribute) in template.iter().enumerate() {
+            if !optional(attribute) {
+                continue;
+            }
+            let without: Vec<Attribute> = template
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, a)| a.clone())
+                .collect();
+            let (pub_t, priv_t) = if which == "private" {
+                (public, &without[..])
+            } else {
+                (&without[..], private)
+            };
+            if let Ok((a, b)) = conn.session.generate_key_pair(mechanism, pub_t, priv_t) {
+                let _ = conn.session.destroy_object(a);
+                let _ = conn.session.destroy_object(b);
+                err.cause.push_str(&format!("; the token accepts the key without the {which} key's {:?}: that is the attribute it refuses", attribute.attribute_type()));
+                return err;
+            }
+        }
+    }
+    err
+}

@@ -1,0 +1,79 @@
+//! What the TPM provider can do (CanDoCrypto): one table of key types, sizes and algorithms.
+
+use super::*;
+
+/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
+pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpError> {
+    let key_type = attributes.key_type;
+    let size_ok = match key_type {
+        Type::RsaKeyPair | Type::RsaPublicKey => {
+            (check_type == CheckType::Import && attributes.bits == 0)
+                || keys::rsa_bits(attributes.bits).is_ok()
+        }
+        Type::EccKeyPair { curve_family } | Type::EccPublicKey { curve_family } => {
+            keys::curve(curve_family, attributes.bits).is_ok()
+        }
+        _ => false,
+    };
+    if !size_ok {
+        return Err(keys::not_supported(format!(
+            "{key_type:?} of {} bits",
+            attributes.bits
+        )));
+    }
+    match check_type {
+        CheckType::Generate if key_type.is_public_key() => {
+            return Err(keys::not_supported(format!(
+                "generating a public key ({key_type:?}): generate the key pair"
+            )))
+        }
+        CheckType::Derive => return Err(keys::not_supported("key derivation".into())),
+        _ => {}
+    }
+    if !key_type.is_public_key() && attributes.policy.usage_flags.export() {
+        return Err(OpError::new(
+            ResponseStatus::PsaErrorNotSupported,
+            "a TPM private key with the export usage flag",
+            "a key in the TPM never leaves it: drop the export flag, or use the software provider for keys that must be exported",
+        ));
+    }
+    let alg = attributes.policy.permitted_algorithms;
+    if attributes.policy.usage_flags.sign_hash()
+        || attributes.policy.usage_flags.verify_hash()
+        || attributes.policy.usage_flags.encrypt()
+        || attributes.policy.usage_flags.decrypt()
+    {
+        use parsec_interface::operations::psa_algorithm::{Algorithm, AsymmetricSignature};
+        match alg {
+            Algorithm::AsymmetricSignature(sig) => {
+                let hash_ok = match sig {
+                    AsymmetricSignature::RsaPkcs1v15Sign { hash_alg }
+                    | AsymmetricSignature::RsaPss { hash_alg }
+                    | AsymmetricSignature::Ecdsa { hash_alg } => match hash_alg {
+                        parsec_interface::operations::psa_algorithm::SignHash::Specific(h) => {
+                            keys::tpm_hash(h).is_ok()
+                        }
+                        parsec_interface::operations::psa_algorithm::SignHash::Any => true,
+                    },
+                    _ => false,
+                };
+                if !hash_ok {
+                    return Err(keys::not_supported(format!("signature algorithm {sig:?}")));
+                }
+            }
+            Algorithm::AsymmetricEncryption(enc) => {
+                keys::decryption_scheme(enc)?;
+            }
+            Algorithm::None => {}
+            other => return Err(keys::not_supported(format!("algorithm {other:?}"))),
+        }
+        attributes.compatible_with_alg(alg).map_err(|e| {
+            OpError::new(
+                ResponseStatus::from(e),
+                format!("{alg:?} does not fit a {key_type:?}"),
+                "choose an algorithm for this key type",
+            )
+        })?;
+    }
+    Ok(())
+}
