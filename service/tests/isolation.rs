@@ -231,3 +231,78 @@ fn a_large_tpm_random_request_lets_others_in() {
     assert_eq!(bytes.len(), 32 * 1024);
     assert!(bytes.iter().any(|&b| b != 0));
 }
+
+/// Pings and software signs from another client, as many as fit while `busy` runs; returns
+/// how many pairs were answered before it ended.
+fn answered_while(software: &BasicClient, busy: &std::thread::JoinHandle<impl Send>) -> usize {
+    let mut answered = 0;
+    while !busy.is_finished() {
+        software.ping().unwrap();
+        software
+            .psa_sign_hash("sw", &[7; 32], ecdsa(Hash::Sha256))
+            .unwrap();
+        if !busy.is_finished() {
+            answered += 1;
+        }
+    }
+    answered
+}
+
+/// An attestation on a TPM that takes 2 s to derive its endorsement key: other clients are
+/// answered meanwhile.
+#[test]
+fn other_clients_are_answered_during_an_attestation() {
+    const SLOW_EK: &[(u32, u64)] = &[(TPM2_CC_CREATE_PRIMARY, 2000)];
+    let tpm = Swtpm::start("isolation-attest");
+    // The service's own primary key is made at start-up, through the proxy too: 2 s.
+    let slow = SlowTpm::start(tpm.port, SLOW_EK, 0);
+    let daemon = slow_daemon("isolation-attest", &tpm, &slow, "");
+    let software = client_of(&daemon, "bob", ProviderId::MbedCrypto);
+    software.psa_generate_key("sw", p256_signing()).unwrap();
+    let tpm_client = client_of(&daemon, "alice", ProviderId::Tpm);
+    tpm_client
+        .psa_generate_key("ecc", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .unwrap();
+    let attestation =
+        std::thread::spawn(move || tpm_client.prepare_activate_credential("ecc".to_string(), None));
+    wait_until("the TPM derives the endorsement key", || {
+        slow.slow_in_flight()
+    });
+    let answered = answered_while(&software, &attestation);
+    attestation.join().unwrap().unwrap();
+    assert!(
+        answered >= 10,
+        "only {answered} pings and signs were answered during a 2 s attestation"
+    );
+}
+
+/// A SoftHSM2 RSA-4096 generation (about a second, at random) on the PKCS#11 provider's
+/// worker: other clients are answered meanwhile.
+#[cfg(feature = "pkcs11-provider")]
+#[test]
+fn other_clients_are_answered_while_a_token_generates_rsa_4096() {
+    use common::{pkcs11_provider_table, with_provider_first, SoftHsm};
+    let hsm = SoftHsm::new("isolation");
+    let table = pkcs11_provider_table(&hsm, "");
+    let (key, value) = hsm.env();
+    let daemon = Daemon::start_in_env(
+        "isolation-pkcs11",
+        "Direct",
+        &["admin"],
+        |text| with_provider_first(text, &table),
+        &[(key, &value)],
+    );
+    let software = client_of(&daemon, "bob", ProviderId::MbedCrypto);
+    software.psa_generate_key("sw", p256_signing()).unwrap();
+    let token = client_of(&daemon, "alice", ProviderId::Pkcs11);
+    let mut attributes = rsa_2048();
+    attributes.bits = 4096;
+    let generation = std::thread::spawn(move || token.psa_generate_key("rsa4096", attributes));
+    let answered = answered_while(&software, &generation);
+    generation.join().unwrap().unwrap();
+    assert!(
+        answered >= 10,
+        "only {answered} pings and signs were answered during an RSA-4096 generation on the token"
+    );
+    eprintln!("{answered} pings + signs answered during the token's RSA-4096 generation");
+}
