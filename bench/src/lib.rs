@@ -1,6 +1,8 @@
 //! What the benchmark and the stress test share: a daemon started from its release or debug
 //! binary on a private socket, parsec-client connections to it, and a rate meter.
 
+pub mod slow_tpm;
+
 use parsec_client::auth::Authentication;
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
 use parsec_client::core::interface::operations::psa_key_attributes::{
@@ -362,4 +364,37 @@ impl DeviceBenchOptions {
             .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
         DeviceBenchOptions { bin, seconds, pin }
     }
+}
+
+/// A fresh SoftHSM2 token in `dir`, selected for this process (and the daemon it starts)
+/// through SOFTHSM2_CONF.
+pub fn init_softhsm_token(dir: &Path, label: &str, pin: &str) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    // Set before any thread exists.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let status = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            pin,
+            "--so-pin",
+            "5678",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("softhsm2-util (apt-get install softhsm2)");
+    assert!(status.success());
 }

@@ -1,14 +1,21 @@
 //! Isolation benchmark: how long a second client waits for a ping and for a software-provider
-//! sign while a first client loops TPM RSA-2048 generate + destroy on swtpm (each generation
-//! ~0.35 s of TPM work). Prints median, p99 and max latency, idle and under that load, and the
-//! daemon's threads and RSS before and after. Targets (docs/benchmark.md): under load,
-//! p99 <= 5 ms and max <= 50 ms.
+//! sign while a first client loops RSA-2048 generate + destroy on a hardware provider:
+//!   - the TPM provider on swtpm (~0.35 s of TPM work per generation);
+//!   - the TPM provider on swtpm behind `slow_tpm`'s proxy with the delays of a discrete SPI
+//!     TPM (`REAL_TPM`: 3 s per Create/CreatePrimary, 80 ms per Sign, 5 ms for the rest);
+//!   - the PKCS#11 provider on a SoftHSM2 token.
 //!
-//! Needs a daemon built with the TPM and software providers:
-//!     cargo build --release -p parsec-service --features tpm-provider
+//! Prints median, p99 and max latency, idle and under each load, and the daemon's threads and
+//! RSS before and after. Targets (docs/benchmark.md): under load, p99 <= 5 ms, max <= 50 ms.
+//!
+//! Needs a daemon built with every provider:
+//!     cargo build --release -p parsec-service --features tpm-provider,pkcs11-provider
 //!     ./target/release/parsec-bench-isolation [--daemon PATH] [--seconds S] [--all-cpus]
 
-use parsec_bench::{ecdsa, p256, pin_to_cpu0, Daemon, DeviceBenchOptions, Swtpm};
+use parsec_bench::slow_tpm::{SlowTpm, REAL_TPM, REAL_TPM_OTHER_MS};
+use parsec_bench::{
+    ecdsa, init_softhsm_token, p256, pin_to_cpu0, Daemon, DeviceBenchOptions, Swtpm,
+};
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
 use parsec_client::core::interface::operations::psa_key_attributes::{
     Attributes, Lifetime, Policy, Type, UsageFlags,
@@ -72,17 +79,11 @@ fn summary(samples: &mut [Duration]) -> String {
     )
 }
 
-fn main() {
-    let options = DeviceBenchOptions::parse("parsec-bench-isolation", 10.0);
-    if options.pin {
-        pin_to_cpu0();
-    }
-    let state = std::env::temp_dir().join("parsec-bench-isolation-tpm");
-    let tpm = Swtpm::start(&state);
+/// One load: a daemon with the software provider and `hardware`, a first client looping RSA
+/// generate + destroy on it, a second client measured.
+fn scenario(options: &DeviceBenchOptions, label: &str, hardware: &str, provider: ProviderId) {
     let providers = format!(
-        "[[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n\
-         [[provider]]\nprovider_type = \"Tpm\"\nkey_info_manager = \"m\"\ntcti = \"{}\"\n",
-        tpm.tcti()
+        "[[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n{hardware}"
     );
     let dir = std::env::temp_dir().join("parsec-bench-isolation");
     let (daemon, _) = Daemon::start_with_providers(&options.bin, &dir, 5000, 256, &providers);
@@ -97,22 +98,22 @@ fn main() {
         )
         .unwrap();
     let (threads, rss) = (daemon.status_field("Threads"), daemon.status_field("VmRSS"));
-    println!("daemon: {threads} threads, RSS {rss} before the load (software + TPM providers)");
-
+    println!("== {label}");
+    println!("daemon: {threads} threads, RSS {rss} before the load");
     let mut idle = measure(&software, options.seconds / 2.0);
     println!("idle        ping: {}", summary(&mut idle.ping));
     println!("idle        sign: {}", summary(&mut idle.sign));
 
     let stop = Arc::new(AtomicBool::new(false));
     let generated = Arc::new(AtomicUsize::new(0));
-    let mut tpm_client = daemon.client("first");
-    tpm_client.set_implicit_provider(ProviderId::Tpm);
+    let mut first = daemon.client("first");
+    first.set_implicit_provider(provider);
     let load = {
         let (stop, generated) = (Arc::clone(&stop), Arc::clone(&generated));
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                tpm_client.psa_generate_key("rsa", rsa_2048()).unwrap();
-                tpm_client.psa_destroy_key("rsa").unwrap();
+                first.psa_generate_key("rsa", rsa_2048()).unwrap();
+                first.psa_destroy_key("rsa").unwrap();
                 generated.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -122,14 +123,48 @@ fn main() {
     let mut loaded = measure(&software, options.seconds);
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    println!("TPM load    ping: {}", summary(&mut loaded.ping));
-    println!("TPM load    sign: {}", summary(&mut loaded.sign));
+    println!("under load  ping: {}", summary(&mut loaded.ping));
+    println!("under load  sign: {}", summary(&mut loaded.sign));
     println!(
-        "TPM load: {} RSA-2048 generate+destroy by the first client meanwhile",
+        "load: {} RSA-2048 generate+destroy by the first client meanwhile",
         generated.load(Ordering::Relaxed)
     );
     let (threads, rss) = (daemon.status_field("Threads"), daemon.status_field("VmRSS"));
     println!("daemon: {threads} threads, RSS {rss} after the load");
-    drop(daemon);
+}
+
+fn main() {
+    let options = DeviceBenchOptions::parse("parsec-bench-isolation", 10.0);
+    if options.pin {
+        pin_to_cpu0();
+    }
+    let base = std::env::temp_dir().join(format!("parsec-bench-isolation-{}", std::process::id()));
+    let tpm = Swtpm::start(&base.join("tpm"));
+    let tpm_table = |tcti: String| {
+        format!(
+            "[[provider]]\nprovider_type = \"Tpm\"\nkey_info_manager = \"m\"\ntcti = \"{tcti}\"\n"
+        )
+    };
+    scenario(
+        &options,
+        "TPM provider, swtpm",
+        &tpm_table(tpm.tcti()),
+        ProviderId::Tpm,
+    );
+    let slow = SlowTpm::start(tpm.port, REAL_TPM, REAL_TPM_OTHER_MS);
+    scenario(
+        &options,
+        "TPM provider, swtpm behind the delays of a discrete SPI TPM",
+        &tpm_table(slow.tcti()),
+        ProviderId::Tpm,
+    );
+    init_softhsm_token(&base.join("hsm"), "parsec-isolation", "1234");
+    scenario(
+        &options,
+        "PKCS#11 provider, SoftHSM2",
+        "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"parsec-isolation\"\nuser_pin = \"1234\"\n",
+        ProviderId::Pkcs11,
+    );
     drop(tpm);
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -10,15 +10,15 @@ use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::{Session, UserType};
-use parsec_bench::{compare, ecdsa, p256, pin_to_cpu0, Daemon, DeviceBenchOptions};
+use parsec_bench::{
+    compare, ecdsa, init_softhsm_token, p256, pin_to_cpu0, Daemon, DeviceBenchOptions,
+};
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
 use parsec_client::core::interface::operations::psa_key_attributes::{
     Attributes, Lifetime, Policy, Type, UsageFlags,
 };
 use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::core::interface::secrecy::Secret;
-use std::path::Path;
-use std::process::Command;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const LABEL: &str = "parsec-bench";
@@ -34,39 +34,6 @@ fn rsa_pkcs1() -> AsymmetricSignature {
     AsymmetricSignature::RsaPkcs1v15Sign {
         hash_alg: Hash::Sha256.into(),
     }
-}
-
-/// A fresh SoftHSM2 token in `dir`, selected for this process (and the daemon it starts)
-/// through SOFTHSM2_CONF.
-fn init_token(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir.join("tokens")).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            dir.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    // Set before any thread exists.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let status = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            LABEL,
-            "--pin",
-            PIN,
-            "--so-pin",
-            "5678",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("softhsm2-util (apt-get install softhsm2)");
-    assert!(status.success());
 }
 
 fn open_session() -> (Pkcs11, Session) {
@@ -92,7 +59,7 @@ fn main() {
         pin_to_cpu0();
     }
     let base = std::env::temp_dir().join(format!("parsec-bench-pkcs11-{}", std::process::id()));
-    init_token(&base.join("hsm"));
+    init_softhsm_token(&base.join("hsm"), LABEL, PIN);
 
     let providers = format!(
         "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"{MODULE}\"\ntoken_label = \"{LABEL}\"\nuser_pin = \"{PIN}\"\n"

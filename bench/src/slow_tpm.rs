@@ -11,6 +11,8 @@
 //! (header: tag u16, size u32, command code u32, big-endian), and swtpm's control protocol on
 //! the next port, passed through untouched. It counts commands begun and finished, so a
 //! test can tell "the device is busy" without guessing from the clock.
+//!
+//! Used by `parsec-bench-isolation` and, through a `#[path]` module, by the service's tests.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -48,7 +50,7 @@ pub struct SlowTpm {
 impl SlowTpm {
     /// A proxy in front of the swtpm on `upstream` (its server port; control on the next).
     pub fn start(upstream: u16, table: &'static [(u32, u64)], other_ms: u64) -> SlowTpm {
-        let port = super::free_port_pair();
+        let port = free_port_pair();
         let counters = Arc::new(Counters::default());
         let commands = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let control = TcpListener::bind(("127.0.0.1", port + 1)).unwrap();
@@ -93,6 +95,17 @@ impl SlowTpm {
 
     pub fn slow_done(&self) -> usize {
         self.counters.slow_done.load(Ordering::SeqCst)
+    }
+}
+
+/// Two consecutive free TCP ports on loopback (the proxy's command and control ports).
+fn free_port_pair() -> u16 {
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
     }
 }
 
