@@ -77,6 +77,9 @@ pub struct KeyStore {
     /// Entries a provider made from its config (keys that were on a token before the
     /// service): in memory only, never written or removed on disk.
     mounted: BTreeSet<KeyTriple>,
+    /// Entries that could not be read at start-up, by provider: their keys' material must not
+    /// be taken for unneeded.
+    damaged: BTreeMap<u8, usize>,
 }
 
 impl KeyStore {
@@ -92,6 +95,7 @@ impl KeyStore {
                 .collect(),
             entries: BTreeMap::new(),
             mounted: BTreeSet::new(),
+            damaged: BTreeMap::new(),
         };
         let mut damaged = Vec::new();
         for (provider, root) in store.roots.clone() {
@@ -122,12 +126,20 @@ impl KeyStore {
                                 stored.entry,
                             );
                         }
-                        Err(reason) => damaged.push(DamagedEntry { path, reason }),
+                        Err(reason) => {
+                            *store.damaged.entry(provider).or_default() += 1;
+                            damaged.push(DamagedEntry { path, reason });
+                        }
                     }
                 }
             }
         }
         Ok((store, damaged))
+    }
+
+    /// How many entries of a provider could not be read at start-up.
+    pub fn damaged_in(&self, provider: ProviderId) -> usize {
+        self.damaged.get(&(provider as u8)).copied().unwrap_or(0)
     }
 
     pub fn get(&self, key: &KeyTriple) -> Option<&KeyEntry> {
@@ -283,15 +295,33 @@ fn hex(name: &str) -> String {
 /// Encodes an entry as it is stored on disk.
 fn encode(stored: &StoredEntry) -> Vec<u8> {
     let payload = bincode::serialize(stored).expect("serialising plain data cannot fail");
+    frame_payload(&payload)
+}
+
+/// A payload with the header an entry file has (magic, length, CRC-32): how entries are
+/// written, and how the fuzzer reaches the payload decoder.
+pub fn frame_payload(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&crc32(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(&crc32(payload).to_le_bytes());
+    bytes.extend_from_slice(payload);
     bytes
 }
 
+/// Decodes an entry's bytes as the store reads them at start-up (for the fuzzer: any bytes
+/// must give an entry or a reason, never a panic).
+pub fn check_entry(bytes: &[u8]) -> Result<(), String> {
+    decode(bytes).map(|_| ())
+}
+
 fn decode(bytes: &[u8]) -> Result<StoredEntry, String> {
+    if bytes.len() >= 4 && &bytes[..3] == b"PKS" && bytes[3] != MAGIC[3] {
+        return Err(format!(
+            "entry format version {:?} (this service reads version \"1\"): written by another version of the service; it is kept as it is, and so is its key",
+            bytes[3].escape_ascii().to_string()
+        ));
+    }
     if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
         return Err("not a key store entry (bad magic)".into());
     }

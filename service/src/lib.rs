@@ -18,3 +18,16 @@ pub mod key_store;
 pub mod logging;
 pub mod providers;
 pub mod rate_limit;
+
+/// Test builds only (cargo feature `crash-points`, never in a package): the process dies here,
+/// with no clean-up (as a `kill -9` would), when `PARSEC_CRASH_AT` names this point. The
+/// crash-safety tests stop the service at each step of a key's creation and destruction.
+#[inline]
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "crash-points")]
+    if std::env::var("PARSEC_CRASH_AT").is_ok_and(|at| at == name) {
+        std::process::abort();
+    }
+    #[cfg(not(feature = "crash-points"))]
+    let _ = name;
+}

@@ -115,6 +115,14 @@ impl Dispatcher {
             .filter(|k| self.slots.iter().any(|p| p.id() as u8 == k.provider))
             .collect();
         for triple in triples {
+            let slot = self
+                .slots
+                .iter_mut()
+                .find(|p| p.id() as u8 == triple.provider);
+            if let (Some(slot), Some(entry)) = (slot, self.store.get(&triple)) {
+                // A tombstone first: a crash after the entry's removal still destroys the key.
+                slot.before_forget(entry)?;
+            }
             let entry = self.store.remove(&triple)?;
             if let Some(slot) = self
                 .slots

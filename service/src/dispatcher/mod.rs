@@ -116,7 +116,7 @@ impl Dispatcher {
             KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
         for entry in &damaged {
             log::error!(
-                "key store: skipping damaged entry {}: {}; its key is unusable until the file is restored or removed",
+                "key store: skipping damaged entry {}: {}; its key material is kept (never swept): restore the file from a backup and the key works again",
                 entry.path.display(),
                 entry.reason
             );

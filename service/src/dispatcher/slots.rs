@@ -80,6 +80,15 @@ impl Slot {
         }
     }
 
+    /// Records that a key's material is about to be forgotten (software provider: a
+    /// tombstone). Hardware providers' workers record nothing.
+    pub fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
+        match self {
+            Slot::Local { provider, .. } => provider.before_forget(entry),
+            Slot::Remote(_) => Ok(()),
+        }
+    }
+
     /// Destroys a key's material: at once on the loop, or queued behind the worker's job.
     pub fn destroy_material(&mut self, entry: KeyEntry) -> Result<(), OpError> {
         match self {

@@ -144,6 +144,13 @@ pub trait Provider {
     /// open it afresh; the provider reopens it when next used.
     fn release_device(&mut self) {}
 
+    /// Called before an entry leaves the key store for good (DeleteClient), so that the
+    /// provider can record that its material is to be destroyed (a tombstone): a crash after
+    /// the entry's removal then still lets the next start destroy it. An error keeps the key.
+    fn before_forget(&mut self, _entry: &KeyEntry) -> Result<(), OpError> {
+        Ok(())
+    }
+
     /// Destroys the key material behind an entry that has already left the key store
     /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError>;

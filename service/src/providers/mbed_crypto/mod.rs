@@ -5,11 +5,15 @@
 //! `storage_dir` the working directory at start-up; every other path the service uses is
 //! absolute by then. The key store maps (application, name) to the key id.
 //!
-//! Ordering makes crashes harmless: a key is created in Mbed TLS before its store entry is
-//! written, and its store entry is removed before the key is destroyed, so a crash leaves at
-//! worst key material no entry names. Start-up destroys such orphans.
+//! Key files are destroyed only on positive evidence (`journal`): an intent record is made
+//! durable before a key file is made, a tombstone before a key is forgotten; start-up
+//! resolves what an interrupted create or destroy left, and keeps (and reports) every other
+//! key file no entry names. A new key file and its directory are fsynced before the entry
+//! that names it is published; a destroyed key's removal is fsynced before the destroy is
+//! acknowledged.
 
 mod capabilities;
+mod journal;
 mod keygen;
 
 use super::{AppKeys, Deferred, Limits, Provider, Start};
@@ -31,6 +35,7 @@ use psa_crypto::operations::{
 use psa_crypto::types::key::{Attributes, Id, Type};
 use psa_crypto::types::status::Error as PsaError;
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -63,6 +68,16 @@ pub struct MbedCryptoProvider {
     used_ids: BTreeSet<u32>,
     next_id: u32,
     limits: Limits,
+    /// Absolute: the working directory, where Mbed TLS keeps its key files.
+    storage_dir: std::path::PathBuf,
+    journal: journal::Journal,
+    /// Tombstones written by `before_forget` (DeleteClient), done once the material is gone.
+    tombstones: Vec<(u32, journal::Record)>,
+}
+
+/// Mbed TLS's file for a persistent key (owner 0, the key id), in the working directory.
+fn key_file(id: u32) -> String {
+    format!("{id:016x}.psa_its")
 }
 
 /// Decodes a PSA error for the operator's log.
@@ -155,8 +170,13 @@ impl MbedCryptoProvider {
     pub fn new(storage_dir: &Path, store: &KeyStore, limits: Limits) -> Result<Self, String> {
         crate::key_store::create_private_dir(storage_dir)
             .map_err(|e| format!("cannot create storage_dir {}: {e}", storage_dir.display()))?;
-        std::env::set_current_dir(storage_dir)
+        let storage_dir = storage_dir
+            .canonicalize()
+            .map_err(|e| format!("cannot find storage_dir {}: {e}", storage_dir.display()))?;
+        std::env::set_current_dir(&storage_dir)
             .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
+        let journal = journal::Journal::open(&storage_dir)
+            .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
 
@@ -168,50 +188,128 @@ impl MbedCryptoProvider {
                 }
                 Err(e) => log::error!(
                     "mbed-crypto: key \"{}\" of \"{}\": {e}",
-                    triple.name,
-                    triple.app
+                    crate::error::escape(&triple.name),
+                    crate::error::escape(&triple.app)
                 ),
             }
         }
-        for orphan in key_files_on_disk().difference(&referenced) {
-            // A crash between creating a key and storing its name, or between forgetting a
-            // name and destroying its key, leaves such a file. Nobody can reach it: destroy it.
-            log::warn!("mbed-crypto: destroying key {orphan}, which no key store entry names (left by an interrupted create or destroy)");
-            if let Ok(id) = Id::from_persistent_key_id(*orphan) {
-                // SAFETY: the service is single-threaded, so no other use of this key can be
-                // in flight while it is destroyed.
-                if let Err(e) = unsafe { key_management::destroy(id) } {
-                    log::error!("mbed-crypto: cannot destroy orphan key {orphan}: PSA_ERROR_{e:?}");
+        let mut provider = MbedCryptoProvider {
+            used_ids: BTreeSet::new(),
+            next_id: FIRST_KEY_ID,
+            limits,
+            storage_dir,
+            journal,
+            tombstones: Vec::new(),
+        };
+        let damaged = store.damaged_in(ProviderId::MbedCrypto);
+        let kept = provider.resolve_journal(&referenced, damaged)?;
+        let on_disk = key_files_on_disk();
+        for unnamed in on_disk
+            .difference(&referenced)
+            .filter(|id| !kept.contains(id))
+        {
+            log::warn!(
+                "mbed-crypto: key file {} names no key store entry{}: kept, never reused. {}",
+                provider.storage_dir.join(key_file(*unnamed)).display(),
+                if damaged > 0 {
+                    format!(" (and {damaged} entries of this provider are damaged or unreadable)")
+                } else {
+                    String::new()
+                },
+                if damaged > 0 {
+                    "Restore the damaged entries (then their keys work again) before removing anything."
+                } else {
+                    "It was left by an earlier version or an interrupted operation; if nothing needs it, remove the file while the service is stopped."
                 }
-            }
+            );
         }
         for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
             if let Ok(id) = key_id_of(entry) {
-                if Id::from_persistent_key_id(id).is_err() {
+                if !on_disk.contains(&id) {
                     log::error!(
-                        "mbed-crypto: key \"{}\" of \"{}\" has no key file {:016x}.psa_its in {}: requests for it will fail",
-                        triple.name,
-                        triple.app,
-                        id,
-                        storage_dir.display()
+                        "mbed-crypto: key \"{}\" of \"{}\" has no key file {} in {}: requests for it will fail",
+                        crate::error::escape(&triple.name),
+                        crate::error::escape(&triple.app),
+                        key_file(id),
+                        provider.storage_dir.display()
                     );
                 }
             }
         }
-        let next_id = referenced
+        // Every id in use by an entry, a kept record or a file is off limits for new keys.
+        provider.used_ids = referenced
+            .iter()
+            .chain(on_disk.iter())
+            .chain(kept.iter())
+            .copied()
+            .collect();
+        provider.next_id = referenced
             .iter()
             .next_back()
             .map_or(FIRST_KEY_ID, |id| id + 1);
         log::info!(
             "mbed-crypto: {} keys, key files in {}",
             referenced.len(),
-            storage_dir.display()
+            provider.storage_dir.display()
         );
-        Ok(MbedCryptoProvider {
-            used_ids: referenced,
-            next_id,
-            limits,
-        })
+        Ok(provider)
+    }
+
+    /// Finishes or undoes what interrupted creates and destroys left (see `journal`).
+    /// Returns the ids of create records kept because damaged entries might name them.
+    fn resolve_journal(
+        &mut self,
+        referenced: &BTreeSet<u32>,
+        damaged: usize,
+    ) -> Result<BTreeSet<u32>, String> {
+        let mut kept = BTreeSet::new();
+        let pending = self.journal.pending().map_err(|e| {
+            format!(
+                "cannot read the journal in {}: {e}",
+                self.storage_dir.display()
+            )
+        })?;
+        for (kind, id) in pending {
+            let record = self.journal.found(kind, id);
+            let file = self.storage_dir.join(key_file(id));
+            match (kind, referenced.contains(&id)) {
+                (journal::Kind::Create, true) | (journal::Kind::Destroy, true) => {
+                    // A finished create, or a destroy that never removed the entry (and was
+                    // never acknowledged): the key stays.
+                    self.journal.done(record);
+                }
+                (journal::Kind::Create, false) if damaged > 0 => {
+                    log::error!(
+                        "mbed-crypto: key file {} was being created when the service stopped, and {damaged} entries of this provider are damaged or unreadable: it may be one of theirs, so it is kept (and its record). Restore or remove the damaged entries and restart",
+                        file.display()
+                    );
+                    kept.insert(id);
+                }
+                (kind, false) => {
+                    if file.exists() {
+                        log::warn!(
+                            "mbed-crypto: destroying key file {}: {}",
+                            file.display(),
+                            if kind == journal::Kind::Create {
+                                "its creation was interrupted before any client was told the key exists"
+                            } else {
+                                "its key was destroyed (the entry's removal was durable) but the file was not"
+                            }
+                        );
+                        if let Err(e) = self.destroy_id(id) {
+                            log::error!(
+                                "mbed-crypto: cannot destroy {}: {e}; kept for the next start",
+                                file.display()
+                            );
+                            kept.insert(id);
+                            continue;
+                        }
+                    }
+                    self.journal.done(record);
+                }
+            }
+        }
+        Ok(kept)
     }
 
     /// A key id no key uses.
@@ -249,6 +347,8 @@ impl MbedCryptoProvider {
     }
 
     /// Creates a key with `make`, then records it; undoes the key if it cannot be recorded.
+    /// The intent record is durable before the key file exists; the key file and its
+    /// directory are durable before the entry that names it is published.
     fn create_key(
         &mut self,
         keys: &mut AppKeys<'_>,
@@ -259,30 +359,92 @@ impl MbedCryptoProvider {
     ) -> Result<(), OpError> {
         keys.ensure_free(name)?;
         let id = self.allocate_id()?;
-        let key = make(attributes, id).map_err(|e| match e {
-            PsaError::DataInvalid | PsaError::InsufficientStorage => storage_write_error(what, e),
-            e => psa_error(what, e),
-        })?;
-        self.used_ids.insert(id);
-        let entry = KeyEntry {
-            key_id: id.to_le_bytes().to_vec(),
-            attributes,
-        };
-        if let Err(e) = keys.create(name, entry) {
-            // SAFETY: single-threaded service: nothing else uses the key being undone.
-            if unsafe { key_management::destroy(key) }.is_ok() {
-                self.used_ids.remove(&id);
+        let record = self.journal.begin(journal::Kind::Create, id)?;
+        crate::crash_point("create:after-intent");
+        let key = match make(attributes, id) {
+            Ok(key) => key,
+            Err(e) => {
+                self.journal.done(record);
+                return Err(match e {
+                    PsaError::DataInvalid | PsaError::InsufficientStorage => {
+                        storage_write_error(what, e)
+                    }
+                    e => psa_error(what, e),
+                });
             }
+        };
+        self.used_ids.insert(id);
+        crate::crash_point("create:after-material");
+        let outcome = self.sync_key_file(id).and_then(|()| {
+            crate::crash_point("create:after-sync");
+            keys.create(
+                name,
+                KeyEntry {
+                    key_id: id.to_le_bytes().to_vec(),
+                    attributes,
+                },
+            )
+        });
+        if let Err(e) = outcome {
+            // SAFETY: the event loop is the only thread that uses Mbed TLS: nothing else
+            // uses the key being undone.
+            if unsafe { key_management::destroy(key) }.is_ok() {
+                let _ = journal::sync_dir(&self.storage_dir);
+                self.used_ids.remove(&id);
+                self.journal.done(record);
+            }
+            // Otherwise the record stays: the next start destroys the file.
             return Err(e);
         }
+        crate::crash_point("create:after-entry");
+        self.journal.done(record);
         Ok(())
+    }
+
+    /// Makes a new key file and its directory entry durable (Mbed TLS writes a temporary file
+    /// and renames it, without fsync).
+    fn sync_key_file(&self, id: u32) -> Result<(), OpError> {
+        let path = self.storage_dir.join(key_file(id));
+        File::open(&path)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| journal::sync_dir(&self.storage_dir))
+            .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))
     }
 
     fn destroy_id(&mut self, id: u32) -> Result<(), OpError> {
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
-        // SAFETY: single-threaded service: no operation on this key can be in flight.
+        // SAFETY: the event loop is the only thread that uses Mbed TLS: no operation on this
+        // key can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
+        journal::sync_dir(&self.storage_dir).map_err(|e| {
+            OpError::storage(&format!("syncing {}", self.storage_dir.display()), &e)
+        })?;
         self.used_ids.remove(&id);
+        Ok(())
+    }
+
+    /// Destroys a key: tombstone, then the entry (durably), then the material (durably).
+    fn destroy_key(&mut self, keys: &mut AppKeys<'_>, name: &str) -> Result<(), OpError> {
+        let id = key_id_of(keys.get(name)?)?;
+        let record = self.journal.begin(journal::Kind::Destroy, id)?;
+        crate::crash_point("destroy:after-tombstone");
+        if let Err(e) = keys.remove(name) {
+            self.journal.done(record);
+            return Err(e);
+        }
+        crate::crash_point("destroy:after-entry");
+        match self.destroy_id(id) {
+            Ok(()) => {
+                crate::crash_point("destroy:after-material");
+                self.journal.done(record);
+            }
+            // The name is gone, so the client's request succeeded; the tombstone stays and
+            // the next start destroys the file.
+            Err(e) => log::warn!(
+                "mbed-crypto: key {id} of \"{}\" forgotten but its file not yet destroyed: {e}",
+                crate::error::escape(keys.app())
+            ),
+        }
         Ok(())
     }
 
@@ -380,16 +542,7 @@ impl Provider for MbedCryptoProvider {
                 }))
             }
             NativeOperation::PsaDestroyKey(op) => {
-                let entry = keys.remove(&op.key_name)?;
-                let id = key_id_of(&entry)?;
-                if let Err(e) = self.destroy_id(id) {
-                    // The name is gone, so the client's request succeeded; the file will be
-                    // destroyed as an orphan at the next start.
-                    log::warn!(
-                        "mbed-crypto: key {id} of \"{}\" forgotten but not destroyed: {e}",
-                        keys.app()
-                    );
-                }
+                self.destroy_key(&mut keys, &op.key_name)?;
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
             NativeOperation::PsaSignHash(op) => {
@@ -531,9 +684,21 @@ impl Provider for MbedCryptoProvider {
         }
     }
 
+    fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
+        let id = key_id_of(entry)?;
+        let record = self.journal.begin(journal::Kind::Destroy, id)?;
+        self.tombstones.push((id, record));
+        Ok(())
+    }
+
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
-        self.destroy_id(id)
+        self.destroy_id(id)?;
+        if let Some(i) = self.tombstones.iter().position(|(t, _)| *t == id) {
+            let (_, record) = self.tombstones.swap_remove(i);
+            self.journal.done(record);
+        }
+        Ok(())
     }
 
     /// RSA key pairs take 0.05 s (2048 bits) to seconds (4096) to generate: that runs in a

@@ -1,0 +1,156 @@
+//! Intent records and tombstones: the positive evidence the software provider needs before
+//! it destroys a key file at start-up.
+//!
+//! Before it makes key material, the provider writes `create-XXXXXXXX` (the key id in hex)
+//! durably into `<storage_dir>/journal/`; once the key's entry is in the key store, it removes
+//! the record. Before it forgets a key, it writes `destroy-XXXXXXXX`; once the material is
+//! gone (durably), it removes that. At start-up a record left behind says exactly what was
+//! interrupted:
+//!
+//! | record | the key's entry | meaning | action |
+//! |---|---|---|---|
+//! | create | present | the create finished; the record's removal did not | drop the record |
+//! | create | absent | the client was never told the key exists | destroy the material |
+//! | destroy | present | the destroy was never acknowledged | keep the key, drop the record |
+//! | destroy | absent | the entry's removal was durable: nobody needs the key | destroy the material |
+//!
+//! A create record whose entry is absent while some entries of the provider are damaged or
+//! unreadable could be a finished create whose entry was damaged since: it is kept, and so is
+//! the material, until the damaged entries are restored or removed. Key files no entry and no
+//! record names are never destroyed: they are reported, and their ids are never reused.
+
+use crate::error::OpError;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Create,
+    Destroy,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Create => "create-",
+            Kind::Destroy => "destroy-",
+        }
+    }
+}
+
+/// A record on disk, removed with `Journal::done`.
+#[must_use = "a record must be marked done once the change is complete"]
+pub struct Record {
+    path: PathBuf,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// Makes a directory's entries (a new or removed file) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Journal {
+    pub fn open(storage_dir: &Path) -> io::Result<Journal> {
+        let dir = storage_dir.join("journal");
+        crate::key_store::create_private_dir(&dir)?;
+        sync_dir(storage_dir)?;
+        Ok(Journal { dir })
+    }
+
+    fn path(&self, kind: Kind, id: u32) -> PathBuf {
+        self.dir.join(format!("{}{id:08x}", kind.prefix()))
+    }
+
+    /// Writes a record durably (the file and the directory entry).
+    pub fn begin(&self, kind: Kind, id: u32) -> Result<Record, OpError> {
+        let path = self.path(kind, id);
+        let written = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(format!("{id}\n").as_bytes())?;
+            file.sync_all()?;
+            sync_dir(&self.dir)
+        })();
+        written.map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        Ok(Record { path })
+    }
+
+    /// The change is complete: the record goes. Its removal need not be durable: a record
+    /// that comes back after a power cut is resolved at the next start as above.
+    pub fn done(&self, record: Record) {
+        if let Err(e) = fs::remove_file(&record.path) {
+            log::warn!(
+                "mbed-crypto: cannot remove {}: {e} (resolved at the next start)",
+                record.path.display()
+            );
+        }
+    }
+
+    /// A record found at start-up, to resolve and then mark done (or keep).
+    pub fn found(&self, kind: Kind, id: u32) -> Record {
+        Record {
+            path: self.path(kind, id),
+        }
+    }
+
+    /// Every record left by changes that did not complete, in id order.
+    pub fn pending(&self) -> io::Result<Vec<(Kind, u32)>> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            for kind in [Kind::Create, Kind::Destroy] {
+                if let Some(hex) = name.strip_prefix(kind.prefix()) {
+                    match u32::from_str_radix(hex, 16) {
+                        Ok(id) if hex.len() == 8 => found.push((kind, id)),
+                        _ => log::warn!(
+                            "mbed-crypto: ignoring {}: not a journal record",
+                            self.dir.join(name).display()
+                        ),
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(kind, id)| (*id, *kind == Kind::Destroy));
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_found_until_done() {
+        let dir = std::env::temp_dir().join(format!("parsec-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let journal = Journal::open(&dir).unwrap();
+        let create = journal.begin(Kind::Create, 7).unwrap();
+        let destroy = journal.begin(Kind::Destroy, 0x1234_abcd).unwrap();
+        assert_eq!(
+            journal.pending().unwrap(),
+            vec![(Kind::Create, 7), (Kind::Destroy, 0x1234_abcd)]
+        );
+        journal.done(create);
+        assert_eq!(
+            journal.pending().unwrap(),
+            vec![(Kind::Destroy, 0x1234_abcd)]
+        );
+        journal.done(destroy);
+        assert!(journal.pending().unwrap().is_empty());
+        fs::write(dir.join("journal/create-xyz"), b"").unwrap();
+        assert!(journal.pending().unwrap().is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

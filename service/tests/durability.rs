@@ -1,0 +1,240 @@
+//! No key is ever lost: the software provider destroys key material only on positive
+//! evidence (its journal's intent records and tombstones), so a damaged, unreadable or
+//! unknown-version entry leaves its key file alone and restoring the entry restores the
+//! key; and a crash at each step of a create or a destroy leaves the store consistent:
+//! acknowledged keys work, unacknowledged creates leave no key file behind, acknowledged
+//! destroys stay destroyed.
+//!
+//! The crashes are the service aborting itself at a named step (`PARSEC_CRASH_AT`, built
+//! with the `crash-points` feature): no clean-up runs, as with `kill -9`. Power cuts (lost
+//! page cache) are not covered here.
+#![cfg(all(feature = "mbed-crypto-provider", feature = "crash-points"))]
+
+mod common;
+
+use common::{ecdsa, p256_signing, Daemon};
+use parsec_client::core::interface::operations::psa_algorithm::Hash;
+use std::path::{Path, PathBuf};
+
+fn hex(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn entry_path(daemon: &Daemon, app: &str, name: &str) -> PathBuf {
+    daemon
+        .dir
+        .join("store")
+        .join(hex(app))
+        .join("1")
+        .join(format!("{}.key", hex(name)))
+}
+
+fn storage(daemon: &Daemon) -> PathBuf {
+    daemon.dir.join("store").join("mbed-crypto")
+}
+
+fn key_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".psa_its"))
+        .collect();
+    names.sort();
+    names
+}
+
+fn journal_records(daemon: &Daemon) -> Vec<String> {
+    std::fs::read_dir(storage(daemon).join("journal"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn listed(daemon: &Daemon, app: &str, name: &str) -> bool {
+    daemon
+        .client(app)
+        .list_keys()
+        .unwrap()
+        .iter()
+        .any(|k| k.name == name)
+}
+
+/// Damages the entry with `damage`, checks that the key is skipped but its file kept, then
+/// puts the original back and checks that the key works as before.
+fn damaged_entry_keeps_its_key(name: &str, damage: impl Fn(&Path), what: &str) {
+    let mut daemon = Daemon::start(name);
+    let client = daemon.client("alice");
+    client.psa_generate_key("k", p256_signing()).unwrap();
+    let public = client.psa_export_public_key("k").unwrap();
+    let files = key_files(&storage(&daemon));
+    daemon.stop();
+
+    let path = entry_path(&daemon, "alice", "k");
+    let original = std::fs::read(&path).unwrap();
+    damage(&path);
+    daemon.spawn();
+    assert!(
+        !listed(&daemon, "alice", "k"),
+        "a {what} entry is not served"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("skipping damaged entry"), "{log}");
+    assert!(!log.contains("destroying key file"), "{log}");
+    assert_eq!(key_files(&storage(&daemon)), files, "the key file is kept");
+    daemon.stop();
+
+    if path.is_dir() {
+        std::fs::remove_dir(&path).unwrap();
+    }
+    std::fs::write(&path, original).unwrap();
+    daemon.spawn();
+    let client = daemon.client("alice");
+    assert_eq!(client.psa_export_public_key("k").unwrap(), public);
+    client
+        .psa_sign_hash("k", &[3; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+}
+
+#[test]
+fn a_damaged_entry_keeps_its_key() {
+    damaged_entry_keeps_its_key(
+        "durable-damaged",
+        |path| {
+            let mut bytes = std::fs::read(path).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x40;
+            std::fs::write(path, bytes).unwrap();
+        },
+        "damaged",
+    );
+}
+
+/// Unreadable: the entry's name is a directory (read fails with EISDIR; chmod 000 would not
+/// stop the tests, which run as root).
+#[test]
+fn an_unreadable_entry_keeps_its_key() {
+    damaged_entry_keeps_its_key(
+        "durable-unreadable",
+        |path| {
+            std::fs::remove_file(path).unwrap();
+            std::fs::create_dir(path).unwrap();
+        },
+        "unreadable",
+    );
+}
+
+#[test]
+fn an_entry_of_another_version_keeps_its_key() {
+    damaged_entry_keeps_its_key(
+        "durable-version",
+        |path| {
+            let mut bytes = std::fs::read(path).unwrap();
+            bytes[3] = b'2';
+            std::fs::write(path, bytes).unwrap();
+        },
+        "unknown-version",
+    );
+}
+
+/// Starts the service so that it aborts at `point`, runs `request`, and restarts it cleanly.
+fn crash_at(daemon: &mut Daemon, point: &str, request: impl FnOnce(&Daemon)) {
+    daemon.stop();
+    daemon.env = vec![("PARSEC_CRASH_AT".into(), point.into())];
+    daemon.spawn();
+    request(daemon);
+    let status = daemon.wait();
+    assert!(
+        !status.success(),
+        "the service should have aborted at {point}"
+    );
+    daemon.env.clear();
+    daemon.spawn();
+}
+
+#[test]
+fn a_crash_during_a_create_leaves_nothing_unacknowledged_behind() {
+    let mut daemon = Daemon::start("durable-create");
+    // One key made before, which every crash must leave alone.
+    daemon
+        .client("alice")
+        .psa_generate_key("kept", p256_signing())
+        .unwrap();
+    let baseline = key_files(&storage(&daemon));
+    for point in [
+        "create:after-intent",
+        "create:after-material",
+        "create:after-sync",
+    ] {
+        crash_at(&mut daemon, point, |d| {
+            assert!(d
+                .client("alice")
+                .psa_generate_key("k", p256_signing())
+                .is_err());
+        });
+        assert!(!listed(&daemon, "alice", "k"), "{point}: no key");
+        assert_eq!(
+            key_files(&storage(&daemon)),
+            baseline,
+            "{point}: no key file left"
+        );
+        assert!(
+            journal_records(&daemon).is_empty(),
+            "{point}: journal empty"
+        );
+        assert!(listed(&daemon, "alice", "kept"));
+    }
+    // After the entry is durable the key exists in full, though the client was not told.
+    crash_at(&mut daemon, "create:after-entry", |d| {
+        assert!(d
+            .client("alice")
+            .psa_generate_key("k", p256_signing())
+            .is_err());
+    });
+    let client = daemon.client("alice");
+    client
+        .psa_sign_hash("k", &[5; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+    assert!(journal_records(&daemon).is_empty());
+    client
+        .psa_sign_hash("kept", &[5; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+}
+
+#[test]
+fn a_crash_during_a_destroy_keeps_or_destroys_the_key_entirely() {
+    let mut daemon = Daemon::start("durable-destroy");
+    for (point, destroyed) in [
+        ("destroy:after-tombstone", false),
+        ("destroy:after-entry", true),
+        ("destroy:after-material", true),
+    ] {
+        let client = daemon.client("alice");
+        if !listed(&daemon, "alice", "d") {
+            client.psa_generate_key("d", p256_signing()).unwrap();
+        }
+        let before = key_files(&storage(&daemon));
+        crash_at(&mut daemon, point, |d| {
+            assert!(d.client("alice").psa_destroy_key("d").is_err());
+        });
+        let after = key_files(&storage(&daemon));
+        if destroyed {
+            assert!(!listed(&daemon, "alice", "d"), "{point}: the key is gone");
+            assert_eq!(after.len() + 1, before.len(), "{point}: and so is its file");
+        } else {
+            assert!(listed(&daemon, "alice", "d"), "{point}: the key stays");
+            daemon
+                .client("alice")
+                .psa_sign_hash("d", &[9; 32], ecdsa(Hash::Sha256))
+                .unwrap();
+            assert_eq!(after, before, "{point}: with its file");
+        }
+        assert!(
+            journal_records(&daemon).is_empty(),
+            "{point}: journal empty"
+        );
+    }
+}
