@@ -106,13 +106,17 @@ pub fn hint_for(status: ResponseStatus) -> &'static str {
 /// A name a client chose, made safe for one log line: control characters, quotes and
 /// backslashes escaped (no forged lines), at most 128 characters kept.
 pub fn escape(name: &str) -> String {
-    const CAP: usize = 128;
-    let mut out: String = name
+    escape_capped(name, 128)
+}
+
+/// As `escape`, for longer text that embeds client-chosen names (a failure's cause).
+pub fn escape_capped(text: &str, cap: usize) -> String {
+    let mut out: String = text
         .chars()
-        .take(CAP)
+        .take(cap)
         .flat_map(|c| c.escape_debug())
         .collect();
-    if name.chars().count() > CAP {
+    if text.chars().nth(cap).is_some() {
         out.push_str("...");
     }
     out

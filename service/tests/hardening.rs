@@ -167,3 +167,26 @@ fn a_full_disk_refuses_new_keys_and_loses_none() {
     let log = daemon.log_text();
     assert!(log.contains("status=PsaErrorInsufficientStorage"), "{log}");
 }
+
+/// A name a client chose cannot forge a log record, and a huge one is capped.
+#[test]
+fn client_names_cannot_forge_log_lines() {
+    let daemon = common::Daemon::start("hardening-forge");
+    let client = daemon.client("mallory");
+    let forged = "nokey\"\n[ERROR parsec] forged line";
+    let _ = client.psa_destroy_key(forged);
+    let long = "x".repeat(100_000);
+    let _ = client.psa_destroy_key(&long);
+    let log = daemon.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("[ERROR parsec] forged line")),
+        "{log}"
+    );
+    assert!(
+        log.contains("forged line"),
+        "the name is logged, escaped: {log}"
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+}

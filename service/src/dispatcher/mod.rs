@@ -324,8 +324,9 @@ impl Dispatcher {
         // The child has closed its end of the pipe: collect it.
         let exit = nix::sys::wait::waitpid(job.child, None);
         log::debug!(
-            "deferred {:?} for \"{app}\": child {} ended: {exit:?}",
+            "deferred {:?} for \"{}\": child {} ended: {exit:?}",
             header.opcode,
+            crate::error::escape(&app),
             job.child
         );
         let result = match self.slots.iter_mut().find(|s| s.id() == provider) {
@@ -367,11 +368,12 @@ impl Dispatcher {
             Err(error) => {
                 log::warn!(
                     "request failed: app={} provider={:?} opcode={:?} status={:?} cause=\"{}\" hint=\"{}\"",
-                    app_name.unwrap_or("(unauthenticated)"),
+                    // Names a client chose: escaped (one record per line) and capped.
+                    crate::error::escape(app_name.unwrap_or("(unauthenticated)")),
                     header.provider,
                     header.opcode,
                     error.status,
-                    error.cause,
+                    crate::error::escape_capped(&error.cause, 512),
                     error.hint
                 );
                 Response::from_request_header(header, error.status)

@@ -255,7 +255,7 @@ impl Pkcs11Provider {
                 }
                 let entry = keys.remove(&op.key_name)?;
                 if let Err(e) = self.destroy_material(&entry) {
-                    log::warn!("pkcs11: key \"{}\" of \"{}\" forgotten but not destroyed on the token: {e}", op.key_name, keys.app());
+                    log::warn!("pkcs11: key \"{}\" of \"{}\" forgotten but not destroyed on the token: {e}", crate::error::escape(&op.key_name), crate::error::escape(keys.app()));
                 }
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
