@@ -208,10 +208,13 @@ fn every_operation_and_restart() {
     );
     let objects = hsm.tool(&["--list-objects"]);
     assert!(
-        !objects.contains("label:      p256"),
+        !objects.contains("label:      parsec/alice/p256"),
         "destroyed on the token too:\n{objects}"
     );
-    assert!(objects.contains("label:      p384"), "{objects}");
+    assert!(
+        objects.contains("label:      parsec/alice/p384"),
+        "{objects}"
+    );
 }
 
 /// Keys put on the token by pkcs11-tool are mapped into an application's namespace: listed,
@@ -575,9 +578,94 @@ fn token_selected_by_slot_serial_or_label() {
                 // A fresh store each time: the key is not there, but the token is the same.
                 assert!(client.list_keys().unwrap().is_empty());
                 let objects = hsm.tool(&["--list-objects"]);
-                assert!(objects.contains("label:      k"), "{selector}: {objects}");
+                assert!(
+                    objects.contains("label:      parsec/henry/k"),
+                    "{selector}: {objects}"
+                );
                 assert!(!expected.is_empty());
             }
         }
     }
+}
+
+/// Keys the service makes carry the application in their label (`parsec/APP/NAME`), so an
+/// `existing_keys` label can never pick another application's key; an existing key that
+/// matches two objects is refused at start-up; the service's objects that no entry names are
+/// reported and kept, never destroyed.
+#[test]
+fn labels_are_namespaced_and_lookups_unambiguous() {
+    let hsm = SoftHsm::new("namespaces");
+    let daemon = hsm_daemon("hsm-namespaces", &hsm, "");
+    hsm_client(&daemon, "alice")
+        .psa_generate_key("k", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .unwrap();
+    let objects = hsm.tool(&["--list-objects"]);
+    assert!(objects.contains("label:      parsec/alice/k"), "{objects}");
+
+    // Two objects with one label: an existing key by label alone is ambiguous.
+    for id in ["01", "02"] {
+        hsm.tool(&[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "twice",
+            "--id",
+            id,
+        ]);
+    }
+    let table = pkcs11_provider_table(
+        &hsm,
+        "[[provider.existing_keys]]\nlabel = \"twice\"\napplication = \"bob\"\nname = \"dup\"\n",
+    );
+    let dir = fresh_dir("hsm-ambiguous");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        with_provider_first(
+            common::config_text(&dir.join("s.sock"), &dir.join("store"), "Direct", &[]),
+            &table,
+        ),
+    )
+    .unwrap();
+    let (key, value) = hsm.env();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env(key, &value)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ambiguous"), "{stderr}");
+
+    // The service's key with its entry gone: reported at start-up, and still on the token.
+    let mut daemon = daemon;
+    daemon.stop();
+    let entries = daemon.dir.join("store");
+    let entry = walk(&entries)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "key") && p.to_string_lossy().contains("/2/"))
+        .expect("the PKCS#11 entry");
+    std::fs::remove_file(entry).unwrap();
+    daemon.spawn();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("key \"parsec/alice/k\"") && log.contains("named by no key store entry"),
+        "{log}"
+    );
+    assert!(hsm.tool(&["--list-objects"]).contains("parsec/alice/k"));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
 }

@@ -130,6 +130,20 @@ impl Connection {
                 .session
                 .find_objects(&key.template(class))
                 .map_err(|e| self.fail("finding the key", e))?;
+            if handles.len() > 1 {
+                // Using the first would be a guess, possibly at another application's key.
+                return Err(OpError::new(
+                    ResponseStatus::PsaErrorStorageFailure,
+                    format!(
+                        "{} {} objects on {} match this key's CKA_ID/label {:?}: ambiguous",
+                        handles.len(),
+                        if class == ObjectClass::PRIVATE_KEY { "private key" } else { "public key" },
+                        self.token,
+                        key.label.as_deref().unwrap_or("-")
+                    ),
+                    "give the key a CKA_ID (and label) that only it has on the token, e.g. in [[provider.existing_keys]] name both id and label",
+                ));
+            }
             let first = handles.first().copied();
             if class == ObjectClass::PRIVATE_KEY {
                 found.private = first;

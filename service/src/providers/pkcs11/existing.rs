@@ -46,3 +46,60 @@ pub(super) fn mount(
     );
     Ok(())
 }
+
+/// Reports the service's objects on the token (labels starting with `parsec/`) that no key
+/// store entry names: left by a crash between C_GenerateKeyPair and the entry, or named by
+/// a damaged entry. They are never destroyed here (nothing proves nobody needs them): the
+/// log names each, with what to do.
+pub(super) fn report_unnamed(conn: &mut Connection, store: &KeyStore, damaged: usize) {
+    let referenced: std::collections::HashSet<Vec<u8>> = store
+        .keys_in(ProviderId::Pkcs11)
+        .filter_map(|(_, entry)| KeyRef::decode(&entry.key_id).ok()?.id)
+        .collect();
+    let Ok(handles) = conn
+        .session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+    else {
+        return;
+    };
+    let mut unnamed = 0;
+    for handle in handles {
+        let Ok(values) = conn
+            .session
+            .get_attributes(handle, &[AttributeType::Label, AttributeType::Id])
+        else {
+            continue;
+        };
+        let (mut label, mut id) = (None, None);
+        for value in values {
+            match value {
+                Attribute::Label(bytes) => {
+                    label = Some(String::from_utf8_lossy(&bytes).to_string())
+                }
+                Attribute::Id(bytes) => id = Some(bytes),
+                _ => {}
+            }
+        }
+        let (Some(label), Some(id)) = (label, id) else {
+            continue;
+        };
+        if !label.starts_with(LABEL_PREFIX) || referenced.contains(&id) {
+            continue;
+        }
+        unnamed += 1;
+        log::warn!(
+            "pkcs11: the service's key \"{}\" (CKA_ID {}) on {} is named by no key store entry{}: kept. {}",
+            crate::error::escape(&label),
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            conn.token,
+            if damaged > 0 { format!(" ({damaged} entries of this provider are damaged or unreadable)") } else { String::new() },
+            if damaged > 0 { "Restore the damaged entries first: this may be one of their keys." } else { "A crash between its creation and its entry leaves such a key; if nothing needs it, delete it with pkcs11-tool --delete-object --type privkey --id <CKA_ID> (and --type pubkey)." }
+        );
+    }
+    if unnamed > 0 {
+        log::warn!(
+            "pkcs11: {unnamed} of the service's keys on {} are named by no entry (see above)",
+            conn.token
+        );
+    }
+}

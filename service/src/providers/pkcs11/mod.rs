@@ -100,6 +100,7 @@ impl Pkcs11Provider {
         for existing in &settings.existing_keys {
             mount(&mut conn, store, existing)?;
         }
+        report_unnamed(&mut conn, store, store.damaged_in(ProviderId::Pkcs11));
         log::info!(
             "pkcs11: using {} through {}, {stored} keys in the store, {} existing keys mapped",
             conn.token,
@@ -167,7 +168,7 @@ impl Pkcs11Provider {
                 check(CheckType::Generate, op.attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
                 let conn = self.connection()?;
-                let key = new_key_ref(conn, &op.key_name)?;
+                let key = new_key_ref(conn, keys.app(), &op.key_name)?;
                 let (public, private) = templates(&key, &op.attributes)?;
                 let mechanism = match op.attributes.key_type {
                     Type::RsaKeyPair => Mechanism::RsaPkcsKeyPairGen,
@@ -192,7 +193,7 @@ impl Pkcs11Provider {
                 check(CheckType::Import, op.attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
                 let conn = self.connection()?;
-                let key = new_key_ref(conn, &op.key_name)?;
+                let key = new_key_ref(conn, keys.app(), &op.key_name)?;
                 let (attributes, objects) =
                     import_templates(&key, &op.attributes, op.data.expose_secret())?;
                 let mut handles = Vec::new();
@@ -359,14 +360,14 @@ impl Pkcs11Provider {
 }
 
 /// A fresh CKA_ID from the token's random number generator, and the key's label.
-fn new_key_ref(conn: &mut Connection, name: &str) -> Result<KeyRef, OpError> {
+fn new_key_ref(conn: &mut Connection, app: &str, name: &str) -> Result<KeyRef, OpError> {
     let id = conn
         .session
         .generate_random_vec(ID_LEN as u32)
         .map_err(|e| conn.fail("C_GenerateRandom (key id)", e))?;
     Ok(KeyRef {
         id: Some(id),
-        label: Some(name.to_string()),
+        label: Some(service_label(app, name)),
     })
 }
 

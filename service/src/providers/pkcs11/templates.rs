@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// What every label of an object the service creates starts with: `parsec/` then the
+/// application's name, `/`, the key's name (hex-escaped where they are not printable ASCII
+/// or contain `/`). So the service's objects cannot be taken for a key that was on the
+/// token before (found by label in `existing_keys`), and one application's names cannot
+/// collide with another's. Keys made by earlier versions keep their label (the key's name):
+/// the entry records the label it was made with.
+pub(super) const LABEL_PREFIX: &str = "parsec/";
+
+pub(super) fn service_label(app: &str, name: &str) -> String {
+    let part = |text: &str| -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_graphic() && b != b'/' && b != b'%' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02x}")
+                }
+            })
+            .collect()
+    };
+    format!("{LABEL_PREFIX}{}/{}", part(app), part(name))
+}
+
 /// How the key store names a token object (the entry's `key_id`, bincode).
 #[derive(serde::Serialize, serde::Deserialize, Clone, PartialEq, Eq, Hash)]
 pub(super) struct KeyRef {
