@@ -3,6 +3,7 @@
 # inside it, twice: a first boot and a reboot on the same TPM state and disk.
 #
 #   qemu-tests/run.sh [--board DIR] [--timeout SECONDS]
+#   qemu-tests/run.sh --power-cuts N [--board DIR]
 #
 # Steps (each printed with its time):
 #   1. parts: Debian's cloud-arm64 kernel, busybox-static and qemu-system-arm, downloaded
@@ -19,17 +20,28 @@
 # Each boot's serial console is kept in qemu-tests/out/boot-N.log; every step the guest
 # reports is shown as it happens. Exit status 0 only if every step of both boots passed.
 # --board defaults to board-configs/qemu-aarch64 (its config.toml and modules are used).
+#
+# --power-cuts N replaces steps 5 and 6 with the power-cut test: N+1 boots on one disk
+# (mounted data=writeback,commit=60 in the guest) and one TPM state. Each boot lists the keys
+# that survived, then churns keys on the software and TPM providers, printing every
+# acknowledged create and destroy, until the host kills QEMU with SIGKILL at a random moment
+# (0.3-3 s into the churn): a power cut, the guest's page cache lost. powercut-check.py then
+# checks, boot after boot, that acknowledged keys survived with their public keys and still
+# sign, acknowledged destroys held, and the service found nothing to quarantine.
+# PARSEC_CUT_SEED fixes the random moments (the seed used is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 board="board-configs/qemu-aarch64"
 limit=150
+cuts=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --board) board=$2; shift 2 ;;
         --timeout) limit=$2; shift 2 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --power-cuts) cuts=$2; shift 2 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "qemu-tests/run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -297,6 +309,62 @@ verdict() {
         return 1
     fi
 }
+
+# powercut_boot N: boots in power-cut mode, and pulls the plug at a random moment of the churn.
+powercut_boot() {
+    local n=$1 log=$out/cut-$1.log qemu_pid i delay
+    rm -f "$out/swtpm.sock" "$log"
+    swtpm socket --tpm2 --tpmstate "dir=$out/tpm-state" \
+        --ctrl "type=unixio,path=$out/swtpm.sock" --terminate \
+        --log "file=$out/swtpm-cut-$n.log" &
+    swtpm_pid=$!
+    i=0
+    while [ ! -S "$out/swtpm.sock" ]; do
+        i=$((i + 1))
+        [ "$i" -le 100 ] || { echo "qemu-tests/run.sh: swtpm did not start" >&2; return 1; }
+        sleep 0.05
+    done
+    LD_LIBRARY_PATH=$qemu_libs "$qemu_bin" \
+        -M virt -cpu cortex-a57 -m 512 -nographic -no-reboot -nic none \
+        -kernel "$kernel" -initrd "$initramfs" \
+        -append "console=ttyAMA0 quiet loglevel=3 panic=-1 parsec_e2e=powercut parsec_cut=$n" \
+        -chardev "socket,id=chrtpm,path=$out/swtpm.sock" \
+        -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis-device,tpmdev=tpm0 \
+        -drive "file=$disk,format=raw,if=none,id=data" -device virtio-blk-device,drive=data \
+        < /dev/null > "$log" 2>&1 &
+    qemu_pid=$!
+    i=0
+    while ! grep -q '^PARSEC-CUT churn-started' "$log" && kill -0 "$qemu_pid" 2>/dev/null; do
+        i=$((i + 1))
+        [ "$i" -le 1200 ] || break
+        sleep 0.05
+    done
+    delay=$(( RANDOM % 2700 + 300 ))
+    sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
+    kill -KILL "$qemu_pid" 2>/dev/null || true
+    wait "$qemu_pid" 2>/dev/null || true
+    wait "$swtpm_pid" 2>/dev/null || true
+    swtpm_pid=""
+    printf '   boot %2d: %s kept keys listed, power cut %4d ms into the churn after %s acknowledged operations\n' "$n" \
+        "$(grep -c '^PARSEC-CUT have ' "$log")" "$delay" "$(grep -c '^PARSEC-CUT ack ' "$log")"
+}
+
+if [ "$cuts" -gt 0 ]; then
+    seed=${PARSEC_CUT_SEED:-$$}
+    RANDOM=$seed
+    step "5/6 power cuts: $cuts cuts, $((cuts + 1)) boots on one disk and TPM state (seed $seed)"
+    logs=()
+    for n in $(seq 0 "$cuts"); do
+        powercut_boot "$n"
+        logs+=("$out/cut-$n.log")
+    done
+    step "6/6 check every boot's keys against what was acknowledged before each cut"
+    status=0
+    python3 qemu-tests/powercut-check.py "${logs[@]}" || status=1
+    step_started=$started
+    echo "== qemu-tests power cuts: $([ "$status" -eq 0 ] && echo PASS || echo FAIL) in $(elapsed "$started") s (consoles: $out/cut-N.log)"
+    exit "$status"
+fi
 
 : > "$out/result.txt"
 overall=0

@@ -28,7 +28,7 @@ if grep -hE '^PACKAGECONFIG\[' "${recipes[@]}" | awk -F'"' '{ n = split($2, f, "
 fi
 
 echo "-- meta-parsec: pyflakes"
-pyflakes meta-parsec/lib meta-parsec/scripts buildroot-ext/check.py board-configs/check-select-providers.py
+pyflakes meta-parsec/lib meta-parsec/scripts buildroot-ext/check.py board-configs/check-select-providers.py qemu-tests/powercut-check.py
 
 echo "-- meta-parsec: kas file against kas's schema"
 python3 - <<'PY'

@@ -37,6 +37,8 @@ echo "== meta-parsec and buildroot-ext: crate list, oelint-adv, pyflakes, kas sc
 bash scripts/check-layers.sh
 echo "== qemu-tests: the aarch64 appliance in QEMU with swtpm, first boot and reboot"
 bash qemu-tests/run.sh
+echo "== qemu-tests: 20 power cuts during key churn (software and TPM providers), every acknowledged key checked"
+bash qemu-tests/run.sh --power-cuts 20
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -18,6 +18,8 @@
 //! signature the TPM made is verified by a different implementation; otherwise on the
 //! provider under test, with the public key imported as a separate key. The exit status is 0 only if every step passed.
 
+mod churn;
+
 use parsec_client::core::interface::operations::list_providers::Uuid;
 use parsec_client::core::interface::operations::psa_algorithm::{
     Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash,
@@ -38,6 +40,7 @@ const USAGE: &str = "usage: parsec-e2e run|check [--keep DIR] [--provider tpm|pk
   run    every operation on the provider under test; keeps keys e2e-ecc, e2e-rsa and
          e2e-rsa-enc and writes their public keys to DIR (default /var/lib/parsec-e2e)
   check  the kept keys are listed, export the saved public keys and still sign/decrypt
+  inventory, churn BOOT  the power-cut test's guest side (see churn.rs)
   --provider  the provider under test; default: the service's first provider
 
 Environment: PARSEC_SERVICE_ENDPOINT=unix:/path/to/socket (default /run/parsec/parsec.sock).
@@ -60,10 +63,15 @@ fn main() -> ExitCode {
     let mut command = None;
     let mut keep = PathBuf::from("/var/lib/parsec-e2e");
     let mut provider = None;
+    let mut boot = String::new();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
-            "run" | "check" if command.is_none() => command = Some(arg.clone()),
+            "run" | "check" | "inventory" if command.is_none() => command = Some(arg.clone()),
+            "churn" if command.is_none() => {
+                command = Some(arg.clone());
+                boot = rest.next().cloned().unwrap_or_else(|| "0".into());
+            }
             "--keep" => match rest.next() {
                 Some(dir) => keep = PathBuf::from(dir),
                 None => return usage("--keep needs a directory"),
@@ -84,6 +92,11 @@ fn main() -> ExitCode {
     let Some(command) = command else {
         return usage("say run or check");
     };
+    match command.as_str() {
+        "inventory" => return churn::inventory(),
+        "churn" => return churn::churn(&boot),
+        _ => {}
+    }
 
     let mut report = Report::default();
     let Some(mut check) = report.step("connect", || Check::connect(provider)) else {

@@ -124,6 +124,10 @@ pub fn template(
         .with_fixed_parent(inside)
         .with_sensitive_data_origin(inside)
         .with_user_with_auth(true)
+        // Keys have an empty authorisation (the service alone reaches them): dictionary-
+        // attack protection guards nothing, and would lock every key out after a few power
+        // cuts (each unorderly shutdown counts as a failed try). Found by the power-cut test.
+        .with_no_da(true)
         .with_sign_encrypt(uses.sign)
         .with_decrypt(uses.decrypt)
         .with_restricted(false)

@@ -1,0 +1,201 @@
+//! The power-cut test's guest side (qemu-tests/run.sh --power-cuts N):
+//!
+//! - `inventory`: every key of this application whose name starts with `pc-`, on every
+//!   provider: its public key and whether it still signs (verified with its public key by
+//!   the service), one line each: `PARSEC-CUT have PROVIDER NAME PUBHEX sign=ok|fail`, then
+//!   `PARSEC-CUT inventory-done count=N`.
+//! - `churn`: creates, signs with and destroys keys on the software and TPM providers until
+//!   the machine loses power (destroying the oldest keys, earlier boots' too, to keep about
+//!   ten), printing `PARSEC-CUT begin create|destroy PROVIDER NAME` before
+//!   each change and `PARSEC-CUT ack create PROVIDER NAME PUBHEX` / `PARSEC-CUT ack destroy
+//!   PROVIDER NAME` once the service has answered it. The host checks, boot after boot, that
+//!   every acknowledged key is there with its public key and every acknowledged destroy held.
+
+use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
+use parsec_client::core::interface::operations::psa_key_attributes::{
+    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
+};
+use parsec_client::core::interface::requests::ProviderId;
+use parsec_client::BasicClient;
+use std::io::Write;
+use std::process::ExitCode;
+
+const PREFIX: &str = "pc-";
+
+fn ecdsa() -> AsymmetricSignature {
+    AsymmetricSignature::Ecdsa {
+        hash_alg: Hash::Sha256.into(),
+    }
+}
+
+fn p256() -> Attributes {
+    let mut usage_flags = UsageFlags::default();
+    let _ = usage_flags.set_sign_hash().set_verify_hash();
+    Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::EccKeyPair {
+            curve_family: EccFamily::SecpR1,
+        },
+        bits: 256,
+        policy: Policy {
+            usage_flags,
+            permitted_algorithms: ecdsa().into(),
+        },
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn label(provider: ProviderId) -> &'static str {
+    match provider {
+        ProviderId::Tpm => "tpm",
+        ProviderId::Pkcs11 => "pkcs11",
+        _ => "mbed-crypto",
+    }
+}
+
+/// One line, flushed at once: the console is all the host has after a power cut.
+fn say(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn client(provider: ProviderId) -> Result<BasicClient, String> {
+    let mut client =
+        BasicClient::new(Some("parsec-e2e".to_string())).map_err(|e| format!("{e:?}"))?;
+    client.set_implicit_provider(provider);
+    Ok(client)
+}
+
+/// The providers the churn runs on: the software and TPM providers the service offers.
+fn providers() -> Result<Vec<ProviderId>, String> {
+    let offered = client(ProviderId::Core)?
+        .list_providers()
+        .map_err(|e| format!("{e:?}"))?;
+    Ok([ProviderId::MbedCrypto, ProviderId::Tpm]
+        .into_iter()
+        .filter(|p| offered.iter().any(|o| o.id == *p))
+        .collect())
+}
+
+pub fn inventory() -> ExitCode {
+    let result = (|| -> Result<usize, String> {
+        let mut count = 0;
+        for provider in providers()? {
+            let client = client(provider)?;
+            let keys = client.list_keys().map_err(|e| format!("{e:?}"))?;
+            for key in keys
+                .iter()
+                .filter(|k| k.provider_id == provider && k.name.starts_with(PREFIX))
+            {
+                let public = client.psa_export_public_key(&key.name);
+                let signs = client
+                    .psa_sign_hash(&key.name, &[0x5c; 32], ecdsa())
+                    .and_then(|sig| client.psa_verify_hash(&key.name, &[0x5c; 32], ecdsa(), &sig))
+                    .is_ok();
+                say(format!(
+                    "PARSEC-CUT have {} {} {} sign={}",
+                    label(provider),
+                    key.name,
+                    public.map(|p| hex(&p)).unwrap_or_else(|_| "none".into()),
+                    if signs { "ok" } else { "fail" }
+                ));
+                count += 1;
+            }
+        }
+        Ok(count)
+    })();
+    match result {
+        Ok(count) => {
+            say(format!("PARSEC-CUT inventory-done count={count}"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(format!("PARSEC-CUT inventory-failed {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn churn(boot: &str) -> ExitCode {
+    let providers = match providers() {
+        Ok(p) if !p.is_empty() => p,
+        other => {
+            say(format!("PARSEC-CUT churn-failed providers {other:?}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let clients: Vec<(ProviderId, BasicClient)> = match providers
+        .iter()
+        .map(|p| client(*p).map(|c| (*p, c)))
+        .collect()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            say(format!("PARSEC-CUT churn-failed {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    // The keys earlier boots left are destroyed first, oldest first, so that the number of
+    // keys stays level (about ten) however many cuts there are.
+    let mut alive: Vec<(usize, String)> = Vec::new();
+    for (which, (provider, client)) in clients.iter().enumerate() {
+        if let Ok(keys) = client.list_keys() {
+            for key in keys
+                .into_iter()
+                .filter(|k| k.provider_id == *provider && k.name.starts_with(PREFIX))
+            {
+                alive.push((which, key.name));
+            }
+        }
+    }
+    say("PARSEC-CUT churn-started".into());
+    for i in 0u64.. {
+        let which = (i % clients.len() as u64) as usize;
+        let (provider, client) = &clients[which];
+        let name = format!("{PREFIX}{boot}-{i}");
+        say(format!(
+            "PARSEC-CUT begin create {} {name}",
+            label(*provider)
+        ));
+        let made = client
+            .psa_generate_key(&name, p256())
+            .and_then(|()| client.psa_export_public_key(&name));
+        match made {
+            Ok(public) => {
+                say(format!(
+                    "PARSEC-CUT ack create {} {name} {}",
+                    label(*provider),
+                    hex(&public)
+                ));
+                alive.push((which, name.clone()));
+            }
+            Err(e) => {
+                say(format!("PARSEC-CUT churn-failed create {name}: {e:?}"));
+                return ExitCode::FAILURE;
+            }
+        }
+        if client.psa_sign_hash(&name, &[1; 32], ecdsa()).is_err() {
+            say(format!("PARSEC-CUT churn-failed sign {name}"));
+            return ExitCode::FAILURE;
+        }
+        // Destroy the oldest key once there are more than ten, and every other round.
+        if alive.len() > 10 || (i % 2 == 1 && alive.len() > 2) {
+            let (owner, old) = alive.remove(0);
+            let (provider, client) = &clients[owner];
+            say(format!(
+                "PARSEC-CUT begin destroy {} {old}",
+                label(*provider)
+            ));
+            if let Err(e) = client.psa_destroy_key(&old) {
+                say(format!("PARSEC-CUT churn-failed destroy {old}: {e:?}"));
+                return ExitCode::FAILURE;
+            }
+            say(format!("PARSEC-CUT ack destroy {} {old}", label(*provider)));
+        }
+    }
+    ExitCode::SUCCESS
+}
