@@ -669,3 +669,46 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A crash between C_GenerateKeyPair and the key's entry (the service aborts there,
+/// PARSEC_CRASH_AT): the next start destroys the token objects, whose create record says no
+/// client was told of them; keys made before are untouched.
+#[cfg(feature = "crash-points")]
+#[test]
+fn a_crash_after_the_token_objects_leaves_nothing_behind() {
+    let hsm = SoftHsm::new("crash");
+    let mut daemon = hsm_daemon("hsm-crash", &hsm, "");
+    hsm_client(&daemon, "alice")
+        .psa_generate_key("kept", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .unwrap();
+    daemon.stop();
+    daemon
+        .env
+        .push(("PARSEC_CRASH_AT".into(), "pkcs11:after-objects".into()));
+    daemon.spawn();
+    assert!(hsm_client(&daemon, "alice")
+        .psa_generate_key("lost", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+        .is_err());
+    assert!(
+        !daemon.wait().success(),
+        "the service aborted at the crash point"
+    );
+    assert!(hsm.tool(&["--list-objects"]).contains("parsec/alice/lost"));
+    daemon.env.retain(|(k, _)| k != "PARSEC_CRASH_AT");
+    daemon.spawn();
+    let objects = hsm.tool(&["--list-objects"]);
+    assert!(!objects.contains("parsec/alice/lost"), "{objects}");
+    assert!(objects.contains("parsec/alice/kept"), "{objects}");
+    assert!(daemon.log_text().contains("their creation was interrupted"));
+    let client = hsm_client(&daemon, "alice");
+    let names: Vec<String> = client
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(names, ["kept"]);
+    client
+        .psa_sign_hash("kept", &[2; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+}

@@ -181,6 +181,9 @@ impl Dispatcher {
                         }
                         return Err(error);
                     }
+                    if let Some(slot) = index.map(|i| &mut self.slots[i]) {
+                        slot.committed(entry);
+                    }
                 }
                 Change::Remove(name) => {
                     let triple = KeyTriple::new(app, provider, &name);

@@ -100,6 +100,14 @@ impl Slot {
         }
     }
 
+    /// A key the provider made is durable in the store now.
+    pub fn committed(&mut self, entry: KeyEntry) {
+        match self {
+            Slot::Local { provider, .. } => provider.committed(&entry),
+            Slot::Remote(remote) => remote.worker.committed(entry),
+        }
+    }
+
     pub fn release_device(&mut self) {
         match self {
             Slot::Local { provider, .. } => provider.release_device(),

@@ -42,6 +42,7 @@ impl<C: Link> Device<C> {
     }
 
     /// The connection if it is open, without reopening it.
+    #[cfg_attr(not(feature = "tpm-provider"), allow(dead_code))]
     pub fn open_now(&mut self) -> Option<&mut C> {
         self.conn.as_mut()
     }

@@ -21,6 +21,8 @@ mod der;
 mod device;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod ecc;
+#[cfg(any(feature = "mbed-crypto-provider", feature = "pkcs11-provider"))]
+pub mod journal;
 #[cfg(feature = "mbed-crypto-provider")]
 pub mod mbed_crypto;
 #[cfg(feature = "pkcs11-provider")]
@@ -144,6 +146,10 @@ pub trait Provider {
     /// open it afresh; the provider reopens it when next used.
     fn release_device(&mut self) {}
 
+    /// The entry of a key this provider made (on its worker) is now durable in the store: a
+    /// create record kept for it can go.
+    fn committed(&mut self, _entry: &KeyEntry) {}
+
     /// Called before an entry leaves the key store for good (DeleteClient), so that the
     /// provider can record that its material is to be destroyed (a tombstone): a crash after
     /// the entry's removal then still lets the next start destroy it. An error keeps the key.
@@ -180,7 +186,12 @@ pub fn build(
         }
         #[cfg(feature = "pkcs11-provider")]
         ProviderKind::Pkcs11(pkcs11_settings) => {
-            let provider = pkcs11::Pkcs11Provider::start(pkcs11_settings, store, limits)?;
+            let provider = pkcs11::Pkcs11Provider::start(
+                pkcs11_settings,
+                &settings.key_store_dir,
+                store,
+                limits,
+            )?;
             Ok(Some(Box::new(provider)))
         }
         #[cfg(feature = "tpm-provider")]

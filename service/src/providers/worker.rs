@@ -48,6 +48,8 @@ enum Message {
     Run(Job),
     /// Destroy the material of a key the store could not record (its entry never existed).
     Destroy(KeyEntry),
+    /// A key this worker made is now durable in the store.
+    Committed(KeyEntry),
     /// Close the device connection (a reload is about to open it again); reopened on use.
     Release(mpsc::Sender<()>),
 }
@@ -171,6 +173,10 @@ impl Worker {
         let _ = self.sender.send(Message::Destroy(entry));
     }
 
+    pub fn committed(&self, entry: KeyEntry) {
+        let _ = self.sender.send(Message::Committed(entry));
+    }
+
     /// Asks an idle worker to close its device and waits (briefly) until it has.
     pub fn release(&self, timeout: Duration) -> bool {
         let (ack, acked) = mpsc::channel();
@@ -215,6 +221,7 @@ fn run(
                     );
                 }
             }
+            Message::Committed(entry) => provider.committed(&entry),
             Message::Release(ack) => {
                 provider.release_device();
                 let _ = ack.send(());

@@ -13,9 +13,9 @@
 //! acknowledged.
 
 mod capabilities;
-mod journal;
 mod keygen;
 
+use super::journal;
 use super::{AppKeys, Deferred, Limits, Provider, Start};
 use crate::error::OpError;
 use crate::key_store::{KeyEntry, KeyStore};
@@ -175,7 +175,7 @@ impl MbedCryptoProvider {
             .map_err(|e| format!("cannot find storage_dir {}: {e}", storage_dir.display()))?;
         std::env::set_current_dir(&storage_dir)
             .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
-        let journal = journal::Journal::open(&storage_dir)
+        let journal = journal::Journal::open(&storage_dir, "journal")
             .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
@@ -269,8 +269,12 @@ impl MbedCryptoProvider {
                 self.storage_dir.display()
             )
         })?;
-        for (kind, id) in pending {
-            let record = self.journal.found(kind, id);
+        for (kind, key) in pending {
+            let Ok(id) = u32::from_str_radix(&key, 16) else {
+                log::warn!("mbed-crypto: ignoring journal record {key}: not a key id");
+                continue;
+            };
+            let record = self.journal.found(kind, &key);
             let file = self.storage_dir.join(key_file(id));
             match (kind, referenced.contains(&id)) {
                 (journal::Kind::Create, true) | (journal::Kind::Destroy, true) => {
@@ -359,7 +363,9 @@ impl MbedCryptoProvider {
     ) -> Result<(), OpError> {
         keys.ensure_free(name)?;
         let id = self.allocate_id()?;
-        let record = self.journal.begin(journal::Kind::Create, id)?;
+        let record = self
+            .journal
+            .begin(journal::Kind::Create, &format!("{id:08x}"))?;
         crate::crash_point("create:after-intent");
         let key = match make(attributes, id) {
             Ok(key) => key,
@@ -426,7 +432,9 @@ impl MbedCryptoProvider {
     /// Destroys a key: tombstone, then the entry (durably), then the material (durably).
     fn destroy_key(&mut self, keys: &mut AppKeys<'_>, name: &str) -> Result<(), OpError> {
         let id = key_id_of(keys.get(name)?)?;
-        let record = self.journal.begin(journal::Kind::Destroy, id)?;
+        let record = self
+            .journal
+            .begin(journal::Kind::Destroy, &format!("{id:08x}"))?;
         crate::crash_point("destroy:after-tombstone");
         if let Err(e) = keys.remove(name) {
             self.journal.done(record);
@@ -686,7 +694,9 @@ impl Provider for MbedCryptoProvider {
 
     fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
-        let record = self.journal.begin(journal::Kind::Destroy, id)?;
+        let record = self
+            .journal
+            .begin(journal::Kind::Destroy, &format!("{id:08x}"))?;
         self.tombstones.push((id, record));
         Ok(())
     }

@@ -1,4 +1,7 @@
-//! Keys that were on the token before the service (`[[provider.existing_keys]]`): found and mounted into the key store at start-up.
+//! The token's objects at start-up: keys that were on the token before the service
+//! (`[[provider.existing_keys]]`), found and mounted into the key store; the service's own
+//! objects reconciled with the key store (interrupted creates undone on positive evidence,
+//! objects no entry names reported).
 
 use super::*;
 
@@ -101,5 +104,71 @@ pub(super) fn report_unnamed(conn: &mut Connection, store: &KeyStore, damaged: u
             "pkcs11: {unnamed} of the service's keys on {} are named by no entry (see above)",
             conn.token
         );
+    }
+}
+
+/// Resolves the create records left since the last start: a record whose CKA_ID an entry
+/// names is a finished create (dropped); one no entry names is a create no client was told
+/// of, whose objects are destroyed, unless damaged entries exist (then it may be one of
+/// theirs: kept, with the record, and reported).
+pub(super) fn resolve_journal(
+    conn: &mut Connection,
+    store: &KeyStore,
+    journal: &super::Journal,
+    damaged: usize,
+) {
+    let referenced: std::collections::HashSet<String> = store
+        .keys_in(ProviderId::Pkcs11)
+        .filter_map(|(_, entry)| KeyRef::decode(&entry.key_id).ok()?.id)
+        .map(|id| super::hex(&id))
+        .collect();
+    let pending = match journal.pending() {
+        Ok(pending) => pending,
+        Err(e) => {
+            log::error!("pkcs11: cannot read the journal: {e}; nothing is undone");
+            return;
+        }
+    };
+    for (kind, key) in pending {
+        let record = journal.found(kind, &key);
+        if kind != super::Kind::Create || referenced.contains(&key) {
+            journal.done(record);
+            continue;
+        }
+        if damaged > 0 {
+            log::error!(
+                "pkcs11: the objects with CKA_ID {key} on {} were being created when the service stopped, and {damaged} entries of this provider are damaged or unreadable: kept (they may be one of theirs). Restore or remove the damaged entries and restart",
+                conn.token
+            );
+            continue;
+        }
+        let id: Vec<u8> = (0..key.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&key[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        let handles = conn
+            .session
+            .find_objects(&[Attribute::Id(id)])
+            .unwrap_or_default();
+        let mut destroyed = 0;
+        for handle in &handles {
+            if conn.session.destroy_object(*handle).is_ok() {
+                destroyed += 1;
+            }
+        }
+        if destroyed < handles.len() {
+            log::error!(
+                "pkcs11: could destroy only {destroyed} of the {} objects with CKA_ID {key} on {}: kept for the next start",
+                handles.len(),
+                conn.token
+            );
+            continue;
+        }
+        if destroyed > 0 {
+            log::warn!(
+                "pkcs11: destroyed {destroyed} objects with CKA_ID {key} on {}: their creation was interrupted before any client was told the key exists",
+                conn.token
+            );
+        }
+        journal.done(record);
     }
 }

@@ -38,6 +38,7 @@ use mechanisms::*;
 use templates::*;
 
 use super::device::{Device, Link};
+use super::journal::{Journal, Kind};
 use super::{der, ecc, AppKeys, Limits, Provider};
 use crate::config::{ExistingKey, Pkcs11Settings, TokenSelector};
 use crate::error::OpError;
@@ -87,11 +88,15 @@ pub struct Pkcs11Provider {
     settings: Pkcs11Settings,
     conn: Device<Connection>,
     limits: Limits,
+    /// Create records: made durable before a key's objects are; removed once the key's entry
+    /// is durable (`committed`), or resolved at the next start after a crash.
+    journal: Journal,
 }
 
 impl Pkcs11Provider {
     pub fn start(
         settings: &Pkcs11Settings,
+        key_store_dir: &std::path::Path,
         store: &mut KeyStore,
         limits: Limits,
     ) -> Result<Pkcs11Provider, String> {
@@ -100,7 +105,15 @@ impl Pkcs11Provider {
         for existing in &settings.existing_keys {
             mount(&mut conn, store, existing)?;
         }
-        report_unnamed(&mut conn, store, store.damaged_in(ProviderId::Pkcs11));
+        let journal = Journal::open(key_store_dir, "pkcs11-journal").map_err(|e| {
+            format!(
+                "cannot open the journal in {}: {e}",
+                key_store_dir.display()
+            )
+        })?;
+        let damaged = store.damaged_in(ProviderId::Pkcs11);
+        resolve_journal(&mut conn, store, &journal, damaged);
+        report_unnamed(&mut conn, store, damaged);
         log::info!(
             "pkcs11: using {} through {}, {stored} keys in the store, {} existing keys mapped",
             conn.token,
@@ -117,7 +130,18 @@ impl Pkcs11Provider {
                 Some(conn),
             ),
             limits,
+            journal,
         })
+    }
+
+    /// Makes a create record for a key's objects durable before they exist: a crash before
+    /// the key's entry is stored then lets the next start destroy them (`resolve_journal`).
+    /// The record stays until the event loop has stored the entry (`committed`).
+    fn intend(&self, key: &KeyRef) -> Result<(), OpError> {
+        let id = key.id.as_deref().unwrap_or_default();
+        let record = self.journal.begin(Kind::Create, &hex(id))?;
+        self.journal.leave(record);
+        Ok(())
     }
 
     /// The connection, reopened if the token went away.
@@ -167,8 +191,9 @@ impl Pkcs11Provider {
             NativeOperation::PsaGenerateKey(op) => {
                 check(CheckType::Generate, op.attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
+                let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
+                self.intend(&key)?;
                 let conn = self.connection()?;
-                let key = new_key_ref(conn, keys.app(), &op.key_name)?;
                 let (public, private) = templates(&key, &op.attributes)?;
                 let mechanism = match op.attributes.key_type {
                     Type::RsaKeyPair => Mechanism::RsaPkcsKeyPairGen,
@@ -179,6 +204,7 @@ impl Pkcs11Provider {
                     .generate_key_pair(&mechanism, &public, &private)
                     .map_err(|e| conn.fail("C_GenerateKeyPair", e))
                     .map_err(|e| name_refused_attribute(conn, e, &mechanism, &public, &private))?;
+                crate::crash_point("pkcs11:after-objects");
                 record(
                     conn,
                     keys,
@@ -192,8 +218,9 @@ impl Pkcs11Provider {
             NativeOperation::PsaImportKey(op) => {
                 check(CheckType::Import, op.attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
+                let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
+                self.intend(&key)?;
                 let conn = self.connection()?;
-                let key = new_key_ref(conn, keys.app(), &op.key_name)?;
                 let (attributes, objects) =
                     import_templates(&key, &op.attributes, op.data.expose_secret())?;
                 let mut handles = Vec::new();
@@ -428,6 +455,13 @@ impl Provider for Pkcs11Provider {
         self.conn.release();
     }
 
+    fn committed(&mut self, entry: &KeyEntry) {
+        if let Some(id) = KeyRef::decode(&entry.key_id).ok().and_then(|k| k.id) {
+            self.journal
+                .done(self.journal.found(Kind::Create, &hex(&id)));
+        }
+    }
+
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let key = KeyRef::decode(&entry.key_id)?;
         if let Some(existing) = self
@@ -455,4 +489,8 @@ impl Provider for Pkcs11Provider {
         }
         Ok(())
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,9 +1,13 @@
-//! Intent records and tombstones: the positive evidence the software provider needs before
-//! it destroys a key file at start-up.
+//! Intent records and tombstones: the positive evidence a provider needs before it destroys
+//! key material at start-up. Used by the software provider (key files, in
+//! `<storage_dir>/journal/`) and the PKCS#11 provider (token objects, in
+//! `<key store dir>/pkcs11-journal/`). Each record is named by its key's material: the PSA key
+//! id (8 hex digits) or the CKA_ID (hex).
 //!
-//! Before it makes key material, the provider writes `create-XXXXXXXX` (the key id in hex)
-//! durably into `<storage_dir>/journal/`; once the key's entry is in the key store, it removes
-//! the record. Before it forgets a key, it writes `destroy-XXXXXXXX`; once the material is
+//! Before it makes key material, the provider writes `create-KEY` durably; once the key's
+//! entry is in the key store, the record goes (the software provider removes it at once; the
+//! PKCS#11 provider, whose entries the event loop stores after its worker returns, when the
+//! loop tells it the entry is durable). Before it forgets a key, it writes `destroy-XXXXXXXX`; once the material is
 //! gone (durably), it removes that. At start-up a record left behind says exactly what was
 //! interrupted:
 //!
@@ -56,20 +60,21 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl Journal {
-    pub fn open(storage_dir: &Path) -> io::Result<Journal> {
-        let dir = storage_dir.join("journal");
+    /// The journal in `parent/name`, created (durably) if it is not there.
+    pub fn open(parent: &Path, name: &str) -> io::Result<Journal> {
+        let dir = parent.join(name);
         crate::key_store::create_private_dir(&dir)?;
-        sync_dir(storage_dir)?;
+        sync_dir(parent)?;
         Ok(Journal { dir })
     }
 
-    fn path(&self, kind: Kind, id: u32) -> PathBuf {
-        self.dir.join(format!("{}{id:08x}", kind.prefix()))
+    fn path(&self, kind: Kind, key: &str) -> PathBuf {
+        self.dir.join(format!("{}{key}", kind.prefix()))
     }
 
     /// Writes a record durably (the file and the directory entry).
-    pub fn begin(&self, kind: Kind, id: u32) -> Result<Record, OpError> {
-        let path = self.path(kind, id);
+    pub fn begin(&self, kind: Kind, key: &str) -> Result<Record, OpError> {
+        let path = self.path(kind, key);
         let written = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -77,7 +82,7 @@ impl Journal {
                 .truncate(true)
                 .mode(0o600)
                 .open(&path)?;
-            file.write_all(format!("{id}\n").as_bytes())?;
+            file.write_all(format!("{key}\n").as_bytes())?;
             file.sync_all()?;
             sync_dir(&self.dir)
         })();
@@ -90,38 +95,46 @@ impl Journal {
     pub fn done(&self, record: Record) {
         if let Err(e) = fs::remove_file(&record.path) {
             log::warn!(
-                "mbed-crypto: cannot remove {}: {e} (resolved at the next start)",
+                "cannot remove {}: {e} (resolved at the next start)",
                 record.path.display()
             );
         }
     }
 
+    /// Leaves a record in place until the change is complete (the PKCS#11 provider's create
+    /// records: their entries are stored by the event loop, after the worker returns).
+    pub fn leave(&self, record: Record) {
+        drop(record);
+    }
+
     /// A record found at start-up, to resolve and then mark done (or keep).
-    pub fn found(&self, kind: Kind, id: u32) -> Record {
+    pub fn found(&self, kind: Kind, key: &str) -> Record {
         Record {
-            path: self.path(kind, id),
+            path: self.path(kind, key),
         }
     }
 
-    /// Every record left by changes that did not complete, in id order.
-    pub fn pending(&self) -> io::Result<Vec<(Kind, u32)>> {
+    /// Every record left by changes that did not complete, in key order: the key (hex) of
+    /// each, whose length the caller checks.
+    pub fn pending(&self) -> io::Result<Vec<(Kind, String)>> {
         let mut found = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
             let Some(name) = name.to_str() else { continue };
             for kind in [Kind::Create, Kind::Destroy] {
                 if let Some(hex) = name.strip_prefix(kind.prefix()) {
-                    match u32::from_str_radix(hex, 16) {
-                        Ok(id) if hex.len() == 8 => found.push((kind, id)),
-                        _ => log::warn!(
-                            "mbed-crypto: ignoring {}: not a journal record",
+                    if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        found.push((kind, hex.to_string()));
+                    } else {
+                        log::warn!(
+                            "ignoring {}: not a journal record",
                             self.dir.join(name).display()
-                        ),
+                        );
                     }
                 }
             }
         }
-        found.sort_by_key(|(kind, id)| (*id, *kind == Kind::Destroy));
+        found.sort_by(|(ka, a), (kb, b)| (a, *ka == Kind::Destroy).cmp(&(b, *kb == Kind::Destroy)));
         Ok(found)
     }
 }
@@ -135,17 +148,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("parsec-journal-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let journal = Journal::open(&dir).unwrap();
-        let create = journal.begin(Kind::Create, 7).unwrap();
-        let destroy = journal.begin(Kind::Destroy, 0x1234_abcd).unwrap();
+        let journal = Journal::open(&dir, "journal").unwrap();
+        let create = journal.begin(Kind::Create, "00000007").unwrap();
+        let destroy = journal.begin(Kind::Destroy, "1234abcd").unwrap();
         assert_eq!(
             journal.pending().unwrap(),
-            vec![(Kind::Create, 7), (Kind::Destroy, 0x1234_abcd)]
+            vec![
+                (Kind::Create, "00000007".to_string()),
+                (Kind::Destroy, "1234abcd".to_string())
+            ]
         );
         journal.done(create);
         assert_eq!(
             journal.pending().unwrap(),
-            vec![(Kind::Destroy, 0x1234_abcd)]
+            vec![(Kind::Destroy, "1234abcd".to_string())]
         );
         journal.done(destroy);
         assert!(journal.pending().unwrap().is_empty());
