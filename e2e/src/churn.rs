@@ -11,10 +11,9 @@
 //!   PROVIDER NAME` once the service has answered it. The host checks, boot after boot, that
 //!   every acknowledged key is there with its public key and every acknowledged destroy held.
 
-use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
-use parsec_client::core::interface::operations::psa_key_attributes::{
-    Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
-};
+use super::KeyKind;
+use parsec_client::core::interface::operations::psa_algorithm::AsymmetricSignature;
+use parsec_client::core::interface::operations::psa_key_attributes::Attributes;
 use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::BasicClient;
 use std::io::Write;
@@ -23,25 +22,11 @@ use std::process::ExitCode;
 const PREFIX: &str = "pc-";
 
 fn ecdsa() -> AsymmetricSignature {
-    AsymmetricSignature::Ecdsa {
-        hash_alg: Hash::Sha256.into(),
-    }
+    KeyKind::EccSign.signature().expect("ECDSA signs")
 }
 
 fn p256() -> Attributes {
-    let mut usage_flags = UsageFlags::default();
-    let _ = usage_flags.set_sign_hash().set_verify_hash();
-    Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::SecpR1,
-        },
-        bits: 256,
-        policy: Policy {
-            usage_flags,
-            permitted_algorithms: ecdsa().into(),
-        },
-    }
+    KeyKind::EccSign.attributes(false)
 }
 
 fn hex(bytes: &[u8]) -> String {
