@@ -241,30 +241,43 @@ swtpm_pid=""
 cleanup() { [ -z "$swtpm_pid" ] || kill "$swtpm_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 
-# boot N MODE: starts swtpm on the kept state, boots the guest, shows its steps as they come.
-boot() {
-    local n=$1 mode=$2 log=$out/boot-$1.log boot_started status line
-    boot_started=$(date +%s%N)
+# start_swtpm NAME: swtpm on the kept state for one boot (log swtpm-NAME.log); it exits when
+# QEMU disconnects (--terminate), as a device keeps its TPM across reboots.
+start_swtpm() {
     rm -f "$out/swtpm.sock"
     swtpm socket --tpm2 --tpmstate "dir=$out/tpm-state" \
         --ctrl "type=unixio,path=$out/swtpm.sock" --terminate \
-        --log "file=$out/swtpm-$n.log" &
+        --log "file=$out/swtpm-$1.log" &
     swtpm_pid=$!
     local i=0
     while [ ! -S "$out/swtpm.sock" ]; do
         i=$((i + 1))
-        [ "$i" -le 100 ] || { echo "qemu-tests/run.sh: swtpm did not start (see $out/swtpm-$n.log)" >&2; return 1; }
+        [ "$i" -le 100 ] || { echo "qemu-tests/run.sh: swtpm did not start (see $out/swtpm-$1.log)" >&2; return 1; }
         sleep 0.05
     done
+}
+
+# guest_command KERNEL-ARGS...: the QEMU command line of the appliance (TPM, disk) into the
+# array guest (env execs QEMU, so a background guest's $! is QEMU's PID).
+# shellcheck disable=SC2054 # QEMU's option values are comma-separated
+guest_command() {
+    guest=(env "LD_LIBRARY_PATH=$qemu_libs" "$qemu_bin"
+        -M virt -cpu cortex-a57 -m 512 -nographic -no-reboot -nic none
+        -kernel "$kernel" -initrd "$initramfs"
+        -append "console=ttyAMA0 quiet loglevel=3 panic=-1 $*"
+        -chardev "socket,id=chrtpm,path=$out/swtpm.sock"
+        -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis-device,tpmdev=tpm0
+        -drive "file=$disk,format=raw,if=none,id=data" -device virtio-blk-device,drive=data)
+}
+
+# boot N MODE: starts swtpm on the kept state, boots the guest, shows its steps as they come.
+boot() {
+    local n=$1 mode=$2 log=$out/boot-$1.log boot_started status line
+    boot_started=$(date +%s%N)
+    start_swtpm "$n"
+    guest_command "parsec_e2e=$mode"
     set +e +o pipefail
-    LD_LIBRARY_PATH=$qemu_libs timeout "$limit" "$qemu_bin" \
-        -M virt -cpu cortex-a57 -m 512 -nographic -no-reboot -nic none \
-        -kernel "$kernel" -initrd "$initramfs" \
-        -append "console=ttyAMA0 quiet loglevel=3 panic=-1 parsec_e2e=$mode" \
-        -chardev "socket,id=chrtpm,path=$out/swtpm.sock" \
-        -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis-device,tpmdev=tpm0 \
-        -drive "file=$disk,format=raw,if=none,id=data" -device virtio-blk-device,drive=data \
-        < /dev/null 2>&1 | while IFS= read -r line; do
+    timeout "$limit" "${guest[@]}" < /dev/null 2>&1 | while IFS= read -r line; do
             line=${line%$'\r'}
             printf '%s\n' "$line" >> "$log"
             case "$line" in
@@ -313,25 +326,10 @@ verdict() {
 # powercut_boot N: boots in power-cut mode, and pulls the plug at a random moment of the churn.
 powercut_boot() {
     local n=$1 log=$out/cut-$1.log qemu_pid i delay
-    rm -f "$out/swtpm.sock" "$log"
-    swtpm socket --tpm2 --tpmstate "dir=$out/tpm-state" \
-        --ctrl "type=unixio,path=$out/swtpm.sock" --terminate \
-        --log "file=$out/swtpm-cut-$n.log" &
-    swtpm_pid=$!
-    i=0
-    while [ ! -S "$out/swtpm.sock" ]; do
-        i=$((i + 1))
-        [ "$i" -le 100 ] || { echo "qemu-tests/run.sh: swtpm did not start" >&2; return 1; }
-        sleep 0.05
-    done
-    LD_LIBRARY_PATH=$qemu_libs "$qemu_bin" \
-        -M virt -cpu cortex-a57 -m 512 -nographic -no-reboot -nic none \
-        -kernel "$kernel" -initrd "$initramfs" \
-        -append "console=ttyAMA0 quiet loglevel=3 panic=-1 parsec_e2e=powercut parsec_cut=$n" \
-        -chardev "socket,id=chrtpm,path=$out/swtpm.sock" \
-        -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis-device,tpmdev=tpm0 \
-        -drive "file=$disk,format=raw,if=none,id=data" -device virtio-blk-device,drive=data \
-        < /dev/null > "$log" 2>&1 &
+    rm -f "$log"
+    start_swtpm "cut-$n"
+    guest_command "parsec_e2e=powercut parsec_cut=$n"
+    "${guest[@]}" < /dev/null > "$log" 2>&1 &
     qemu_pid=$!
     i=0
     while ! grep -q '^PARSEC-CUT churn-started' "$log" && kill -0 "$qemu_pid" 2>/dev/null; do

@@ -16,17 +16,8 @@ use common::{ecdsa, p256_signing, Daemon};
 use parsec_client::core::interface::operations::psa_algorithm::Hash;
 use std::path::{Path, PathBuf};
 
-fn hex(name: &str) -> String {
-    name.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
 fn entry_path(daemon: &Daemon, app: &str, name: &str) -> PathBuf {
-    daemon
-        .dir
-        .join("store")
-        .join(hex(app))
-        .join("1")
-        .join(format!("{}.key", hex(name)))
+    common::entry_path(&daemon.dir.join("store"), app, 1, name)
 }
 
 fn storage(daemon: &Daemon) -> PathBuf {

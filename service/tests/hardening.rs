@@ -82,13 +82,7 @@ fn a_damaged_entry_is_named_at_start_up_and_the_other_keys_still_work() {
         "{log}"
     );
     let client = daemon.client("app");
-    let names: Vec<String> = client
-        .list_keys()
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
-    assert_eq!(names, vec!["good".to_string()]);
+    assert_eq!(common::key_names(&client), vec!["good".to_string()]);
     let signature = client
         .psa_sign_hash("good", &[3u8; 32], ecdsa_sha256())
         .unwrap();

@@ -121,13 +121,10 @@ fn ecc_keys_sign_verify_export_and_destroy() {
         service_error(client.psa_sign_hash("ecc-pub", &SHA256_OF_HELLO, alg)),
         ResponseStatus::PsaErrorNotPermitted
     );
-    let names: Vec<String> = client
-        .list_keys()
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
-    assert_eq!(names, vec!["ecc".to_string(), "ecc-pub".to_string()]);
+    assert_eq!(
+        common::key_names(&client),
+        vec!["ecc".to_string(), "ecc-pub".to_string()]
+    );
     client.psa_destroy_key("ecc").unwrap();
     assert_eq!(
         service_error(client.psa_destroy_key("ecc")),

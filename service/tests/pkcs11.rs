@@ -642,11 +642,7 @@ fn labels_are_namespaced_and_lookups_unambiguous() {
     // The service's key with its entry gone: reported at start-up, and still on the token.
     let mut daemon = daemon;
     daemon.stop();
-    let entries = daemon.dir.join("store");
-    let entry = walk(&entries)
-        .into_iter()
-        .find(|p| p.extension().is_some_and(|e| e == "key") && p.to_string_lossy().contains("/2/"))
-        .expect("the PKCS#11 entry");
+    let entry = common::entry_path(&daemon.dir.join("store"), "alice", 2, "k");
     std::fs::remove_file(entry).unwrap();
     daemon.spawn();
     let log = daemon.log_text();
@@ -655,19 +651,6 @@ fn labels_are_namespaced_and_lookups_unambiguous() {
         "{log}"
     );
     assert!(hsm.tool(&["--list-objects"]).contains("parsec/alice/k"));
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(walk(&path));
-        } else {
-            found.push(path);
-        }
-    }
-    found
 }
 
 /// A crash between C_GenerateKeyPair and the key's entry (the service aborts there,
@@ -701,13 +684,7 @@ fn a_crash_after_the_token_objects_leaves_nothing_behind() {
     assert!(objects.contains("parsec/alice/kept"), "{objects}");
     assert!(daemon.log_text().contains("their creation was interrupted"));
     let client = hsm_client(&daemon, "alice");
-    let names: Vec<String> = client
-        .list_keys()
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
-    assert_eq!(names, ["kept"]);
+    assert_eq!(common::key_names(&client), ["kept"]);
     client
         .psa_sign_hash("kept", &[2; 32], ecdsa(Hash::Sha256))
         .unwrap();

@@ -32,11 +32,7 @@ impl Dispatcher {
             let index = self.slots.iter().position(|s| s.id() == provider);
             let queued = match index.map(|i| &mut self.slots[i]) {
                 Some(Slot::Remote(new)) => new.admit(waiting).map(|()| index),
-                _ => Err(OpError::new(
-                    ResponseStatus::PsaErrorCommunicationFailure,
-                    format!("{provider:?} was removed by a reload before the request ran"),
-                    "the configuration changed: send the request again",
-                )),
+                _ => Err(removed_by_reload(provider, "before the request ran")),
             };
             match queued {
                 Ok(Some(index)) => self.pump(index),
@@ -126,14 +122,9 @@ impl Dispatcher {
                     random_bytes: parts.collected,
                 }),
             ),
-            Some(_) if done.result.is_ok() => Err(OpError::new(
-                ResponseStatus::PsaErrorCommunicationFailure,
-                format!(
-                    "{:?} was removed by a reload while the request ran",
-                    done.provider
-                ),
-                "the configuration changed: send the request again",
-            )),
+            Some(_) if done.result.is_ok() => {
+                Err(removed_by_reload(done.provider, "while the request ran"))
+            }
             _ => done.result,
         };
         let outcome = result.and_then(|result| {
@@ -168,11 +159,7 @@ impl Dispatcher {
                             crate::error::escape(&name),
                             crate::error::escape(app)
                         );
-                        return Err(OpError::new(
-                            ResponseStatus::PsaErrorCommunicationFailure,
-                            format!("{provider:?} was removed by a reload while the request ran"),
-                            "the configuration changed: send the request again",
-                        ));
+                        return Err(removed_by_reload(provider, "while the request ran"));
                     }
                     let triple = KeyTriple::new(app, provider, &name);
                     if let Err(error) = self.store.insert(triple, entry.clone()) {

@@ -334,11 +334,7 @@ impl Dispatcher {
                 let keys = AppKeys::new(&mut self.store, &app, header.provider);
                 provider.complete(job.state, output, keys)
             }
-            _ => Err(OpError::new(
-                ResponseStatus::PsaErrorCommunicationFailure,
-                format!("{provider:?} was removed by a reload while the request ran"),
-                "the configuration changed: send the request again",
-            )),
+            _ => Err(removed_by_reload(provider, "while the request ran")),
         };
         self.respond(header, Some(&app), result)
     }
@@ -478,4 +474,13 @@ impl Dispatcher {
 
 fn random_chunk(size: usize) -> NativeOperation {
     NativeOperation::PsaGenerateRandom(psa_generate_random::Operation { size })
+}
+
+/// A request whose provider a reload removed (before or while it ran).
+fn removed_by_reload(provider: ProviderId, when: &str) -> OpError {
+    OpError::new(
+        ResponseStatus::PsaErrorCommunicationFailure,
+        format!("{provider:?} was removed by a reload {when}"),
+        "the configuration changed: send the request again",
+    )
 }

@@ -276,6 +276,14 @@ fn no_such_key(name: &str) -> OpError {
     )
 }
 
+fn name_taken(name: &str) -> OpError {
+    OpError::new(
+        ResponseStatus::PsaErrorAlreadyExists,
+        format!("a key named \"{name}\" exists already"),
+        "destroy it first or choose another name",
+    )
+}
+
 impl<'a> AppKeys<'a> {
     pub fn new(store: &'a mut KeyStore, app: &'a str, provider: ProviderId) -> Self {
         AppKeys {
@@ -320,11 +328,7 @@ impl<'a> AppKeys<'a> {
     /// Fails with PsaErrorAlreadyExists if the name is taken.
     pub fn ensure_free(&self, name: &str) -> Result<(), OpError> {
         if self.contains(name) {
-            return Err(OpError::new(
-                ResponseStatus::PsaErrorAlreadyExists,
-                format!("a key named \"{name}\" exists already"),
-                "destroy it first or choose another name",
-            ));
+            return Err(name_taken(name));
         }
         Ok(())
     }
@@ -342,14 +346,11 @@ impl<'a> AppKeys<'a> {
     pub fn create(&mut self, name: &str, entry: KeyEntry) -> Result<(), OpError> {
         let triple = self.triple(name);
         match &mut self.backing {
+            // The store refuses a name that is taken itself.
             Backing::Store(store) => store.insert(triple, entry),
             Backing::Snapshot(snapshot) => {
                 if snapshot.entries.contains_key(name) {
-                    return Err(OpError::new(
-                        ResponseStatus::PsaErrorAlreadyExists,
-                        format!("a key named \"{name}\" exists already"),
-                        "destroy it first or choose another name",
-                    ));
+                    return Err(name_taken(name));
                 }
                 snapshot.entries.insert(name.to_string(), entry.clone());
                 snapshot

@@ -727,3 +727,22 @@ pub fn generate_encrypt_decrypt(client: &BasicClient, name: &str, alg: Asymmetri
         "{name}: a damaged ciphertext gives {status:?}"
     );
 }
+
+/// The names ListKeys gives the client, in the service's order.
+pub fn key_names(client: &BasicClient) -> Vec<String> {
+    client
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect()
+}
+
+/// Where the key store keeps one key's entry (docs/key-store.md: hex names).
+pub fn entry_path(store: &Path, app: &str, provider: u8, name: &str) -> PathBuf {
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    store
+        .join(hex(app))
+        .join(provider.to_string())
+        .join(format!("{}.key", hex(name)))
+}

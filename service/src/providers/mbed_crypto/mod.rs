@@ -277,7 +277,7 @@ impl MbedCryptoProvider {
             let record = self.journal.found(kind, &key);
             let file = self.storage_dir.join(key_file(id));
             match (kind, referenced.contains(&id)) {
-                (journal::Kind::Create, true) | (journal::Kind::Destroy, true) => {
+                (_, true) => {
                     // A finished create, or a destroy that never removed the entry (and was
                     // never acknowledged): the key stays.
                     self.journal.done(record);
