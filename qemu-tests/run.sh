@@ -4,6 +4,7 @@
 #
 #   qemu-tests/run.sh [--board DIR] [--timeout SECONDS]
 #   qemu-tests/run.sh --power-cuts N [--board DIR]
+#   qemu-tests/run.sh --rootfs PATH [--board DIR] [--timeout SECONDS]
 #
 # Steps (each printed with its time):
 #   1. parts: Debian's cloud-arm64 kernel, busybox-static and qemu-system-arm, downloaded
@@ -29,6 +30,18 @@
 # checks, boot after boot, that acknowledged keys survived with their public keys and still
 # sign, acknowledged destroys held, and the service found nothing to quarantine.
 # PARSEC_CUT_SEED fixes the random moments (the seed used is printed).
+#
+# --rootfs PATH boots an image someone else built (Buildroot's output/images/rootfs.tar, or
+# rootfs.ext2/.ext4) instead of steps 2 and 3: its root file system on the virtio disk, its
+# own BusyBox init, device manager and init scripts, with Debian's cloud kernel (the image
+# brings none here), the board's modules loaded by a small initramfs (guest/rootfs-init, as
+# a distribution's initramfs loads its disk driver). The only additions to the image are the
+# test's: that kernel's modules, an application user (app, in parsec-clients) and the driver
+# guest/rootfs-e2e as /etc/init.d/S99parsec-e2e. Boot 1 checks what the image's init did
+# (/dev/tpmrm0 root:tss 0660, the service started by S50parsec), runs `parsec-e2e run`,
+# restarts the service through S50parsec and runs `parsec-e2e check`; boot 2 (same disk and
+# TPM state) runs `parsec-e2e check`. Unpacking the image keeps its owners: run as root (or
+# with fakeroot installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -36,15 +49,21 @@ export PATH="$HOME/.cargo/bin:$PATH"
 board="board-configs/qemu-aarch64"
 limit=150
 cuts=0
+rootfs=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --board) board=$2; shift 2 ;;
         --timeout) limit=$2; shift 2 ;;
         --power-cuts) cuts=$2; shift 2 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        --rootfs) rootfs=$(realpath "$2"); shift 2 ;;
+        -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
         *) echo "qemu-tests/run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+if [ -n "$rootfs" ]; then
+    [ -f "$rootfs" ] || { echo "qemu-tests/run.sh: --rootfs $rootfs: no such file" >&2; exit 2; }
+    [ "$cuts" -eq 0 ] || { echo "qemu-tests/run.sh: --rootfs and --power-cuts do not combine" >&2; exit 2; }
+fi
 for file in config.toml modules; do
     [ -f "$board/$file" ] || { echo "qemu-tests/run.sh: $board has no $file" >&2; exit 2; }
 done
@@ -125,6 +144,10 @@ if [ -n "$missing" ]; then
 fi
 echo "   $(LD_LIBRARY_PATH=$qemu_libs "$qemu_bin" --version | head -n1); kernel $kernel_version"
 
+if [ -n "$rootfs" ]; then
+    # shellcheck source=qemu-tests/image.sh
+    . qemu-tests/image.sh
+else
 # ---------------------------------------------------------------------------------------
 step "2/6 build (service and parsec-e2e for $target)"
 bash cross/build.sh "$target" --no-check | sed -n 's/^   target/   target/p'
@@ -235,6 +258,7 @@ truncate -s 64M "$disk"
 mkfs.ext4 -q -F -L parsec-var-lib "$disk"
 mkdir -p "$out/tpm-state"
 echo "   $disk (ext4, 64 MiB, sparse), swtpm state in $out/tpm-state"
+fi
 
 swtpm_pid=""
 # shellcheck disable=SC2317 # run by the trap
@@ -303,9 +327,18 @@ boot() {
 # The steps each boot must report, besides guest-done with failed=0.
 required_first="boot modules tpm-device key-store-disk service-start connect ping list-providers create-ecc sign-verify-ecc verify-with-public-ecc create-rsa sign-verify-rsa create-rsa-enc encrypt-decrypt-rsa-enc encrypt-with-public-rsa-enc attestation destroy service-stop service-restart list-kept-keys still-signs-ecc still-signs-rsa still-decrypts-rsa-enc"
 required_reboot="boot modules tpm-device key-store-disk service-start connect list-kept-keys saved-public-ecc still-signs-ecc saved-public-rsa still-signs-rsa saved-public-rsa-enc still-decrypts-rsa-enc service-stop"
+if [ -n "$rootfs" ]; then
+    # The image's init starts and stops the service; the initramfs loads the modules and
+    # mounts the image (root-disk); the driver checks the device node and the running service.
+    required_first="boot modules root-disk tpm-device service-start connect ping list-providers create-ecc sign-verify-ecc verify-with-public-ecc create-rsa sign-verify-rsa create-rsa-enc encrypt-decrypt-rsa-enc encrypt-with-public-rsa-enc attestation destroy service-restart list-kept-keys still-signs-ecc still-signs-rsa still-decrypts-rsa-enc service-stop"
+    required_reboot="boot modules root-disk tpm-device service-start connect list-kept-keys saved-public-ecc still-signs-ecc saved-public-rsa still-signs-rsa saved-public-rsa-enc still-decrypts-rsa-enc service-stop"
+fi
 verdict() {
     local n=$1 mode=$2 required=$3 log=$out/boot-$1.log problems="" name
     grep -q "^PARSEC-E2E guest-done boot=$mode failed=0\$" "$log" || problems="$problems no 'guest-done failed=0';"
+    if [ -n "$rootfs" ] && ! grep -q '^Starting parsec: OK$' "$log"; then
+        problems="$problems the image's S50parsec did not print 'Starting parsec: OK';"
+    fi
     if grep -q '^PARSEC-E2E step=.* result=fail' "$log"; then
         problems="$problems failed: $(grep '^PARSEC-E2E step=.* result=fail' "$log" | awk '{ sub(/^step=/, "", $2); printf "%s ", $2 }');"
     fi

@@ -10,7 +10,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== shellcheck"
-shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run qemu-tests/run.sh qemu-tests/guest/init board-configs/check.sh board-configs/select-providers sysvinit/parsec \
+shellcheck -x cross/*.sh cross/pkg-config-cross scripts/*.sh .ci/run qemu-tests/run.sh qemu-tests/image.sh qemu-tests/guest/init qemu-tests/guest/rootfs-init qemu-tests/guest/rootfs-e2e board-configs/check.sh board-configs/select-providers sysvinit/parsec \
     buildroot-ext/board/raspberrypi4-64/post-build-tpm.sh
 echo "== cargo deny: licences, bans, sources"
 cargo deny check licenses bans sources

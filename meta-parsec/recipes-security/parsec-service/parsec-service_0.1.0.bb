@@ -46,7 +46,10 @@ PACKAGECONFIG ??= "${@parsec_default_providers(d)}"
 # OS, so *-poky-linux triples use them): no bindgen, no clang. Other CPUs generate them.
 PARSEC_TSS_PREBUILT_ARCHS = "aarch64 x86_64"
 PARSEC_TSS_BINDGEN = "${@'' if d.getVar('TARGET_ARCH') in d.getVar('PARSEC_TSS_PREBUILT_ARCHS').split() else 'clang-native'}"
-PACKAGECONFIG[tpm] = ",,tpm2-tss ${PARSEC_TSS_BINDGEN},libtss2 libtss2-mu libtss2-tcti-device"
+# At run time: the libraries, the device TCTI (loaded by name), and meta-tpm's tpm2-tss package
+# itself, which carries tpm-udev.rules (${nonarch_base_libdir}/udev/rules.d: /dev/tpmrm0 group
+# tss, mode 0660, what the service opens as a member of tss) and creates the tss group.
+PACKAGECONFIG[tpm] = ",,tpm2-tss ${PARSEC_TSS_BINDGEN},tpm2-tss libtss2 libtss2-mu libtss2-tcti-device"
 PACKAGECONFIG[pkcs11] = ",,,"
 PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
 
