@@ -33,7 +33,7 @@ def complete(words):
 
 
 def parse(path):
-    have, churn, log, done = {}, [], None, False
+    have, churn, log, done, threads = {}, [], None, False, 1
     with open(path, errors="replace") as f:
         for raw in f:
             if not raw.endswith("\n"):
@@ -47,11 +47,14 @@ def parse(path):
                 have[(words[2], words[3])] = (words[4], words[5] == "sign=ok")
             elif kind == "inventory-done":
                 done = True
+            elif kind == "churn-started":
+                fields = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+                threads = int(fields.get("threads", "1"))
             elif kind == "service-log":
                 log = dict(w.split("=", 1) for w in words[2:])
             elif kind in ("begin", "ack") and complete(words[1:]):
                 churn.append(words[1:])
-    return have, churn, log, done
+    return have, churn, log, done, threads
 
 
 def main(paths):
@@ -61,7 +64,7 @@ def main(paths):
     problems = []
     checked = acked = 0
     for boot, path in enumerate(paths):
-        have, churn, log, done = parse(path)
+        have, churn, log, done, threads = parse(path)
         if not done:
             problems.append(f"{path}: no inventory (the service or the check did not come up)")
             break
@@ -86,11 +89,16 @@ def main(paths):
         expected = {k: v[0] for k, v in have.items()}
         uncertain = set()
         acks = 0
-        # The churn names keys pc-BOOT-I with I counting up: the key after the last whose
-        # begin line is complete may have been started by a line the cut truncated.
-        started = [int(w[3].rsplit("-", 1)[1]) for w in churn if w[0] == "begin" and w[1] == "create"]
-        following = f"pc-{boot}-{max(started) + 1 if started else 0}"
-        maybe_started = {("mbed-crypto", following), ("tpm", following)}
+        # Thread T of the churn names keys pc-BOOT-tT-I with I counting up: in each thread,
+        # the key after the last whose begin line is complete may have been started by a line
+        # the cut truncated.
+        maybe_started = set()
+        for t in range(threads):
+            prefix = f"pc-{boot}-t{t}-"
+            started = [int(w[3][len(prefix):]) for w in churn
+                       if w[0] == "begin" and w[1] == "create" and w[3].startswith(prefix)]
+            following = f"{prefix}{max(started) + 1 if started else 0}"
+            maybe_started |= {("mbed-crypto", following), ("tpm", following)}
         for words in churn:
             phase, op, provider, name = words[0], words[1], words[2], words[3]
             key = (provider, name)

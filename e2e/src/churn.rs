@@ -5,11 +5,14 @@
 //!   the service), one line each: `PARSEC-CUT have PROVIDER NAME PUBHEX sign=ok|fail`, then
 //!   `PARSEC-CUT inventory-done count=N`.
 //! - `churn`: creates, signs with and destroys keys on the software and TPM providers until
-//!   the machine loses power (destroying the oldest keys, earlier boots' too, to keep about
-//!   ten), printing `PARSEC-CUT begin create|destroy PROVIDER NAME` before
-//!   each change and `PARSEC-CUT ack create PROVIDER NAME PUBHEX` / `PARSEC-CUT ack destroy
-//!   PROVIDER NAME` once the service has answered it. The host checks, boot after boot, that
-//!   every acknowledged key is there with its public key and every acknowledged destroy held.
+//!   the machine loses power, in `THREADS` concurrent clients (so that the software
+//!   provider's batches and the key store's group commits carry several changes at once),
+//!   each destroying its oldest keys (earlier boots' too) to keep about ten; it prints
+//!   `PARSEC-CUT churn-started threads=N`, then `PARSEC-CUT begin create|destroy PROVIDER
+//!   NAME` before each change and `PARSEC-CUT ack create PROVIDER NAME PUBHEX` / `PARSEC-CUT
+//!   ack destroy PROVIDER NAME` once the service has answered it. Thread T names its keys
+//!   `pc-BOOT-tT-I`, I counting up. The host checks, boot after boot, that every
+//!   acknowledged key is there with its public key and every acknowledged destroy held.
 
 use super::KeyKind;
 use parsec_client::core::interface::operations::psa_algorithm::AsymmetricSignature;
@@ -105,6 +108,9 @@ pub fn inventory() -> ExitCode {
     }
 }
 
+/// Concurrent clients in the churn.
+const THREADS: usize = 3;
+
 pub fn churn(boot: &str) -> ExitCode {
     let providers = match providers() {
         Ok(p) if !p.is_empty() => p,
@@ -113,74 +119,90 @@ pub fn churn(boot: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let clients: Vec<(ProviderId, BasicClient)> = match providers
-        .iter()
-        .map(|p| client(*p).map(|c| (*p, c)))
-        .collect()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            say(format!("PARSEC-CUT churn-failed {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    // The keys earlier boots left are destroyed first, oldest first, so that the number of
-    // keys stays level (about ten) however many cuts there are.
-    let mut alive: Vec<(usize, String)> = Vec::new();
-    for (which, (provider, client)) in clients.iter().enumerate() {
-        if let Ok(keys) = client.list_keys() {
-            for key in keys
-                .into_iter()
-                .filter(|k| k.provider_id == *provider && k.name.starts_with(PREFIX))
-            {
-                alive.push((which, key.name));
-            }
+    // The keys earlier boots left are destroyed first, oldest first, shared out among the
+    // threads, so that the number of keys stays level however many cuts there are.
+    let mut earlier: Vec<Vec<(ProviderId, String)>> = vec![Vec::new(); THREADS];
+    let mut n = 0;
+    for provider in &providers {
+        let Ok(keys) = client(*provider).and_then(|c| c.list_keys().map_err(|e| format!("{e:?}")))
+        else {
+            continue;
+        };
+        for key in keys
+            .into_iter()
+            .filter(|k| k.provider_id == *provider && k.name.starts_with(PREFIX))
+        {
+            earlier[n % THREADS].push((*provider, key.name));
+            n += 1;
         }
     }
-    say("PARSEC-CUT churn-started".into());
+    say(format!("PARSEC-CUT churn-started threads={THREADS}"));
+    let threads: Vec<_> = earlier
+        .into_iter()
+        .enumerate()
+        .map(|(t, alive)| {
+            let providers = providers.clone();
+            let prefix = format!("{PREFIX}{boot}-t{t}-");
+            std::thread::spawn(move || churn_thread(&providers, &prefix, alive))
+        })
+        .collect();
+    let mut code = ExitCode::SUCCESS;
+    for thread in threads {
+        if !matches!(thread.join(), Ok(Ok(()))) {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
+/// One client's churn (until the power goes, or a failure, which it reports).
+fn churn_thread(
+    providers: &[ProviderId],
+    prefix: &str,
+    mut alive: Vec<(ProviderId, String)>,
+) -> Result<(), ()> {
+    let clients: Vec<(ProviderId, BasicClient)> = providers
+        .iter()
+        .map(|p| client(*p).map(|c| (*p, c)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| say(format!("PARSEC-CUT churn-failed {e}")))?;
+    let client_of = |provider: ProviderId| {
+        &clients
+            .iter()
+            .find(|(p, _)| *p == provider)
+            .expect("a client per provider")
+            .1
+    };
     for i in 0u64.. {
-        let which = (i % clients.len() as u64) as usize;
-        let (provider, client) = &clients[which];
-        let name = format!("{PREFIX}{boot}-{i}");
+        let (provider, client) = &clients[(i % clients.len() as u64) as usize];
+        let name = format!("{prefix}{i}");
         say(format!(
             "PARSEC-CUT begin create {} {name}",
             label(*provider)
         ));
-        let made = client
+        let public = client
             .psa_generate_key(&name, p256())
-            .and_then(|()| client.psa_export_public_key(&name));
-        match made {
-            Ok(public) => {
-                say(format!(
-                    "PARSEC-CUT ack create {} {name} {}",
-                    label(*provider),
-                    hex(&public)
-                ));
-                alive.push((which, name.clone()));
-            }
-            Err(e) => {
-                say(format!("PARSEC-CUT churn-failed create {name}: {e:?}"));
-                return ExitCode::FAILURE;
-            }
-        }
+            .and_then(|()| client.psa_export_public_key(&name))
+            .map_err(|e| say(format!("PARSEC-CUT churn-failed create {name}: {e:?}")))?;
+        say(format!(
+            "PARSEC-CUT ack create {} {name} {}",
+            label(*provider),
+            hex(&public)
+        ));
+        alive.push((*provider, name.clone()));
         if client.psa_sign_hash(&name, &[1; 32], ecdsa()).is_err() {
             say(format!("PARSEC-CUT churn-failed sign {name}"));
-            return ExitCode::FAILURE;
+            return Err(());
         }
         // Destroy the oldest key once there are more than ten, and every other round.
         if alive.len() > 10 || (i % 2 == 1 && alive.len() > 2) {
             let (owner, old) = alive.remove(0);
-            let (provider, client) = &clients[owner];
-            say(format!(
-                "PARSEC-CUT begin destroy {} {old}",
-                label(*provider)
-            ));
-            if let Err(e) = client.psa_destroy_key(&old) {
-                say(format!("PARSEC-CUT churn-failed destroy {old}: {e:?}"));
-                return ExitCode::FAILURE;
-            }
-            say(format!("PARSEC-CUT ack destroy {} {old}", label(*provider)));
+            say(format!("PARSEC-CUT begin destroy {} {old}", label(owner)));
+            client_of(owner)
+                .psa_destroy_key(&old)
+                .map_err(|e| say(format!("PARSEC-CUT churn-failed destroy {old}: {e:?}")))?;
+            say(format!("PARSEC-CUT ack destroy {} {old}", label(owner)));
         }
     }
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// The configuration used when no file is given and `/etc/parsec/config.toml` does not exist.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.toml");
-/// Requests that may wait for one hardware provider by default: with the 1 MiB body limit,
+/// Requests that may wait for one provider by default: with the 1 MiB body limit,
 /// at most 32 MiB of queued bodies per device, and a client waits behind at most 32 others.
 pub const DEFAULT_PROVIDER_QUEUE_LIMIT: u64 = 32;
 /// Software-provider RSA generations in child processes at once, by default: each is a
@@ -42,7 +42,7 @@ pub struct Config {
     /// Requests per second each application may make (0: no limit), and its burst.
     pub client_rate_limit: u32,
     pub client_rate_burst: u32,
-    /// Requests that may wait for each hardware provider's device (beyond the one running).
+    /// Requests that may wait for each provider (beyond the batch running).
     pub provider_queue_limit: usize,
     /// Software-provider key generations running in child processes at once.
     pub max_keygen_processes: usize,
@@ -86,6 +86,13 @@ pub enum ProviderKind {
     },
     Tpm(TpmSettings),
     Pkcs11(Pkcs11Settings),
+}
+
+impl ProviderKind {
+    /// The software provider (Mbed TLS), as opposed to a device.
+    pub fn is_software(&self) -> bool {
+        matches!(self, ProviderKind::MbedCrypto { .. })
+    }
 }
 
 /// How the PKCS#11 provider reaches its token.

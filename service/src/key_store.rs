@@ -82,6 +82,48 @@ pub struct KeyStore {
     damaged: BTreeMap<u8, usize>,
 }
 
+/// Changes to the store that become durable together (a group commit): staged with
+/// `stage_insert` and `stage_remove`, made durable and visible by `commit`.
+#[derive(Default)]
+pub struct Batch {
+    inserts: Vec<Staged>,
+    removes: Vec<(KeyTriple, PathBuf)>,
+    /// Every key the batch touches: one change per key.
+    names: BTreeSet<KeyTriple>,
+}
+
+struct Staged {
+    key: KeyTriple,
+    entry: KeyEntry,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// A point in a batch to go back to (`Batch::discard_from`).
+pub struct Mark(usize, usize);
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.removes.is_empty()
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark(self.inserts.len(), self.removes.len())
+    }
+
+    /// Takes back what was staged since `mark` (one request's changes, when one of them
+    /// cannot be staged).
+    pub fn discard_from(&mut self, mark: Mark) {
+        for staged in self.inserts.drain(mark.0..) {
+            let _ = fs::remove_file(&staged.tmp);
+            self.names.remove(&staged.key);
+        }
+        for (key, _) in self.removes.drain(mark.1..) {
+            self.names.remove(&key);
+        }
+    }
+}
+
 impl KeyStore {
     /// Opens the store for the given providers, loading every entry found.
     ///
@@ -152,7 +194,20 @@ impl KeyStore {
 
     /// Stores a new entry durably; it is only visible once it is on disk.
     pub fn insert(&mut self, key: KeyTriple, entry: KeyEntry) -> Result<(), OpError> {
-        if self.entries.contains_key(&key) {
+        let mut batch = Batch::default();
+        self.stage_insert(&mut batch, key, entry)?;
+        self.commit(batch)
+    }
+
+    /// Writes a new entry into a batch (a temporary file, not yet durable, not yet visible).
+    /// Refuses a name the store or the batch already has.
+    pub fn stage_insert(
+        &mut self,
+        batch: &mut Batch,
+        key: KeyTriple,
+        entry: KeyEntry,
+    ) -> Result<(), OpError> {
+        if self.entries.contains_key(&key) || batch.names.contains(&key) {
             return Err(OpError::status(ResponseStatus::PsaErrorAlreadyExists));
         }
         let path = self.path_of(&key)?;
@@ -162,9 +217,113 @@ impl KeyStore {
             name: key.name.clone(),
             entry,
         };
-        write_entry(&path, &stored)
+        let tmp = write_temporary(&path, &stored)
             .map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
-        self.entries.insert(key, stored.entry);
+        batch.names.insert(key.clone());
+        batch.inserts.push(Staged {
+            key,
+            entry: stored.entry,
+            tmp,
+            path,
+        });
+        Ok(())
+    }
+
+    /// Adds an entry's removal to a batch and returns the entry (it stays in the store until
+    /// the batch is committed). A mounted entry has no file: it goes at once.
+    pub fn stage_remove(
+        &mut self,
+        batch: &mut Batch,
+        key: &KeyTriple,
+    ) -> Result<KeyEntry, OpError> {
+        let Some(entry) = self.entries.get(key).cloned() else {
+            return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
+        };
+        if batch.names.contains(key) {
+            return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
+        }
+        if self.mounted.remove(key) {
+            self.entries.remove(key);
+            return Ok(entry);
+        }
+        let path = self.path_of(key)?;
+        batch.names.insert(key.clone());
+        batch.removes.push((key.clone(), path));
+        Ok(entry)
+    }
+
+    /// Makes every change of a batch durable, sharing the fsyncs (one per new file, one per
+    /// directory), and only then puts them in the store. On an error no new entry is
+    /// stored (their files are taken away again); a removal whose file was unlinked stays
+    /// done, as the file is gone.
+    pub fn commit(&mut self, batch: Batch) -> Result<(), OpError> {
+        let Batch {
+            inserts, removes, ..
+        } = batch;
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut outcome = Ok(());
+        // The new files' contents first (the first fsync commits the file system's journal
+        // for all of them), then their names, then the removals, then each directory once.
+        for staged in &inserts {
+            if let Err(e) = File::open(&staged.tmp).and_then(|f| f.sync_all()) {
+                outcome = Err(OpError::storage(
+                    &format!("syncing {}", staged.tmp.display()),
+                    &e,
+                ));
+                break;
+            }
+        }
+        let mut renamed = 0;
+        if outcome.is_ok() {
+            for staged in &inserts {
+                if let Err(e) = fs::rename(&staged.tmp, &staged.path) {
+                    outcome = Err(OpError::storage(
+                        &format!("writing {}", staged.path.display()),
+                        &e,
+                    ));
+                    break;
+                }
+                renamed += 1;
+                dirs.extend(staged.path.parent().map(Path::to_path_buf));
+            }
+        }
+        for (key, path) in removes {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(OpError::storage(
+                            &format!("removing {}", path.display()),
+                            &e,
+                        ));
+                    }
+                    continue;
+                }
+            }
+            self.entries.remove(&key);
+            dirs.extend(path.parent().map(Path::to_path_buf));
+        }
+        for dir in &dirs {
+            if let Err(e) = sync_dir(dir) {
+                if outcome.is_ok() {
+                    outcome = Err(OpError::storage(&format!("syncing {}", dir.display()), &e));
+                }
+            }
+        }
+        if outcome.is_err() {
+            for (i, staged) in inserts.iter().enumerate() {
+                let _ = fs::remove_file(if i < renamed {
+                    &staged.path
+                } else {
+                    &staged.tmp
+                });
+            }
+            return outcome;
+        }
+        for staged in inserts {
+            self.entries.insert(staged.key, staged.entry);
+        }
         Ok(())
     }
 
@@ -189,28 +348,10 @@ impl KeyStore {
 
     /// Removes an entry durably and returns it.
     pub fn remove(&mut self, key: &KeyTriple) -> Result<KeyEntry, OpError> {
-        if !self.entries.contains_key(key) {
-            return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
-        }
-        if self.mounted.remove(key) {
-            return Ok(self.entries.remove(key).expect("checked above"));
-        }
-        let path = self.path_of(key)?;
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(OpError::storage(
-                    &format!("removing {}", path.display()),
-                    &e,
-                ))
-            }
-        }
-        if let Some(dir) = path.parent() {
-            sync_dir(dir)
-                .map_err(|e| OpError::storage(&format!("syncing {}", dir.display()), &e))?;
-        }
-        Ok(self.entries.remove(key).expect("checked above"))
+        let mut batch = Batch::default();
+        let entry = self.stage_remove(&mut batch, key)?;
+        self.commit(batch)?;
+        Ok(entry)
     }
 
     /// Every key of one application, in provider then name order. Entries are ordered by
@@ -361,7 +502,8 @@ fn read_entry(path: &Path, provider: u8) -> Result<StoredEntry, String> {
     Ok(stored)
 }
 
-fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
+/// Writes an entry's temporary file beside its final name (not synced) and returns its path.
+fn write_temporary(path: &Path, stored: &StoredEntry) -> io::Result<PathBuf> {
     let dir = path.parent().expect("entry paths have a parent");
     if !dir.is_dir() {
         // <root>/<app>/<provider>: make the directories the store creates durable too.
@@ -384,15 +526,13 @@ fn write_entry(path: &Path, stored: &StoredEntry) -> io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        file.write_all(&encode(stored))?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        file.write_all(&encode(stored))
     })();
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    result
+    Ok(tmp)
 }
 
 /// Creates a directory (and missing parents) that only the service user can read: key
@@ -488,6 +628,70 @@ mod tests {
         assert!(!store.contains(&b));
         assert_eq!(store.applications(), vec!["app/with/slashes".to_string()]);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_is_invisible_until_committed_then_durable_together() {
+        let dir = temp_dir("batch");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
+        store.insert(old.clone(), entry(9)).unwrap();
+        let mut batch = Batch::default();
+        let keys: Vec<KeyTriple> = (0..8)
+            .map(|i| KeyTriple::new(&format!("app{i}"), ProviderId::MbedCrypto, "k"))
+            .collect();
+        for (i, key) in keys.iter().enumerate() {
+            store
+                .stage_insert(&mut batch, key.clone(), entry(i as u8))
+                .unwrap();
+        }
+        // One change per key in a batch, and none visible yet.
+        assert_eq!(
+            store
+                .stage_insert(&mut batch, keys[0].clone(), entry(0))
+                .unwrap_err()
+                .status,
+            ResponseStatus::PsaErrorAlreadyExists
+        );
+        assert_eq!(store.stage_remove(&mut batch, &old).unwrap(), entry(9));
+        assert!(keys.iter().all(|k| !store.contains(k)) && store.contains(&old));
+        // A request's changes taken back: its temporary file goes.
+        let mark = batch.mark();
+        let extra = KeyTriple::new("z", ProviderId::MbedCrypto, "k");
+        store
+            .stage_insert(&mut batch, extra.clone(), entry(1))
+            .unwrap();
+        batch.discard_from(mark);
+        store.commit(batch).unwrap();
+        assert!(keys.iter().all(|k| store.contains(k)));
+        assert!(!store.contains(&old) && !store.contains(&extra));
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert!(damaged.is_empty());
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(store.get(key), Some(&entry(i as u8)));
+        }
+        assert!(!store.contains(&old) && !store.contains(&extra));
+        let leftovers: Vec<_> = walk(&dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+        found
     }
 
     #[test]

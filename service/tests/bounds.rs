@@ -28,16 +28,6 @@ fn with_core(text: String, lines: &str) -> String {
     text.replace("[core_settings]\n", &format!("[core_settings]\n{lines}"))
 }
 
-/// The service's child processes (key generations).
-fn children(daemon: &Daemon) -> Vec<String> {
-    let pid = daemon.pid();
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn key_generation_processes_are_bounded() {
     let daemon = Daemon::start_edited("bounds-keygen", "Direct", &["admin"], |text| {
@@ -47,7 +37,7 @@ fn key_generation_processes_are_bounded() {
     // RSA-4096 in a child process: seconds with this (unoptimised) build's Mbed TLS.
     let running = std::thread::spawn(move || first.psa_generate_key("big", rsa(4096)));
     let until = Instant::now() + Duration::from_secs(20);
-    while children(&daemon).is_empty() {
+    while daemon.children().is_empty() {
         assert!(Instant::now() < until, "no key generation process appeared");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -67,7 +57,7 @@ fn key_generation_processes_are_bounded() {
     running.join().unwrap().unwrap();
     // Recovered: the place is free again.
     second.psa_generate_key("other", rsa(2048)).unwrap();
-    assert!(children(&daemon).is_empty());
+    assert!(daemon.children().is_empty());
 }
 
 #[test]

@@ -124,16 +124,52 @@ impl Jitter {
     }
 }
 
-#[test]
-fn sigkill_at_random_moments_loses_no_acknowledged_key() {
-    let mut daemon = Daemon::start("crash");
+/// One client's run until the kill: creates (mostly) and destroys (the oldest key), keeping
+/// `believed` as what it was told; returns the name whose operation was in flight.
+fn churn_until_killed(
+    client: &parsec_client::BasicClient,
+    believed: &mut BTreeSet<String>,
+    counter: &mut u32,
+    jitter: &mut Jitter,
+) -> String {
+    loop {
+        let destroy = believed.len() > 3 && jitter.next(3) == 0;
+        let name = if destroy {
+            believed.iter().next().cloned().unwrap()
+        } else {
+            *counter += 1;
+            format!("key-{counter}")
+        };
+        let result = if destroy {
+            client.psa_destroy_key(&name)
+        } else {
+            client.psa_generate_key(&name, p256())
+        };
+        match result {
+            Ok(()) => {
+                if destroy {
+                    believed.remove(&name);
+                } else {
+                    believed.insert(name);
+                }
+            }
+            Err(Error::Service(status)) => panic!("{name}: service error {status}"),
+            Err(Error::Client(_)) => return name,
+        }
+    }
+}
+
+/// SIGKILL at random moments while `clients` applications create and destroy keys at once
+/// (with several, the software provider's batches and the key store's group commits carry
+/// several of them each): after every restart each application lists exactly the keys it
+/// was told exist (its one in-flight operation may have gone either way), and they sign.
+fn sigkill_at_random_moments(name: &str, clients: usize, rounds: usize) {
+    let mut daemon = Daemon::start(name);
     let mut jitter = Jitter::new();
-    // What the client believes: keys whose creation was acknowledged and whose destruction
-    // was not. A key whose create or destroy was in flight at the kill may go either way.
-    let mut believed: BTreeSet<String> = BTreeSet::new();
-    let mut counter = 0u32;
-    for round in 0..24 {
-        let client = daemon.client("crash-app");
+    let apps: Vec<String> = (0..clients).map(|i| format!("crash-app-{i}")).collect();
+    let mut believed: Vec<BTreeSet<String>> = vec![BTreeSet::new(); clients];
+    let mut counters = vec![0u32; clients];
+    for round in 0..rounds {
         let pid = daemon.pid();
         let delay = Duration::from_millis(5 + jitter.next(60));
         let killer = std::thread::spawn(move || {
@@ -143,67 +179,73 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
                 nix::sys::signal::Signal::SIGKILL,
             );
         });
-        let in_flight = loop {
-            // Mostly create, sometimes destroy the oldest key.
-            let destroy = believed.len() > 3 && jitter.next(3) == 0;
-            let name = if destroy {
-                believed.iter().next().cloned().unwrap()
-            } else {
-                counter += 1;
-                format!("key-{counter}")
-            };
-            let result = if destroy {
-                client.psa_destroy_key(&name)
-            } else {
-                client.psa_generate_key(&name, p256())
-            };
-            match result {
-                Ok(()) => {
-                    if destroy {
-                        believed.remove(&name);
-                    } else {
-                        believed.insert(name);
-                    }
-                }
-                Err(Error::Service(status)) => {
-                    panic!("round {round}: {name}: service error {status}")
-                }
-                Err(Error::Client(_)) => break name,
-            }
-        };
+        let runs: Vec<_> = (0..clients)
+            .map(|i| {
+                let client = daemon.client(&apps[i]);
+                let mut mine = std::mem::take(&mut believed[i]);
+                let mut counter = counters[i];
+                let mut jitter = Jitter(jitter.next(u64::MAX) | 1);
+                std::thread::spawn(move || {
+                    let in_flight =
+                        churn_until_killed(&client, &mut mine, &mut counter, &mut jitter);
+                    (mine, counter, in_flight)
+                })
+            })
+            .collect();
+        let mut in_flight = Vec::new();
+        for (i, run) in runs.into_iter().enumerate() {
+            let (mine, counter, name) = run.join().unwrap();
+            believed[i] = mine;
+            counters[i] = counter;
+            in_flight.push(name);
+        }
         killer.join().unwrap();
         daemon.wait();
         daemon.spawn();
-        let client = daemon.client("crash-app");
-        let listed: BTreeSet<String> = client
-            .list_keys()
-            .unwrap()
-            .into_iter()
-            .map(|k| k.name)
-            .collect();
-        // The in-flight operation may or may not have happened; settle it from the listing.
-        if listed.contains(&in_flight) {
-            believed.insert(in_flight);
-        } else {
-            believed.remove(&in_flight);
-        }
-        assert_eq!(
-            listed, believed,
-            "round {round}: ListKeys differs from what the client was told"
-        );
-        for name in &believed {
-            signs(&client, name);
+        for i in 0..clients {
+            let client = daemon.client(&apps[i]);
+            let listed: BTreeSet<String> = client
+                .list_keys()
+                .unwrap()
+                .into_iter()
+                .map(|k| k.name)
+                .collect();
+            // The in-flight operation may or may not have happened; settle it from the listing.
+            if listed.contains(&in_flight[i]) {
+                believed[i].insert(in_flight[i].clone());
+            } else {
+                believed[i].remove(&in_flight[i]);
+            }
+            assert_eq!(
+                listed, believed[i],
+                "round {round}, {}: ListKeys differs from what the client was told",
+                apps[i]
+            );
+            for name in &believed[i] {
+                signs(&client, name);
+            }
         }
     }
+    let made: u32 = counters.iter().sum();
     assert!(
-        counter > 24,
-        "the loop made too few keys to mean anything: {counter}"
+        made as usize > rounds * clients,
+        "the clients made too few keys to mean anything: {made}"
     );
     let log = daemon.log_text();
     assert!(
         !log.contains("damaged entry"),
         "a crash left a damaged entry:\n{log}"
     );
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_no_acknowledged_key() {
+    sigkill_at_random_moments("crash", 1, 24);
+}
+
+#[test]
+fn sigkill_during_group_commits_loses_no_acknowledged_key() {
+    sigkill_at_random_moments("crash-group", 8, 16);
 }
 
 #[test]

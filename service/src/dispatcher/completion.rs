@@ -1,8 +1,22 @@
 //! The other half of a worker's request: its result comes back (`completed`), its key
-//! changes are stored, then the client is answered; large random requests are put back in
-//! the queue chunk by chunk; on reload, a new dispatcher `adopt`s the requests in hand.
+//! changes are stored (one group commit for everything that came back in the same turn of the
+//! loop), then the client is answered; large random requests are put back in the queue chunk
+//! by chunk; on reload, a new dispatcher `adopt`s the requests in hand.
 
 use super::*;
+use crate::key_store::Batch;
+
+/// A finished request whose key changes are staged in this turn's batch.
+struct Settling {
+    ticket: u64,
+    header: RequestHeader,
+    app: String,
+    index: Option<usize>,
+    result: NativeResult,
+    created: Vec<crate::key_store::KeyEntry>,
+    /// Removed entries whose material the provider destroys once the removal is durable.
+    to_destroy: Vec<crate::key_store::KeyEntry>,
+}
 
 impl Dispatcher {
     /// Takes over from the dispatcher this one succeeds (`successor`): its inbox, the
@@ -10,7 +24,7 @@ impl Dispatcher {
     /// changes stored here if a provider of the same kind is still configured), and the
     /// requests still waiting in its queues, which move to this dispatcher's provider of the
     /// same kind or are answered with an error. Returns the responses to send at once.
-    pub fn adopt(&mut self, old: &mut Dispatcher) -> Vec<(u64, Response)> {
+    pub fn adopt(&mut self, old: &mut Dispatcher) -> Vec<(u64, Dispatched)> {
         std::mem::swap(&mut self.inbox, &mut old.inbox);
         self.tickets.extend(old.tickets.drain());
         self.next_ticket = self.next_ticket.max(old.next_ticket);
@@ -18,28 +32,24 @@ impl Dispatcher {
         let waiting: Vec<Waiting> = old
             .slots
             .iter_mut()
-            .filter_map(|slot| match slot {
-                Slot::Remote(remote) => Some(remote.queue.drain(..)),
-                Slot::Local { .. } => None,
-            })
-            .flatten()
+            .flat_map(|slot| slot.queue.drain(..))
             .collect();
         for waiting in waiting {
             let ticket = waiting.ticket;
             let Some(provider) = self.tickets.get(&ticket).map(|t| t.header.provider) else {
                 continue;
             };
-            let index = self.slots.iter().position(|s| s.id() == provider);
-            let queued = match index.map(|i| &mut self.slots[i]) {
-                Some(Slot::Remote(new)) => new.admit(waiting).map(|()| index),
-                _ => Err(removed_by_reload(provider, "before the request ran")),
+            let index = self.slots.iter().position(|s| s.id == provider);
+            let queued = match index {
+                Some(i) => self.slots[i].admit(waiting).map(|()| i),
+                None => Err(removed_by_reload(provider, "before the request ran")),
             };
             match queued {
-                Ok(Some(index)) => self.pump(index),
-                Ok(None) => {}
+                Ok(index) => self.pump(index),
                 Err(error) => {
                     if let Some(t) = self.tickets.remove(&ticket) {
-                        answers.push((ticket, self.respond(t.header, Some(&t.app), Err(error))));
+                        let response = self.respond(t.header, Some(&t.app), Err(error));
+                        answers.push((ticket, Dispatched::Done(response)));
                     }
                 }
             }
@@ -47,109 +57,225 @@ impl Dispatcher {
         answers
     }
 
-    /// The responses of every request a worker has finished since the last call, by ticket.
-    /// Each one's key changes are stored first: a client hears of a key only once it is in
-    /// the store.
-    pub fn completed(&mut self) -> Vec<(u64, Response)> {
+    /// What became of every request a worker has finished since the last call, by ticket: a
+    /// response, or a request now running in a child process. The key changes of all of them
+    /// are stored first, together: a client hears of a key only once it is in the store.
+    pub fn completed(&mut self) -> Vec<(u64, Dispatched)> {
         let mut answers = Vec::new();
         for (ticket, error) in std::mem::take(&mut self.failed) {
             if let Some(t) = self.tickets.remove(&ticket) {
-                answers.push((ticket, self.respond(t.header, Some(&t.app), Err(error))));
+                let response = self.respond(t.header, Some(&t.app), Err(error));
+                answers.push((ticket, Dispatched::Done(response)));
             }
         }
-        while let Some(done) = self.inbox.try_next() {
-            answers.extend(self.finish(done));
+        let mut done = Vec::new();
+        while let Some(d) = self.inbox.try_next() {
+            done.push(d);
         }
+        answers.extend(self.settle(done));
         answers
     }
 
     /// Waits for the response to one queued request (in-process use: tests, the fuzzer).
+    /// A request that goes to a child process is waited for here too.
     pub fn wait_for(&mut self, ticket: u64) -> Response {
         loop {
-            let answers = self.completed();
-            if let Some((_, response)) = answers.into_iter().find(|(t, _)| *t == ticket) {
-                return response;
+            let mut answers = self.completed();
+            if answers.iter().all(|(t, _)| *t != ticket) && self.tickets.contains_key(&ticket) {
+                if let Some(d) = self.inbox.wait(Duration::from_secs(600)) {
+                    answers.extend(self.settle(vec![d]));
+                }
             }
-            if !self.tickets.contains_key(&ticket) {
-                return Response::from_status(ResponseStatus::PsaErrorCommunicationFailure);
-            }
-            if let Some(done) = self.inbox.wait(Duration::from_secs(600)) {
-                if let Some((t, response)) = self.finish(done) {
-                    if t == ticket {
+            match answers.into_iter().find(|(t, _)| *t == ticket) {
+                Some((_, Dispatched::Done(response))) => return response,
+                Some((_, Dispatched::Deferred(pending))) => {
+                    if let Dispatched::Done(response) =
+                        crate::front_end::finish_blocking(self, pending)
+                    {
                         return response;
+                    }
+                }
+                Some((_, Dispatched::Queued(_))) | None => {
+                    if !self.tickets.contains_key(&ticket) {
+                        return Response::from_status(ResponseStatus::PsaErrorCommunicationFailure);
                     }
                 }
             }
         }
     }
 
-    pub(super) fn finish(&mut self, done: Done) -> Option<(u64, Response)> {
-        // The worker is free for the next request, if it still belongs to this dispatcher.
-        let index = self
-            .slots
-            .iter()
-            .position(|s| s.instance() == Some(done.instance));
-        if let Some(Slot::Remote(remote)) = index.map(|i| &mut self.slots[i]) {
-            remote.busy = false;
+    /// Stores the key changes of a set of finished requests in one group commit, then
+    /// answers them; frees their workers for the next batch once the changes are stored.
+    fn settle(&mut self, done: Vec<Done>) -> Vec<(u64, Dispatched)> {
+        let mut answers = Vec::new();
+        let mut batch = Batch::default();
+        let mut settling = Vec::new();
+        let mut freed = Vec::new();
+        for d in done {
+            let index = self.slots.iter().position(|s| s.instance() == d.instance);
+            if let Some(i) = index {
+                let remote = &mut self.slots[i];
+                remote.in_flight = remote.in_flight.saturating_sub(1);
+                if !remote.busy() {
+                    freed.push(i);
+                }
+            }
+            if let Some(answer) = self.take(d, index, &mut batch, &mut settling) {
+                answers.push(answer);
+            }
         }
+        let committed = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit(batch)
+        };
+        let any_created = settling.iter().any(|s| !s.created.is_empty());
+        let any_removed = settling.iter().any(|s| !s.to_destroy.is_empty());
+        if committed.is_ok() && any_created {
+            crate::crash_point("create:after-entry");
+        }
+        if committed.is_ok() && any_removed {
+            crate::crash_point("destroy:after-entry");
+        }
+        for s in settling {
+            let changed = !s.created.is_empty() || !s.to_destroy.is_empty();
+            let outcome = match &committed {
+                Err(error) if changed => {
+                    for entry in s.created {
+                        if let Some(i) = s.index {
+                            self.slots[i].destroy_material(entry);
+                        }
+                    }
+                    Err(OpError::new(error.status, error.cause.clone(), error.hint))
+                }
+                _ => {
+                    if let Some(i) = s.index {
+                        for entry in s.created {
+                            self.slots[i].committed(entry);
+                        }
+                        for entry in s.to_destroy {
+                            self.slots[i].destroy_material(entry);
+                        }
+                    }
+                    Ok(s.result)
+                }
+            };
+            let response = self.respond(s.header, Some(&s.app), outcome);
+            answers.push((s.ticket, Dispatched::Done(response)));
+        }
+        // The next batches see what this one stored.
+        for i in freed {
+            self.pump(i);
+        }
+        answers
+    }
+
+    /// One finished request: answered at once (a failure, a deferral, a chunk of random
+    /// bytes to continue) or staged in `batch` with its key changes.
+    fn take(
+        &mut self,
+        done: Done,
+        index: Option<usize>,
+        batch: &mut Batch,
+        settling: &mut Vec<Settling>,
+    ) -> Option<(u64, Dispatched)> {
         let mut ticket = self.tickets.remove(&done.ticket)?;
+        let result = match done.outcome {
+            Outcome::Deferred(job) => {
+                // Its child runs; the ticket stays until `complete` hands the result back.
+                self.tickets.insert(done.ticket, ticket);
+                let pending = PendingRequest {
+                    ticket: done.ticket,
+                    provider: done.provider,
+                    job,
+                };
+                return Some((done.ticket, Dispatched::Deferred(pending)));
+            }
+            Outcome::Finished(result) => result,
+        };
         // One chunk of a large random request: collect it; the next goes to the back of the
         // queue, behind whatever other clients asked meanwhile.
         if let (Some(parts), Ok(NativeResult::PsaGenerateRandom(chunk))) =
-            (ticket.random.as_mut(), &done.result)
+            (ticket.random.as_mut(), &result)
         {
             parts.collected.extend_from_slice(&chunk.random_bytes);
             if parts.remaining > 0 {
                 let size = parts.remaining.min(RANDOM_CHUNK);
                 parts.remaining -= size;
-                if let Some(Slot::Remote(remote)) = index.map(|i| &mut self.slots[i]) {
-                    remote.queue.push_back(Waiting {
+                if let Some(i) = index {
+                    self.slots[i].queue.push_back(Waiting {
                         ticket: done.ticket,
                         app: ticket.app.clone(),
-                        op: random_chunk(size),
+                        work: Work::Op(random_chunk(size)),
                     });
                     self.tickets.insert(done.ticket, ticket);
-                    if let Some(index) = index {
-                        self.pump(index);
-                    }
                     return None;
                 }
             }
         }
         let result = match ticket.random.take() {
-            Some(parts) if done.result.is_ok() && parts.remaining == 0 => Ok(
+            Some(parts) if result.is_ok() && parts.remaining == 0 => Ok(
                 NativeResult::PsaGenerateRandom(psa_generate_random::Result {
                     random_bytes: parts.collected,
                 }),
             ),
-            Some(_) if done.result.is_ok() => {
+            Some(_) if result.is_ok() => {
                 Err(removed_by_reload(done.provider, "while the request ran"))
             }
-            _ => done.result,
+            _ => result,
         };
-        let outcome = result.and_then(|result| {
-            self.store_changes(&done.app, done.provider, done.changes, index)?;
-            Ok(result)
+        let staged = result.and_then(|result| {
+            let mark = batch.mark();
+            match self.stage_changes(&done.app, done.provider, done.changes, index, batch) {
+                Ok((created, to_destroy)) => Ok((result, created, to_destroy)),
+                Err(error) => {
+                    batch.discard_from(mark);
+                    Err(error)
+                }
+            }
         });
-        let response = self.respond(ticket.header, Some(&ticket.app), outcome);
-        if let Some(index) = index {
-            self.pump(index);
+        match staged {
+            Ok((result, created, to_destroy)) => {
+                settling.push(Settling {
+                    ticket: done.ticket,
+                    header: ticket.header,
+                    app: ticket.app,
+                    index,
+                    result,
+                    created,
+                    to_destroy,
+                });
+                None
+            }
+            Err(error) => {
+                let response = self.respond(ticket.header, Some(&ticket.app), Err(error));
+                Some((done.ticket, Dispatched::Done(response)))
+            }
         }
-        Some((done.ticket, response))
     }
 
-    /// Stores what a worker's operation changed. A request that ran on a provider a reload
+    /// Stages what a worker's operation changed. A request that ran on a provider a reload
     /// has since removed has nowhere to store a new key: it fails (a TPM key's material is
-    /// only its blob, which is dropped; a token object is destroyed when the provider is
-    /// still there to do it, and named in the log otherwise).
-    fn store_changes(
+    /// only its blob, which is dropped; a token object or a key file is destroyed when the
+    /// provider is still there to do it, and resolved at its next start otherwise). A key
+    /// that cannot be staged has its material destroyed.
+    #[allow(clippy::type_complexity)]
+    fn stage_changes(
         &mut self,
         app: &str,
         provider: ProviderId,
         changes: Vec<Change>,
         index: Option<usize>,
-    ) -> Result<(), OpError> {
-        let configured = self.slots.iter().any(|s| s.id() == provider);
+        batch: &mut Batch,
+    ) -> Result<
+        (
+            Vec<crate::key_store::KeyEntry>,
+            Vec<crate::key_store::KeyEntry>,
+        ),
+        OpError,
+    > {
+        let configured = self.slots.iter().any(|s| s.id == provider);
+        let (mut created, mut to_destroy) = (Vec::new(), Vec::new());
         for change in changes {
             match change {
                 Change::Create(name, entry) => {
@@ -162,24 +288,25 @@ impl Dispatcher {
                         return Err(removed_by_reload(provider, "while the request ran"));
                     }
                     let triple = KeyTriple::new(app, provider, &name);
-                    if let Err(error) = self.store.insert(triple, entry.clone()) {
-                        if let Some(slot) = index.map(|i| &mut self.slots[i]) {
-                            let _ = slot.destroy_material(entry);
+                    if let Err(error) = self.store.stage_insert(batch, triple, entry.clone()) {
+                        if let Some(i) = index {
+                            self.slots[i].destroy_material(entry);
                         }
                         return Err(error);
                     }
-                    if let Some(slot) = index.map(|i| &mut self.slots[i]) {
-                        slot.committed(entry);
-                    }
+                    created.push(entry);
                 }
-                Change::Remove(name) => {
+                Change::Remove { name, then_destroy } => {
                     let triple = KeyTriple::new(app, provider, &name);
                     if self.store.contains(&triple) {
-                        self.store.remove(&triple)?;
+                        let entry = self.store.stage_remove(batch, &triple)?;
+                        if then_destroy {
+                            to_destroy.push(entry);
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        Ok((created, to_destroy))
     }
 }

@@ -1,9 +1,10 @@
 //! From a decoded request to a response: authenticate, decode the body, run the operation
 //! (core operations in `core`, the rest in the provider the header names), encode the result.
 //!
-//! The software provider runs on the event loop; each hardware provider runs on a worker
-//! thread of its own behind a bounded queue (`slots`, `providers::worker`): its requests are
-//! `Queued`, and their responses come out of `completed` once the worker is done.
+//! Each provider runs on a worker thread of its own behind a bounded queue (`slots`,
+//! `providers::worker`): its requests are `Queued`, and their responses come out of
+//! `completed` once the worker is done (or a `Deferred` request, to watch until its child
+//! process is done, then `complete`).
 //!
 //! Every failure is logged once, here, with the application, provider, opcode, the native
 //! cause and a hint; the client gets the status alone.
@@ -16,8 +17,8 @@ use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::{KeyStore, KeyTriple};
-use crate::providers::worker::{Done, Inbox, Job, Outbox, Worker};
-use crate::providers::{self, AppKeys, Change, Deferred, Limits, Snapshot, Start};
+use crate::providers::worker::{Done, Inbox, Job, Outbox, Outcome, Work, Worker};
+use crate::providers::{self, Change, Deferred, Limits, Snapshot};
 use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::{psa_generate_random, Convert, NativeOperation, NativeResult};
 use parsec_interface::operations_protobuf::ProtobufConverter;
@@ -27,19 +28,19 @@ use slots::{Remote, Slot, Waiting};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-/// What `dispatch` did with a request.
+/// What became of a request.
 pub enum Dispatched {
     Done(Response),
-    /// Running in a child process: watch `job.output`, then call `Dispatcher::complete`.
+    /// Running in a child process (out of `completed` only): watch `job.output`, then call
+    /// `Dispatcher::complete`.
     Deferred(PendingRequest),
-    /// Waiting for, or running on, a hardware provider's worker: its response comes out of
-    /// `Dispatcher::completed` under this ticket.
+    /// Waiting for, or running on, its provider's worker: its response (or `Deferred`)
+    /// comes out of `Dispatcher::completed` under this ticket.
     Queued(u64),
 }
 
 pub struct PendingRequest {
-    header: RequestHeader,
-    app: String,
+    pub ticket: u64,
     /// By identity: a reload may remove or reorder providers meanwhile.
     provider: ProviderId,
     pub job: Deferred,
@@ -47,7 +48,6 @@ pub struct PendingRequest {
 
 enum Step {
     Result(NativeResult),
-    Deferred(String, Deferred),
     Queued(u64),
 }
 
@@ -97,16 +97,35 @@ impl Dispatcher {
     pub fn new(config: &Config) -> Result<Dispatcher, String> {
         let inbox = Inbox::new();
         let outbox = inbox.outbox();
-        Self::build(config, inbox, outbox)
+        Self::build(config, inbox, outbox, &mut None)
     }
 
     /// A dispatcher for a new configuration whose workers report to this one's inbox, so
-    /// that `adopt` can hand it the requests still in hand.
-    pub fn successor(&self, config: &Config) -> Result<Dispatcher, String> {
-        Self::build(config, Inbox::new(), self.inbox.outbox())
+    /// that `adopt` can hand it the requests still in hand. The software provider is not
+    /// built again: Mbed TLS must never run on two threads at once, so the running one (its
+    /// worker, its queue, its batch in hand) moves to the successor; it stays here if the
+    /// successor cannot be built.
+    pub fn successor(&mut self, config: &Config) -> Result<Dispatcher, String> {
+        let keeps_software = config.providers.iter().any(|p| p.kind.is_software());
+        let position = self
+            .slots
+            .iter()
+            .position(|s| s.id == ProviderId::MbedCrypto)
+            .filter(|_| keeps_software);
+        let mut inherited = position.map(|i| self.slots.remove(i));
+        let built = Self::build(config, Inbox::new(), self.inbox.outbox(), &mut inherited);
+        if let (Some(slot), Some(i)) = (inherited, position) {
+            self.slots.insert(i, slot);
+        }
+        built
     }
 
-    fn build(config: &Config, inbox: Inbox, outbox: Outbox) -> Result<Dispatcher, String> {
+    fn build(
+        config: &Config,
+        inbox: Inbox,
+        outbox: Outbox,
+        inherited: &mut Option<Slot>,
+    ) -> Result<Dispatcher, String> {
         let roots: Vec<(ProviderId, std::path::PathBuf)> = config
             .providers
             .iter()
@@ -125,17 +144,18 @@ impl Dispatcher {
             buffer_size_limit: config.buffer_size_limit,
             max_keygen_processes: config.max_keygen_processes,
         };
-        let mut slots = Vec::new();
+        let mut slots: Vec<Option<Slot>> = Vec::new();
         for settings in &config.providers {
+            if settings.kind.is_software() && inherited.is_some() {
+                // Filled in below, once nothing else can fail.
+                slots.push(None);
+                continue;
+            }
             let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
             let Some(provider) = providers::build(settings, &mut store, limits).map_err(failed)?
             else {
                 continue;
             };
-            if !providers::is_hardware(&settings.kind) {
-                slots.push(Slot::local(provider));
-                continue;
-            }
             let (id, info, opcodes) = (provider.id(), provider.info(), provider.opcodes());
             let worker = Worker::spawn(
                 &settings.name,
@@ -144,18 +164,24 @@ impl Dispatcher {
                 outbox.clone(),
             )
             .map_err(failed)?;
-            slots.push(Slot::Remote(Box::new(Remote {
+            slots.push(Some(Box::new(Remote {
                 worker,
                 name: settings.name.clone(),
                 id,
                 info,
                 opcodes,
-                busy: false,
+                in_flight: 0,
+                batch_limit: providers::batch_limit(&settings.kind),
                 queue: VecDeque::new(),
                 queue_limit: config.provider_queue_limit,
             })));
         }
-        let workers = slots.iter().filter(|s| s.instance().is_some()).count();
+        let slots: Vec<Slot> = slots
+            .into_iter()
+            .map(|slot| slot.or_else(|| inherited.take()))
+            .collect::<Option<_>>()
+            .expect("an inherited slot fills its place");
+        let workers = slots.len();
         log::info!(
             "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + {workers} provider workers",
             store.len(),
@@ -192,8 +218,8 @@ impl Dispatcher {
         }
     }
 
-    /// Answers one request, starts it in a child process, or queues it for a hardware
-    /// provider's worker. Never fails: errors become a response status.
+    /// Answers one request (core operations, errors), or queues it for its provider's
+    /// worker. Never fails: errors become a response status.
     pub fn dispatch(&mut self, request: Request, peer: Option<PeerCredentials>) -> Dispatched {
         let header = request.header;
         let mut app_name = None;
@@ -222,12 +248,6 @@ impl Dispatcher {
             }
         });
         match outcome {
-            Ok(Step::Deferred(app, job)) => Dispatched::Deferred(PendingRequest {
-                header,
-                app,
-                provider: header.provider,
-                job,
-            }),
             Ok(Step::Queued(ticket)) => Dispatched::Queued(ticket),
             Ok(Step::Result(result)) => {
                 Dispatched::Done(self.respond(header, app_name.as_deref(), Ok(result)))
@@ -243,100 +263,117 @@ impl Dispatcher {
         app: String,
         operation: NativeOperation,
     ) -> Result<Step, OpError> {
-        match &mut self.slots[index] {
-            Slot::Local { provider, .. } => {
-                let keys = AppKeys::new(&mut self.store, &app, header.provider);
-                match provider.start(operation, keys)? {
-                    Start::Deferred(job) => Ok(Step::Deferred(app, job)),
-                    Start::Now(operation) => {
-                        let keys = AppKeys::new(&mut self.store, &app, header.provider);
-                        Ok(Step::Result(provider.execute(operation, keys)?))
-                    }
-                }
-            }
-            Slot::Remote(remote) => {
-                let ticket = self.next_ticket;
-                let (operation, random) = match operation {
-                    NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {
-                        self.limits.check_output(op.size)?;
-                        let parts = RandomParts {
-                            remaining: op.size - RANDOM_CHUNK,
-                            collected: zeroize::Zeroizing::new(Vec::with_capacity(op.size)),
-                        };
-                        (random_chunk(RANDOM_CHUNK), Some(parts))
-                    }
-                    operation => (operation, None),
+        let remote = &mut self.slots[index];
+        let ticket = self.next_ticket;
+        let (operation, random) = match operation {
+            NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {
+                self.limits.check_output(op.size)?;
+                let parts = RandomParts {
+                    remaining: op.size - RANDOM_CHUNK,
+                    collected: zeroize::Zeroizing::new(Vec::with_capacity(op.size)),
                 };
-                remote.admit(Waiting {
-                    ticket,
-                    app: app.clone(),
-                    op: operation,
-                })?;
-                self.next_ticket += 1;
-                self.tickets.insert(
-                    ticket,
-                    Ticket {
-                        header,
-                        app,
-                        random,
-                    },
-                );
-                self.pump(index);
-                Ok(Step::Queued(ticket))
+                (random_chunk(RANDOM_CHUNK), Some(parts))
             }
-        }
+            operation => (operation, None),
+        };
+        remote.admit(Waiting {
+            ticket,
+            app: app.clone(),
+            work: Work::Op(operation),
+        })?;
+        self.next_ticket += 1;
+        self.tickets.insert(
+            ticket,
+            Ticket {
+                header,
+                app,
+                random,
+            },
+        );
+        self.pump(index);
+        Ok(Step::Queued(ticket))
     }
 
-    /// Hands an idle worker the next request of its queue, with a snapshot of its
+    /// Hands an idle worker the next batch of its queue, each request with a snapshot of its
     /// application's keys taken now (after every change the requests before it made).
     fn pump(&mut self, index: usize) {
-        let Slot::Remote(remote) = &mut self.slots[index] else {
+        let remote = &mut self.slots[index];
+        if remote.busy() {
             return;
-        };
-        while !remote.busy {
-            let Some(waiting) = remote.queue.pop_front() else {
-                return;
-            };
-            let snapshot = Snapshot::of(&self.store, &waiting.app, remote.id);
-            let ticket = waiting.ticket;
-            let sent = remote.worker.run(Job {
-                ticket,
+        }
+        let batch = remote.next_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let tickets: Vec<u64> = batch.iter().map(|w| w.ticket).collect();
+        let jobs = batch
+            .into_iter()
+            .map(|waiting| Job {
+                snapshot: Snapshot::of(&self.store, &waiting.app, remote.id),
+                ticket: waiting.ticket,
                 app: waiting.app,
-                op: waiting.op,
-                snapshot,
-            });
-            match sent {
-                Ok(()) => remote.busy = true,
-                // The worker is gone: answered with the next results.
-                Err(error) => self.failed.push((ticket, error)),
+                work: waiting.work,
+            })
+            .collect::<Vec<_>>();
+        let count = jobs.len();
+        match remote.worker.run(jobs) {
+            Ok(()) => remote.in_flight = count,
+            // The worker is gone: answered with the next results.
+            Err(error) => {
+                for ticket in tickets {
+                    self.failed.push((
+                        ticket,
+                        OpError::new(error.status, error.cause.clone(), error.hint),
+                    ));
+                }
             }
         }
     }
 
-    /// Finishes a request `dispatch` deferred, with everything its child process wrote.
-    pub fn complete(&mut self, pending: PendingRequest, output: Vec<u8>) -> Response {
+    /// Finishes a request whose child process is done, with everything it wrote: the
+    /// provider's worker completes it (its response comes out of `completed`).
+    pub fn complete(&mut self, pending: PendingRequest, output: Vec<u8>) -> Dispatched {
         let PendingRequest {
-            header,
-            app,
+            ticket,
             provider,
             job,
         } = pending;
         // The child has closed its end of the pipe: collect it.
         let exit = nix::sys::wait::waitpid(job.child, None);
+        let Some(t) = self.tickets.get(&ticket) else {
+            return Dispatched::Done(Response::from_status(
+                ResponseStatus::PsaErrorCommunicationFailure,
+            ));
+        };
         log::debug!(
             "deferred {:?} for \"{}\": child {} ended: {exit:?}",
-            header.opcode,
-            crate::error::escape(&app),
+            t.header.opcode,
+            crate::error::escape(&t.app),
             job.child
         );
-        let result = match self.slots.iter_mut().find(|s| s.id() == provider) {
-            Some(Slot::Local { provider, .. }) => {
-                let keys = AppKeys::new(&mut self.store, &app, header.provider);
-                provider.complete(job.state, output, keys)
+        let app = t.app.clone();
+        let admitted = match self.slots.iter().position(|s| s.id == provider) {
+            Some(index) => {
+                // The child's slot is given back once the result is in the provider's hands.
+                let Deferred { state, .. } = job;
+                // Ahead of the requests waiting: this one has waited for its child already.
+                self.slots[index].queue.push_front(Waiting {
+                    ticket,
+                    app,
+                    work: Work::Complete(state, output),
+                });
+                self.pump(index);
+                Ok(())
             }
-            _ => Err(removed_by_reload(provider, "while the request ran")),
+            None => Err(removed_by_reload(provider, "while the request ran")),
         };
-        self.respond(header, Some(&app), result)
+        match admitted {
+            Ok(()) => Dispatched::Queued(ticket),
+            Err(error) => {
+                let t = self.tickets.remove(&ticket).expect("looked up above");
+                Dispatched::Done(self.respond(t.header, Some(&t.app), Err(error)))
+            }
+        }
     }
 
     /// Encodes a result, or logs a failure, into the response for `header`.

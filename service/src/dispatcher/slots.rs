@@ -1,14 +1,13 @@
-//! The providers as the dispatcher holds them: the software provider on the event loop, each
-//! hardware provider behind its worker thread with a bounded queue of waiting requests.
+//! The providers as the dispatcher holds them: each behind its worker thread, with a bounded
+//! queue of waiting requests.
 
 use crate::error::OpError;
 use crate::key_store::KeyEntry;
-use crate::providers::worker::{Instance, Worker};
-use crate::providers::Provider;
+use crate::providers::worker::{Instance, Work, Worker};
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::NativeOperation;
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -19,11 +18,11 @@ pub(super) fn next_instance() -> Instance {
     NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A request waiting for a hardware provider's device.
+/// A request waiting for its provider.
 pub(super) struct Waiting {
     pub ticket: u64,
     pub app: String,
-    pub op: NativeOperation,
+    pub work: Work,
 }
 
 pub(super) struct Remote {
@@ -32,121 +31,135 @@ pub(super) struct Remote {
     pub id: ProviderId,
     pub info: ProviderInfo,
     pub opcodes: &'static [Opcode],
-    /// A job is with the worker.
-    pub busy: bool,
+    /// Requests with the worker (one batch at a time).
+    pub in_flight: usize,
+    /// The most requests one batch may hold (`providers::batch_limit`).
+    pub batch_limit: usize,
     pub queue: VecDeque<Waiting>,
     pub queue_limit: usize,
 }
 
-pub(super) enum Slot {
-    Local {
-        provider: Box<dyn Provider + Send>,
-        info: ProviderInfo,
-    },
-    Remote(Box<Remote>),
-}
+/// One provider, behind its worker.
+pub(super) type Slot = Box<Remote>;
 
-impl Slot {
-    pub fn local(provider: Box<dyn Provider + Send>) -> Slot {
-        let info = provider.info();
-        Slot::Local { provider, info }
-    }
-
+impl Remote {
     pub fn id(&self) -> ProviderId {
-        match self {
-            Slot::Local { provider, .. } => provider.id(),
-            Slot::Remote(remote) => remote.id,
-        }
+        self.id
     }
 
     pub fn info(&self) -> &ProviderInfo {
-        match self {
-            Slot::Local { info, .. } => info,
-            Slot::Remote(remote) => &remote.info,
-        }
+        &self.info
     }
 
     pub fn opcodes(&self) -> &'static [Opcode] {
-        match self {
-            Slot::Local { provider, .. } => provider.opcodes(),
-            Slot::Remote(remote) => remote.opcodes,
-        }
+        self.opcodes
     }
 
-    pub fn instance(&self) -> Option<Instance> {
-        match self {
-            Slot::Local { .. } => None,
-            Slot::Remote(remote) => Some(remote.worker.instance),
-        }
+    pub fn instance(&self) -> Instance {
+        self.worker.instance
     }
 
-    /// Records that a key's material is about to be forgotten (software provider: a
-    /// tombstone). Hardware providers' workers record nothing.
+    pub fn busy(&self) -> bool {
+        self.in_flight > 0
+    }
+
+    /// Records that a key's material is about to be forgotten (a tombstone), queued like
+    /// any request, before the entry goes.
     pub fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
-        match self {
-            Slot::Local { provider, .. } => provider.before_forget(entry),
-            Slot::Remote(_) => Ok(()),
-        }
+        self.worker.before_forget(entry.clone())
     }
 
-    /// Destroys a key's material: at once on the loop, or queued behind the worker's job.
-    pub fn destroy_material(&mut self, entry: KeyEntry) -> Result<(), OpError> {
-        match self {
-            Slot::Local { provider, .. } => provider.destroy_material(&entry),
-            Slot::Remote(remote) => {
-                remote.worker.destroy(entry);
-                Ok(())
-            }
-        }
+    /// Destroys a key's material, queued behind the worker's batch.
+    pub fn destroy_material(&mut self, entry: KeyEntry) {
+        self.worker.destroy(entry);
     }
 
     /// A key the provider made is durable in the store now.
     pub fn committed(&mut self, entry: KeyEntry) {
-        match self {
-            Slot::Local { provider, .. } => provider.committed(&entry),
-            Slot::Remote(remote) => remote.worker.committed(entry),
-        }
+        self.worker.committed(entry);
     }
 
     pub fn release_device(&mut self) {
-        match self {
-            Slot::Local { provider, .. } => provider.release_device(),
-            Slot::Remote(remote) => {
-                // A busy worker holds its device until its job ends; the new provider may
-                // then fail to open a device that takes one client (a simulator), and the
-                // reload is refused with that reason.
-                if remote.busy {
-                    log::warn!(
-                        "SIGHUP: provider \"{}\" is busy with a request: its device stays open",
-                        remote.name
-                    );
-                } else if !remote.worker.release(Duration::from_secs(2)) {
-                    log::warn!(
-                        "SIGHUP: provider \"{}\" did not release its device",
-                        remote.name
-                    );
-                }
-            }
+        // A busy worker holds its device until its job ends; the new provider may then fail
+        // to open a device that takes one client (a simulator), and the reload is refused
+        // with that reason.
+        if self.busy() {
+            log::warn!(
+                "SIGHUP: provider \"{}\" is busy with a request: its device stays open",
+                self.name
+            );
+        } else if !self.worker.release(Duration::from_secs(2)) {
+            log::warn!(
+                "SIGHUP: provider \"{}\" did not release its device",
+                self.name
+            );
         }
     }
-}
 
-impl Remote {
     /// Takes a request into the queue, or refuses it when the queue is full.
     pub fn admit(&mut self, waiting: Waiting) -> Result<(), OpError> {
         if self.queue.len() >= self.queue_limit {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorInsufficientMemory,
                 format!(
-                    "provider \"{}\" has {} requests waiting for its device (core_settings.provider_queue_limit = {})",
+                    "provider \"{}\" has {} requests waiting (core_settings.provider_queue_limit = {})",
                     self.name,
                     self.queue.len(),
                     self.queue_limit
                 ),
-                "the device is slower than its clients: retry later, or raise core_settings.provider_queue_limit",
+                "the provider is slower than its clients: retry later, or raise core_settings.provider_queue_limit",
             ));
         }
         self.queue.push_back(waiting);
         Ok(())
     }
+
+    /// The next batch: from the front of the queue, in order, up to `batch_limit` requests
+    /// that touch different keys (a second request on a key of the batch waits for the next
+    /// one, so that it sees what the first did).
+    pub fn next_batch(&mut self) -> Vec<Waiting> {
+        let mut batch = Vec::new();
+        let mut keys: HashSet<(String, String)> = HashSet::new();
+        while batch.len() < self.batch_limit {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if let Some(name) = key_name(&front.work) {
+                if !keys.insert((front.app.clone(), name.to_string())) {
+                    break;
+                }
+            }
+            batch.extend(self.queue.pop_front());
+        }
+        batch
+    }
+}
+
+/// The key a request names, if any.
+fn key_name(work: &Work) -> Option<&str> {
+    use NativeOperation as Op;
+    let Work::Op(op) = work else {
+        // A deferred generation's completion names its key in its state; should another
+        // request have taken the name meanwhile, the key store refuses the second entry.
+        return None;
+    };
+    Some(match op {
+        Op::PsaGenerateKey(o) => &o.key_name,
+        Op::PsaImportKey(o) => &o.key_name,
+        Op::PsaExportPublicKey(o) => &o.key_name,
+        Op::PsaExportKey(o) => &o.key_name,
+        Op::PsaDestroyKey(o) => &o.key_name,
+        Op::PsaSignHash(o) => &o.key_name,
+        Op::PsaVerifyHash(o) => &o.key_name,
+        Op::PsaSignMessage(o) => &o.key_name,
+        Op::PsaVerifyMessage(o) => &o.key_name,
+        Op::PsaAsymmetricEncrypt(o) => &o.key_name,
+        Op::PsaAsymmetricDecrypt(o) => &o.key_name,
+        Op::PsaAeadEncrypt(o) => &o.key_name,
+        Op::PsaAeadDecrypt(o) => &o.key_name,
+        Op::PsaCipherEncrypt(o) => &o.key_name,
+        Op::PsaCipherDecrypt(o) => &o.key_name,
+        Op::PsaRawKeyAgreement(o) => &o.private_key_name,
+        _ => return None,
+    })
 }

@@ -33,10 +33,26 @@ pub fn answer_frame(
 
 /// Waits for a deferred request's child and finishes it (for in-process use: the server
 /// watches the pipe in its event loop instead).
-pub fn finish_blocking(dispatcher: &mut Dispatcher, mut pending: PendingRequest) -> Response {
+pub fn finish_blocking(dispatcher: &mut Dispatcher, mut pending: PendingRequest) -> Dispatched {
     let mut output = Vec::new();
     let _ = pending.job.output.read_to_end(&mut output);
     dispatcher.complete(pending, output)
+}
+
+/// Waits until a request is answered, whatever it went through (in-process use).
+pub fn wait_blocking(dispatcher: &mut Dispatcher, dispatched: Dispatched) -> Response {
+    match dispatched {
+        Dispatched::Done(response) => response,
+        Dispatched::Queued(ticket) => dispatcher.wait_for(ticket),
+        Dispatched::Deferred(pending) => match finish_blocking(dispatcher, pending) {
+            Dispatched::Done(response) => response,
+            Dispatched::Queued(ticket) => dispatcher.wait_for(ticket),
+            // `complete` hands the result to a worker; it never defers again.
+            Dispatched::Deferred(_) => Response::from_status(
+                parsec_interface::requests::ResponseStatus::PsaErrorGenericError,
+            ),
+        },
+    }
 }
 
 /// A connection's bytes as a stream: reads hand out at most `chunk` bytes at a time (so
@@ -85,11 +101,8 @@ pub fn answer_stream(
     let mut connection = Connection::new(stream, peer, std::time::Instant::now());
     let response = match connection.read(body_len_limit, &mut connection::Budget::unlimited()) {
         Ok(Progress::Frame(frame)) => {
-            match answer_frame(dispatcher, &frame, peer, body_len_limit) {
-                Dispatched::Done(response) => response,
-                Dispatched::Deferred(pending) => finish_blocking(dispatcher, pending),
-                Dispatched::Queued(ticket) => dispatcher.wait_for(ticket),
-            }
+            let dispatched = answer_frame(dispatcher, &frame, peer, body_len_limit);
+            wait_blocking(dispatcher, dispatched)
         }
         Ok(Progress::Reject(status)) => Response::from_status(status),
         Ok(Progress::Pending | Progress::Closed | Progress::Stalled) | Err(_) => return Vec::new(),

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
-/// Woken by a hardware provider's worker when a request is done.
+/// Woken by a provider's worker when a batch of requests is done.
 const WORKERS: Token = Token(2);
 const FIRST_CONNECTION: usize = 3;
 /// How long shutdown waits for responses still being written.
@@ -59,7 +59,7 @@ pub struct Server {
     /// Requests running in child processes (slow key generation), by the token of the
     /// pipe their child writes to.
     jobs: HashMap<Token, Job>,
-    /// Requests in the hands of hardware providers' workers: the connection of each ticket.
+    /// Requests in the hands of providers' workers: the connection of each ticket.
     queued: HashMap<u64, Token>,
     /// Request bytes held across connections, and the connections waiting for room in it.
     budget: Budget,
@@ -362,16 +362,7 @@ impl Server {
             connection.peer,
             self.config.body_len_limit,
         );
-        match dispatched {
-            Dispatched::Done(response) => {
-                connection.respond(framing::encode(response));
-                self.send(token);
-            }
-            Dispatched::Deferred(pending) => self.watch_job(token, pending),
-            Dispatched::Queued(ticket) => {
-                self.queued.insert(ticket, token);
-            }
-        }
+        self.handle(token, dispatched);
         true
     }
 
@@ -381,14 +372,27 @@ impl Server {
         self.deliver(answers);
     }
 
-    fn deliver(&mut self, answers: Vec<(u64, Response)>) {
-        for (ticket, response) in answers {
+    fn deliver(&mut self, answers: Vec<(u64, Dispatched)>) {
+        for (ticket, dispatched) in answers {
             let Some(token) = self.queued.remove(&ticket) else {
                 continue;
             };
-            if let Some(connection) = self.connections.get_mut(&token) {
-                connection.respond(framing::encode(response));
-                self.send(token);
+            self.handle(token, dispatched);
+        }
+    }
+
+    /// Sends a response, or keeps track of a request still in hand, for one connection.
+    fn handle(&mut self, token: Token, dispatched: Dispatched) {
+        match dispatched {
+            Dispatched::Done(response) => {
+                if let Some(connection) = self.connections.get_mut(&token) {
+                    connection.respond(framing::encode(response));
+                    self.send(token);
+                }
+            }
+            Dispatched::Deferred(pending) => self.watch_job(token, pending),
+            Dispatched::Queued(ticket) => {
+                self.queued.insert(ticket, token);
             }
         }
     }
@@ -411,11 +415,8 @@ impl Server {
         if let Err(e) = watched {
             // Cannot wait in the loop: wait here instead, which only delays other clients.
             log::warn!("cannot watch a key generation process ({e}): waiting for it");
-            let response = super::finish_blocking(&mut self.dispatcher, pending);
-            if let Some(c) = self.connections.get_mut(&connection) {
-                c.respond(framing::encode(response));
-                self.send(connection);
-            }
+            let dispatched = super::finish_blocking(&mut self.dispatcher, pending);
+            self.handle(connection, dispatched);
             return;
         }
         self.jobs.insert(
@@ -453,11 +454,8 @@ impl Server {
         } = self.jobs.remove(&token).expect("looked up above");
         let fd = pending.job.output.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        let response = self.dispatcher.complete(pending, output);
-        if let Some(client) = self.connections.get_mut(&connection) {
-            client.respond(framing::encode(response));
-            self.send(connection);
-        }
+        let dispatched = self.dispatcher.complete(pending, output);
+        self.handle(connection, dispatched);
     }
 
     /// Writes what the socket takes of a connection's response; closes it once sent.

@@ -52,6 +52,8 @@ pub struct Record {
 
 pub struct Journal {
     dir: PathBuf,
+    /// Records written by `begin_unsynced`, made durable by `sync`.
+    unsynced: Vec<PathBuf>,
 }
 
 /// Makes a directory's entries (a new or removed file) durable.
@@ -65,7 +67,10 @@ impl Journal {
         let dir = parent.join(name);
         crate::key_store::create_private_dir(&dir)?;
         sync_dir(parent)?;
-        Ok(Journal { dir })
+        Ok(Journal {
+            dir,
+            unsynced: Vec::new(),
+        })
     }
 
     fn path(&self, kind: Kind, key: &str) -> PathBuf {
@@ -88,6 +93,41 @@ impl Journal {
         })();
         written.map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
         Ok(Record { path })
+    }
+
+    /// Writes a record that `sync` makes durable, with every other record written since: the
+    /// software provider's worker writes one per request of a batch, then syncs them all at
+    /// once, before any of the batch's results (and so any entry) leaves it.
+    pub fn begin_unsynced(&mut self, kind: Kind, key: &str) -> Result<Record, OpError> {
+        let path = self.path(kind, key);
+        let written = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(format!("{key}\n").as_bytes())
+        })();
+        written.map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        self.unsynced.push(path.clone());
+        Ok(Record { path })
+    }
+
+    /// Makes the records `begin_unsynced` wrote durable (files, then the directory once).
+    /// A record already done (removed) needs nothing.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced.is_empty() {
+            return Ok(());
+        }
+        for path in std::mem::take(&mut self.unsynced) {
+            match File::open(&path) {
+                Ok(file) => file.sync_all()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sync_dir(&self.dir)
     }
 
     /// The change is complete: the record goes. Its removal need not be durable: a record

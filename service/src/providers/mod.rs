@@ -10,7 +10,7 @@
 
 use crate::config::{ProviderKind, ProviderSettings};
 use crate::error::OpError;
-use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
+use crate::key_store::{KeyEntry, KeyStore};
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
@@ -93,10 +93,11 @@ impl Limits {
 
 /// How a provider takes on an operation.
 pub enum Start {
-    /// Run it now, on the event loop: `execute`.
+    /// Run it now, on the provider's worker thread: `execute`.
     Now(NativeOperation),
-    /// Work that would hold the event loop too long runs in a child process; the service
-    /// answers other clients meanwhile and calls `complete` with what the child wrote.
+    /// Work that would hold the worker too long (an RSA key generation on the software
+    /// provider) runs in a child process; the worker goes on with other requests, the event
+    /// loop watches the child, and `complete` runs (on the worker) with what it wrote.
     Deferred(Deferred),
 }
 
@@ -107,7 +108,7 @@ pub struct Deferred {
     /// Its place among `max_keygen_processes`, given back when the request is finished.
     pub slot: ChildSlot,
     /// What the provider needs to finish the operation.
-    pub state: Box<dyn std::any::Any>,
+    pub state: Box<dyn std::any::Any + Send>,
 }
 
 pub trait Provider {
@@ -131,7 +132,7 @@ pub trait Provider {
     /// Finishes a deferred operation with what its child process wrote.
     fn complete(
         &mut self,
-        _state: Box<dyn std::any::Any>,
+        _state: Box<dyn std::any::Any + Send>,
         _output: Vec<u8>,
         _keys: AppKeys<'_>,
     ) -> Result<NativeResult, OpError> {
@@ -140,6 +141,14 @@ pub trait Provider {
             "a deferred operation reached a provider that defers none",
             "report this as a bug",
         ))
+    }
+
+    /// Makes durable what the operations since the last call wrote (files, directory
+    /// entries), before their results leave the worker: the worker runs a batch of requests,
+    /// then calls this once, so that they share their fsyncs. An error fails every request of
+    /// the batch that changed a key.
+    fn flush(&mut self) -> Result<(), OpError> {
+        Ok(())
     }
 
     /// Closes the provider's connection to its device, if it holds one, so that a reload can
@@ -205,10 +214,15 @@ pub fn build(
     }
 }
 
-/// Whether a provider talks to a device that may take seconds per command (TPM, token): such
-/// a provider runs on a worker thread of its own, never on the event loop.
-pub fn is_hardware(kind: &ProviderKind) -> bool {
-    !matches!(kind, ProviderKind::MbedCrypto { .. })
+/// How many waiting requests a provider's worker takes at once (each on a different key).
+/// The software provider computes: a batch of requests shares its fsyncs (`Provider::flush`,
+/// then the key store's group commit). A device serializes its commands anyway: one at a
+/// time, so that each request sees every change the one before it made.
+pub fn batch_limit(kind: &ProviderKind) -> usize {
+    match kind {
+        ProviderKind::MbedCrypto { .. } => 32,
+        _ => 1,
+    }
 }
 
 /// The wire id of a configured provider, known before it is built.
@@ -220,17 +234,11 @@ pub fn id_of(kind: &ProviderKind) -> ProviderId {
     }
 }
 
-/// The key store as one application sees it through one provider: the store itself (on the
-/// event loop), or a [`Snapshot`] of it (on a hardware provider's worker thread).
+/// The key store as one application sees it through one provider, on the provider's worker
+/// thread: a [`Snapshot`] of it, and the changes the operation makes.
 pub struct AppKeys<'a> {
-    backing: Backing<'a>,
+    snapshot: &'a mut Snapshot,
     app: &'a str,
-    provider: ProviderId,
-}
-
-enum Backing<'a> {
-    Store(&'a mut KeyStore),
-    Snapshot(&'a mut Snapshot),
 }
 
 /// One application's keys in one provider, copied out of the store for a worker thread, and
@@ -245,7 +253,12 @@ pub struct Snapshot {
 /// A change an operation made to its application's keys.
 pub enum Change {
     Create(String, KeyEntry),
-    Remove(String),
+    /// The entry goes; with `then_destroy`, the event loop then asks the provider to destroy
+    /// the material (`destroy_material`), once the entry's removal is durable.
+    Remove {
+        name: String,
+        then_destroy: bool,
+    },
 }
 
 impl Snapshot {
@@ -285,49 +298,25 @@ fn name_taken(name: &str) -> OpError {
 }
 
 impl<'a> AppKeys<'a> {
-    pub fn new(store: &'a mut KeyStore, app: &'a str, provider: ProviderId) -> Self {
-        AppKeys {
-            backing: Backing::Store(store),
-            app,
-            provider,
-        }
-    }
-
-    pub fn in_snapshot(snapshot: &'a mut Snapshot, app: &'a str, provider: ProviderId) -> Self {
-        AppKeys {
-            backing: Backing::Snapshot(snapshot),
-            app,
-            provider,
-        }
+    pub fn in_snapshot(snapshot: &'a mut Snapshot, app: &'a str) -> Self {
+        AppKeys { snapshot, app }
     }
 
     pub fn app(&self) -> &str {
         self.app
     }
 
-    fn triple(&self, name: &str) -> KeyTriple {
-        KeyTriple::new(self.app, self.provider, name)
-    }
-
     /// The entry of an existing key.
     pub fn get(&self, name: &str) -> Result<&KeyEntry, OpError> {
-        let found = match &self.backing {
-            Backing::Store(store) => store.get(&self.triple(name)),
-            Backing::Snapshot(snapshot) => snapshot.entries.get(name),
-        };
-        found.ok_or_else(|| no_such_key(name))
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        match &self.backing {
-            Backing::Store(store) => store.contains(&self.triple(name)),
-            Backing::Snapshot(snapshot) => snapshot.entries.contains_key(name),
-        }
+        self.snapshot
+            .entries
+            .get(name)
+            .ok_or_else(|| no_such_key(name))
     }
 
     /// Fails with PsaErrorAlreadyExists if the name is taken.
     pub fn ensure_free(&self, name: &str) -> Result<(), OpError> {
-        if self.contains(name) {
+        if self.snapshot.entries.contains_key(name) {
             return Err(name_taken(name));
         }
         Ok(())
@@ -335,48 +324,44 @@ impl<'a> AppKeys<'a> {
 
     /// Whether the key was mapped from the config (a key that was on the device already).
     pub fn is_mounted(&self, name: &str) -> bool {
-        match &self.backing {
-            Backing::Store(store) => store.is_mounted(&self.triple(name)),
-            Backing::Snapshot(snapshot) => snapshot.mounted.contains(name),
-        }
+        self.snapshot.mounted.contains(name)
     }
 
-    /// Records a new key; only once it is in the store may the client be told it exists (on
-    /// a worker, the event loop stores it before it answers).
+    /// Records a new key; the event loop stores it before it answers, so the client is told
+    /// it exists only once it is in the store.
     pub fn create(&mut self, name: &str, entry: KeyEntry) -> Result<(), OpError> {
-        let triple = self.triple(name);
-        match &mut self.backing {
-            // The store refuses a name that is taken itself.
-            Backing::Store(store) => store.insert(triple, entry),
-            Backing::Snapshot(snapshot) => {
-                if snapshot.entries.contains_key(name) {
-                    return Err(name_taken(name));
-                }
-                snapshot.entries.insert(name.to_string(), entry.clone());
-                snapshot
-                    .changes
-                    .push(Change::Create(name.to_string(), entry));
-                Ok(())
-            }
-        }
+        self.ensure_free(name)?;
+        self.snapshot
+            .entries
+            .insert(name.to_string(), entry.clone());
+        self.snapshot
+            .changes
+            .push(Change::Create(name.to_string(), entry));
+        Ok(())
     }
 
     /// Forgets a key and returns its entry, so that the provider can destroy the material.
     pub fn remove(&mut self, name: &str) -> Result<KeyEntry, OpError> {
-        if !self.contains(name) {
-            return Err(no_such_key(name));
-        }
-        let triple = self.triple(name);
-        match &mut self.backing {
-            Backing::Store(store) => store.remove(&triple),
-            Backing::Snapshot(snapshot) => {
-                snapshot.mounted.remove(name);
-                snapshot.changes.push(Change::Remove(name.to_string()));
-                snapshot
-                    .entries
-                    .remove(name)
-                    .ok_or_else(|| no_such_key(name))
-            }
-        }
+        self.take(name, false)
+    }
+
+    /// Forgets a key whose material the provider destroys only once the entry's removal is
+    /// durable (`Provider::destroy_material`, called by the event loop then).
+    pub fn remove_then_destroy(&mut self, name: &str) -> Result<KeyEntry, OpError> {
+        self.take(name, true)
+    }
+
+    fn take(&mut self, name: &str, then_destroy: bool) -> Result<KeyEntry, OpError> {
+        let entry = self
+            .snapshot
+            .entries
+            .remove(name)
+            .ok_or_else(|| no_such_key(name))?;
+        self.snapshot.mounted.remove(name);
+        self.snapshot.changes.push(Change::Remove {
+            name: name.to_string(),
+            then_destroy,
+        });
+        Ok(entry)
     }
 }

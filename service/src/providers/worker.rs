@@ -1,19 +1,20 @@
-//! One thread per hardware provider: a TPM or a token may take seconds per command, and the
-//! event loop must keep answering every other client meanwhile.
+//! One thread per provider: a TPM or a token may take seconds per command, and the event loop
+//! must keep answering every other client meanwhile; the software provider's cryptography
+//! runs on another core than the loop's IPC.
 //!
 //! The event loop keeps everything else: sockets, framing, authentication, the key store and
-//! the queue of requests waiting for each device (bounded by
-//! `core_settings.provider_queue_limit`). It hands a worker one request at a time, with a
-//! [`Snapshot`] of the application's keys taken just before; the worker runs the provider's
-//! `execute` on it and sends back the result and the key changes, then wakes the loop
-//! through a `mio::Waker`. The loop stores the changes (durably) and only then answers, so a
-//! client is never told of a key that is not in the store. The device serializes commands
-//! anyway: one request in flight per device loses nothing, and each request sees every
-//! change the one before it made.
+//! the queue of requests waiting for each provider (bounded by
+//! `core_settings.provider_queue_limit`). It hands a worker a batch of requests (one for a
+//! device, up to `providers::batch_limit` on different keys for the software provider), each
+//! with a [`Snapshot`] of its application's keys taken just before; the worker runs them,
+//! makes what they wrote durable once for the whole batch (`Provider::flush`), and sends back
+//! each result with its key changes, then wakes the loop through a `mio::Waker`. The loop
+//! stores the changes (durably, one group commit for all it received) and only then answers,
+//! so a client is never told of a key that is not in the store.
 //!
-//! Threads: the event loop, plus one per hardware provider configured.
+//! Threads: the event loop, plus one per provider configured.
 
-use super::{AppKeys, Change, Provider, Snapshot};
+use super::{AppKeys, Change, Deferred, Provider, Snapshot, Start};
 use crate::error::OpError;
 use crate::key_store::KeyEntry;
 use parsec_interface::operations::{NativeOperation, NativeResult};
@@ -26,12 +27,27 @@ use std::time::Duration;
 /// result that comes back from an old one is matched by this, never by a position.
 pub type Instance = u64;
 
+/// What a request asks of its provider.
+pub enum Work {
+    Op(NativeOperation),
+    /// Finish a deferred operation with what its child process wrote (`Provider::complete`).
+    Complete(Box<dyn std::any::Any + Send>, Vec<u8>),
+}
+
 /// A request handed to a worker.
 pub struct Job {
     pub ticket: u64,
     pub app: String,
-    pub op: NativeOperation,
+    pub work: Work,
     pub snapshot: Snapshot,
+}
+
+/// How a job ended.
+pub enum Outcome {
+    Finished(Result<NativeResult, OpError>),
+    /// It runs in a child process now: the event loop watches it, then sends
+    /// `Work::Complete`.
+    Deferred(Deferred),
 }
 
 /// What a worker sends back for a job.
@@ -40,14 +56,17 @@ pub struct Done {
     pub provider: ProviderId,
     pub ticket: u64,
     pub app: String,
-    pub result: Result<NativeResult, OpError>,
+    pub outcome: Outcome,
     pub changes: Vec<Change>,
 }
 
 enum Message {
-    Run(Job),
-    /// Destroy the material of a key the store could not record (its entry never existed).
+    Run(Vec<Job>),
+    /// Destroy the material of a key whose entry is gone (durably), or that the store could
+    /// not record (its entry never existed).
     Destroy(KeyEntry),
+    /// Record that a key's entry is about to go (a tombstone), and say when that is durable.
+    BeforeForget(KeyEntry, mpsc::Sender<Result<(), OpError>>),
     /// A key this worker made is now durable in the store.
     Committed(KeyEntry),
     /// Close the device connection (a reload is about to open it again); reopened on use.
@@ -71,9 +90,12 @@ impl Clone for Outbox {
 }
 
 impl Outbox {
-    fn deliver(&self, done: Done) {
-        // The receiver goes away only when the service stops.
-        let _ = self.sender.send(done);
+    /// Sends a batch's results, then wakes the loop once.
+    fn deliver(&self, batch: Vec<Done>) {
+        for done in batch {
+            // The receiver goes away only when the service stops.
+            let _ = self.sender.send(done);
+        }
         if let Some(waker) = self.waker.get() {
             if let Err(e) = waker.wake() {
                 log::error!("cannot wake the event loop for a finished request: {e}");
@@ -131,6 +153,8 @@ pub struct Worker {
     sender: mpsc::Sender<Message>,
     pub instance: Instance,
     name: String,
+    /// The provider records tombstones before an entry goes (the software provider).
+    tombstones: bool,
 }
 
 impl Worker {
@@ -141,26 +165,34 @@ impl Worker {
         provider: Box<dyn Provider + Send>,
         outbox: Outbox,
     ) -> Result<Worker, String> {
+        // Provider calls need little stack; the default 2 MiB would be most of the RSS. Mbed
+        // TLS's RSA and the key generation child (forked from this thread) get more.
+        let stack = if provider.id() == ProviderId::MbedCrypto {
+            512 * 1024
+        } else {
+            256 * 1024
+        };
+        let tombstones = provider.id() == ProviderId::MbedCrypto;
         let (sender, receiver) = mpsc::channel::<Message>();
         std::thread::Builder::new()
             .name(format!(
                 "parsec-{}",
                 name.chars().take(8).collect::<String>()
             ))
-            // Provider calls need little stack; the default 2 MiB would be most of the RSS.
-            .stack_size(256 * 1024)
+            .stack_size(stack)
             .spawn(move || run(instance, provider, receiver, outbox))
             .map_err(|e| format!("cannot start its worker thread: {e}"))?;
         Ok(Worker {
             sender,
             instance,
             name: name.to_string(),
+            tombstones,
         })
     }
 
-    /// Hands the worker one job. Fails only if the thread is gone.
-    pub fn run(&self, job: Job) -> Result<(), OpError> {
-        self.sender.send(Message::Run(job)).map_err(|_| {
+    /// Hands the worker a batch of jobs. Fails only if the thread is gone.
+    pub fn run(&self, jobs: Vec<Job>) -> Result<(), OpError> {
+        self.sender.send(Message::Run(jobs)).map_err(|_| {
             OpError::new(
                 ResponseStatus::PsaErrorCommunicationFailure,
                 format!("the worker of provider \"{}\" has stopped", self.name),
@@ -171,6 +203,32 @@ impl Worker {
 
     pub fn destroy(&self, entry: KeyEntry) {
         let _ = self.sender.send(Message::Destroy(entry));
+    }
+
+    /// A tombstone for a key about to be forgotten (DeleteClient), durable when this returns
+    /// Ok. The event loop waits for it behind the worker's batch (milliseconds: only the
+    /// software provider records them). An error keeps the key.
+    pub fn before_forget(&self, entry: KeyEntry) -> Result<(), OpError> {
+        if !self.tombstones {
+            return Ok(());
+        }
+        let gone = || {
+            OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                format!(
+                    "the worker of provider \"{}\" did not record the tombstone",
+                    self.name
+                ),
+                "retry; if it persists, restart the service",
+            )
+        };
+        let (ack, acked) = mpsc::channel();
+        self.sender
+            .send(Message::BeforeForget(entry, ack))
+            .map_err(|_| gone())?;
+        acked
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| gone())?
     }
 
     pub fn committed(&self, entry: KeyEntry) {
@@ -197,29 +255,31 @@ fn run(
     // Ends when the dispatcher drops its handle (a reload or shutdown), after the job in hand.
     while let Ok(message) = receiver.recv() {
         match message {
-            Message::Run(mut job) => {
-                let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app, id);
-                let result = provider.execute(job.op, keys);
-                // A failed operation changes nothing.
-                let changes = match result {
-                    Ok(_) => std::mem::take(&mut job.snapshot.changes),
-                    Err(_) => Vec::new(),
-                };
-                outbox.deliver(Done {
-                    instance,
-                    provider: id,
-                    ticket: job.ticket,
-                    app: job.app,
-                    result,
-                    changes,
-                });
+            Message::Run(jobs) => {
+                let mut batch: Vec<Done> = jobs
+                    .into_iter()
+                    .map(|job| run_job(instance, provider.as_mut(), job))
+                    .collect();
+                // What the batch wrote becomes durable once, before any result leaves.
+                let changed = |d: &Done| !d.changes.is_empty();
+                if batch.iter().any(changed) {
+                    if let Err(error) = provider.flush() {
+                        for done in batch.iter_mut().filter(|d| changed(d)) {
+                            undo(provider.as_mut(), done, &error);
+                        }
+                    }
+                }
+                outbox.deliver(batch);
             }
             Message::Destroy(entry) => {
                 if let Err(e) = provider.destroy_material(&entry) {
                     log::warn!(
-                        "{id:?}: cannot destroy the material of a key that was never stored: {e}"
+                        "{id:?}: cannot destroy the material of a forgotten key: {e} (resolved at the next start)"
                     );
                 }
+            }
+            Message::BeforeForget(entry, ack) => {
+                let _ = ack.send(provider.before_forget(&entry));
             }
             Message::Committed(entry) => provider.committed(&entry),
             Message::Release(ack) => {
@@ -228,4 +288,54 @@ fn run(
             }
         }
     }
+}
+
+fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Job) -> Done {
+    let id = provider.id();
+    let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app);
+    let outcome = match job.work {
+        Work::Op(op) => match provider.start(op, keys) {
+            Ok(Start::Now(op)) => {
+                let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app);
+                Outcome::Finished(provider.execute(op, keys))
+            }
+            Ok(Start::Deferred(deferred)) => Outcome::Deferred(deferred),
+            Err(error) => Outcome::Finished(Err(error)),
+        },
+        Work::Complete(state, output) => Outcome::Finished(provider.complete(state, output, keys)),
+    };
+    // A failed or deferred operation changes nothing (yet).
+    let changes = match outcome {
+        Outcome::Finished(Ok(_)) => std::mem::take(&mut job.snapshot.changes),
+        _ => Vec::new(),
+    };
+    Done {
+        instance,
+        provider: id,
+        ticket: job.ticket,
+        app: job.app,
+        outcome,
+        changes,
+    }
+}
+
+/// The batch could not be made durable: a request that changed a key fails, and the keys it
+/// made are destroyed again (their create records stay until that is done).
+fn undo(provider: &mut (dyn Provider + Send), done: &mut Done, error: &OpError) {
+    for change in std::mem::take(&mut done.changes) {
+        if let Change::Create(name, entry) = change {
+            if let Err(e) = provider.destroy_material(&entry) {
+                log::warn!(
+                    "{:?}: cannot undo key \"{}\" after a failed sync: {e} (resolved at the next start)",
+                    done.provider,
+                    crate::error::escape(&name)
+                );
+            }
+        }
+    }
+    done.outcome = Outcome::Finished(Err(OpError::new(
+        error.status,
+        error.cause.clone(),
+        error.hint,
+    )));
 }

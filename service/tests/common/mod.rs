@@ -178,6 +178,26 @@ impl Daemon {
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// The service's child processes (key generations), forked by any of its threads (the
+    /// software provider's worker forks them).
+    #[allow(dead_code)]
+    pub fn children(&self) -> Vec<String> {
+        let pid = self.pid();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| dir.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        tasks
+            .iter()
+            .flat_map(|task| {
+                std::fs::read_to_string(task.join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
     }

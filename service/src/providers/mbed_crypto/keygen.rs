@@ -1,4 +1,5 @@
-//! Slow key generation in a child process, so that the event loop keeps serving.
+//! Slow key generation in a child process, so that the software provider's worker keeps
+//! serving.
 //!
 //! The service forks; the child re-initialises Mbed TLS (so that it draws from a freshly
 //! seeded random generator, not from a copy of the parent's, which the parent goes on
@@ -39,9 +40,9 @@ pub fn spawn(attributes: Attributes) -> Result<(File, Pid), OpError> {
             "the service is out of file descriptors",
         )
     })?;
-    // SAFETY: the child has only this thread, the event loop's, which is the only one that
-    // uses Mbed TLS (hardware providers' worker threads never do), so Mbed TLS's state is a
-    // consistent copy; glibc's malloc is made usable in a forked child by its own fork
+    // SAFETY: the child has only this thread, the software provider's worker, which is the
+    // only one that uses Mbed TLS (the event loop and the device workers never do, and this
+    // one is between two calls), so Mbed TLS's state is a consistent copy; glibc's malloc is made usable in a forked child by its own fork
     // handlers. The child only uses Mbed TLS, the allocator and its end of the pipe, takes no
     // lock another thread may hold (no logging), and leaves with _exit, never returning into
     // the parent's code.

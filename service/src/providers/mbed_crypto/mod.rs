@@ -5,12 +5,19 @@
 //! `storage_dir` the working directory at start-up; every other path the service uses is
 //! absolute by then. The key store maps (application, name) to the key id.
 //!
-//! Key files are destroyed only on positive evidence (`journal`): an intent record is made
-//! durable before a key file is made, a tombstone before a key is forgotten; start-up
+//! The provider runs on a worker thread of its own, the only thread that calls Mbed TLS
+//! (its PSA core is not thread-safe), in batches of requests on different keys.
+//!
+//! Key files are destroyed only on positive evidence (`journal`): an intent record is
+//! written before a key file is made, a tombstone before a key is forgotten; start-up
 //! resolves what an interrupted create or destroy left, and keeps (and reports) every other
-//! key file no entry names. A new key file and its directory are fsynced before the entry
-//! that names it is published; a destroyed key's removal is fsynced before the destroy is
-//! acknowledged.
+//! key file no entry names. What a batch wrote (records, new key files, the directory) is
+//! fsynced once, in `flush`, before any of its results leaves the worker; so a new key file
+//! is durable before the event loop stores the entry that names it, and a tombstone before
+//! the entry's removal. A destroyed key's material goes only after the entry's removal is
+//! durable: the event loop then asks for it (`destroy_material`). (A record and the key
+//! file made after it become durable in that order on a journalling file system; where they
+//! might not, a key file left without its record is only ever reported, never destroyed.)
 
 mod capabilities;
 mod keygen;
@@ -71,8 +78,17 @@ pub struct MbedCryptoProvider {
     /// Absolute: the working directory, where Mbed TLS keeps its key files.
     storage_dir: std::path::PathBuf,
     journal: journal::Journal,
-    /// Tombstones written by `before_forget` (DeleteClient), done once the material is gone.
+    /// Tombstones written by destroys and `before_forget` (DeleteClient), done once the
+    /// material is gone.
     tombstones: Vec<(u32, journal::Record)>,
+    /// Create records, done once the event loop has stored the key's entry (`committed`).
+    creates: Vec<(u32, journal::Record)>,
+    /// Key files made since the last `flush`.
+    unsynced: Vec<u32>,
+    /// The storage directory changed (a key file made or removed) since the last `flush`.
+    dir_unsynced: bool,
+    /// Records of keys whose material is gone, done once that is durable (`flush`).
+    gone: Vec<journal::Record>,
 }
 
 /// Mbed TLS's file for a persistent key (owner 0, the key id), in the working directory.
@@ -200,6 +216,10 @@ impl MbedCryptoProvider {
             storage_dir,
             journal,
             tombstones: Vec::new(),
+            creates: Vec::new(),
+            unsynced: Vec::new(),
+            dir_unsynced: false,
+            gone: Vec::new(),
         };
         let damaged = store.damaged_in(ProviderId::MbedCrypto);
         let kept = provider.resolve_journal(&referenced, damaged)?;
@@ -351,8 +371,8 @@ impl MbedCryptoProvider {
     }
 
     /// Creates a key with `make`, then records it; undoes the key if it cannot be recorded.
-    /// The intent record is durable before the key file exists; the key file and its
-    /// directory are durable before the entry that names it is published.
+    /// The intent record is written before the key file exists; both are durable (`flush`)
+    /// before the entry that names the key can be stored; the record goes once it is.
     fn create_key(
         &mut self,
         keys: &mut AppKeys<'_>,
@@ -365,7 +385,7 @@ impl MbedCryptoProvider {
         let id = self.allocate_id()?;
         let record = self
             .journal
-            .begin(journal::Kind::Create, &format!("{id:08x}"))?;
+            .begin_unsynced(journal::Kind::Create, &format!("{id:08x}"))?;
         crate::crash_point("create:after-intent");
         let key = match make(attributes, id) {
             Ok(key) => key,
@@ -380,47 +400,33 @@ impl MbedCryptoProvider {
             }
         };
         self.used_ids.insert(id);
+        self.unsynced.push(id);
+        self.dir_unsynced = true;
         crate::crash_point("create:after-material");
-        let outcome = self.sync_key_file(id).and_then(|()| {
-            crate::crash_point("create:after-sync");
-            keys.create(
-                name,
-                KeyEntry {
-                    key_id: id.to_le_bytes().to_vec(),
-                    attributes,
-                },
-            )
-        });
-        if let Err(e) = outcome {
-            // SAFETY: the event loop is the only thread that uses Mbed TLS: nothing else
-            // uses the key being undone.
+        let entry = KeyEntry {
+            key_id: id.to_le_bytes().to_vec(),
+            attributes,
+        };
+        if let Err(e) = keys.create(name, entry) {
+            // SAFETY: this worker is the only thread that uses Mbed TLS: nothing else uses
+            // the key being undone.
             if unsafe { key_management::destroy(key) }.is_ok() {
-                let _ = journal::sync_dir(&self.storage_dir);
+                self.unsynced.retain(|&u| u != id);
                 self.used_ids.remove(&id);
                 self.journal.done(record);
             }
             // Otherwise the record stays: the next start destroys the file.
             return Err(e);
         }
-        crate::crash_point("create:after-entry");
-        self.journal.done(record);
+        self.creates.push((id, record));
         Ok(())
     }
 
-    /// Makes a new key file and its directory entry durable (Mbed TLS writes a temporary file
-    /// and renames it, without fsync).
-    fn sync_key_file(&self, id: u32) -> Result<(), OpError> {
-        let path = self.storage_dir.join(key_file(id));
-        File::open(&path)
-            .and_then(|file| file.sync_all())
-            .and_then(|()| journal::sync_dir(&self.storage_dir))
-            .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))
-    }
-
+    /// Destroys a key's material (its entry is gone already, durably, or never existed).
     fn destroy_id(&mut self, id: u32) -> Result<(), OpError> {
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
-        // SAFETY: the event loop is the only thread that uses Mbed TLS: no operation on this
-        // key can be in flight.
+        // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
+        // can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
         journal::sync_dir(&self.storage_dir).map_err(|e| {
             OpError::storage(&format!("syncing {}", self.storage_dir.display()), &e)
@@ -429,30 +435,19 @@ impl MbedCryptoProvider {
         Ok(())
     }
 
-    /// Destroys a key: tombstone, then the entry (durably), then the material (durably).
+    /// Destroys a key: a tombstone and the entry's removal now; the material once the event
+    /// loop has removed the entry durably (`destroy_material`).
     fn destroy_key(&mut self, keys: &mut AppKeys<'_>, name: &str) -> Result<(), OpError> {
         let id = key_id_of(keys.get(name)?)?;
         let record = self
             .journal
-            .begin(journal::Kind::Destroy, &format!("{id:08x}"))?;
+            .begin_unsynced(journal::Kind::Destroy, &format!("{id:08x}"))?;
         crate::crash_point("destroy:after-tombstone");
-        if let Err(e) = keys.remove(name) {
+        if let Err(e) = keys.remove_then_destroy(name) {
             self.journal.done(record);
             return Err(e);
         }
-        crate::crash_point("destroy:after-entry");
-        match self.destroy_id(id) {
-            Ok(()) => {
-                crate::crash_point("destroy:after-material");
-                self.journal.done(record);
-            }
-            // The name is gone, so the client's request succeeded; the tombstone stays and
-            // the next start destroys the file.
-            Err(e) => log::warn!(
-                "mbed-crypto: key {id} of \"{}\" forgotten but its file not yet destroyed: {e}",
-                crate::error::escape(keys.app())
-            ),
-        }
+        self.tombstones.push((id, record));
         Ok(())
     }
 
@@ -701,18 +696,59 @@ impl Provider for MbedCryptoProvider {
         Ok(())
     }
 
+    /// The entry is gone (durably): the key file goes. Its removal becomes durable with the
+    /// next batch's `flush`, and only then does its tombstone (or the record of a create
+    /// whose entry could not be stored) go; one left behind by a crash is resolved at the
+    /// next start.
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
-        self.destroy_id(id)?;
-        if let Some(i) = self.tombstones.iter().position(|(t, _)| *t == id) {
-            let (_, record) = self.tombstones.swap_remove(i);
+        let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
+        // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
+        // can be in flight.
+        unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
+        self.used_ids.remove(&id);
+        self.dir_unsynced = true;
+        crate::crash_point("destroy:after-material");
+        for records in [&mut self.tombstones, &mut self.creates] {
+            if let Some(i) = records.iter().position(|(t, _)| *t == id) {
+                let (_, record) = records.swap_remove(i);
+                self.gone.push(record);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), OpError> {
+        let storage =
+            |e: std::io::Error| OpError::storage("syncing the software provider's key files", &e);
+        self.journal.sync().map_err(storage)?;
+        for id in std::mem::take(&mut self.unsynced) {
+            // Mbed TLS writes a temporary file and renames it, without fsync.
+            let path = self.storage_dir.join(key_file(id));
+            File::open(&path)
+                .and_then(|file| file.sync_all())
+                .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))?;
+        }
+        if std::mem::take(&mut self.dir_unsynced) {
+            journal::sync_dir(&self.storage_dir).map_err(storage)?;
+            crate::crash_point("create:after-sync");
+        }
+        for record in std::mem::take(&mut self.gone) {
             self.journal.done(record);
         }
         Ok(())
     }
 
+    fn committed(&mut self, entry: &KeyEntry) {
+        let Ok(id) = key_id_of(entry) else { return };
+        if let Some(i) = self.creates.iter().position(|(c, _)| *c == id) {
+            let (_, record) = self.creates.swap_remove(i);
+            self.journal.done(record);
+        }
+    }
+
     /// RSA key pairs take 0.05 s (2048 bits) to seconds (4096) to generate: that runs in a
-    /// child process while the event loop serves everyone else.
+    /// child process while this worker serves everyone else.
     fn start(&mut self, op: NativeOperation, keys: AppKeys<'_>) -> Result<Start, OpError> {
         match op {
             NativeOperation::PsaGenerateKey(op) if op.attributes.key_type == Type::RsaKeyPair => {
@@ -736,7 +772,7 @@ impl Provider for MbedCryptoProvider {
 
     fn complete(
         &mut self,
-        state: Box<dyn std::any::Any>,
+        state: Box<dyn std::any::Any + Send>,
         output: Vec<u8>,
         mut keys: AppKeys<'_>,
     ) -> Result<NativeResult, OpError> {
