@@ -78,7 +78,8 @@ out=$(sh "$script" status) || fail "status: $out"
 out=$(sh "$script" stop) || fail "stop: $out"
 [ ! -e "/proc/$pid" ] || [ "$(awk '/^State:/ { print $2 }' "/proc/$pid/status")" = Z ] || fail "the service still runs after stop"
 if sh "$script" status >/dev/null; then fail "status says running after stop"; fi
-echo "   status, stop: OK"
+out=$(sh "$script" stop) || fail "stop when stopped: exit $? ($out)"
+echo "   status, stop, stop again ($out): OK"
 
 # 2. Valid configs that cannot start: start fails with the service's reason.
 expect_start_failure() { # WHAT REASON-PATTERN
