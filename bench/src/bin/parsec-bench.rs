@@ -11,6 +11,7 @@
 
 use parsec_bench::{ecdsa, p256, ping_frame, rate, Daemon, HASH};
 use parsec_client::core::interface::operations::psa_key_attributes::Lifetime;
+use parsec_client::BasicClient;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -63,16 +64,50 @@ fn in_process_sign_rate(seconds: f64) -> f64 {
     )
 }
 
+/// Each signing client's own key, and a signature to verify.
+fn setup_signer(daemon: &Daemon) -> impl Fn(usize) -> (BasicClient, Vec<u8>) + '_ {
+    move |i: usize| {
+        let client = daemon.client(&format!("sign-{i}"));
+        let _ = client.psa_destroy_key("bench");
+        client
+            .psa_generate_key(
+                "bench",
+                p256(|u| {
+                    u.set_sign_hash().set_verify_hash();
+                }),
+            )
+            .unwrap();
+        let signature = client.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
+        (client, signature)
+    }
+}
+
+fn generate_destroy(c: &mut BasicClient) {
+    c.psa_generate_key(
+        "k",
+        p256(|u| {
+            u.set_sign_hash();
+        }),
+    )
+    .unwrap();
+    c.psa_destroy_key("k").unwrap();
+}
+
 fn main() {
     let mut bin = PathBuf::from("target/release/parsec");
     let mut seconds = 2.0;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--daemon" => bin = PathBuf::from(args.next().expect("--daemon PATH")),
             "--seconds" => seconds = args.next().expect("--seconds S").parse().expect("a number"),
+            // One figure alone, against a running daemon, for profiling (strace, perf).
+            "--only" => only = Some(args.next().expect("--only sign|generate")),
             _ => {
-                eprintln!("usage: parsec-bench [--daemon PATH] [--seconds S]");
+                eprintln!(
+                    "usage: parsec-bench [--daemon PATH] [--seconds S] [--only sign|generate]"
+                );
                 std::process::exit(2);
             }
         }
@@ -94,6 +129,27 @@ fn main() {
     let threads = daemon.status_field("Threads");
     let size = std::fs::metadata(&bin).unwrap().len();
 
+    if let Some(figure) = only {
+        println!(
+            "parsec-bench: daemon pid {}; {figure} for {seconds} s per round",
+            daemon.pid()
+        );
+        for clients in [1, 8] {
+            let r = match figure.as_str() {
+                "sign" => rate(clients, seconds, setup_signer(&daemon), |(c, _)| {
+                    c.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
+                }),
+                _ => rate(
+                    clients,
+                    seconds,
+                    |i| daemon.client(&format!("gen-{i}")),
+                    generate_destroy,
+                ),
+            };
+            println!("{figure}, {clients} clients: {r:.0}/s");
+        }
+        return;
+    }
     println!("parsec-bench: {} ({seconds} s per figure)", bin.display());
     println!("{:<34} {:>12} {:>12}", "figure", "1 client", "8 clients");
     let echo = [echo_rate(&dir, 1, seconds), echo_rate(&dir, 8, seconds)];
@@ -114,20 +170,7 @@ fn main() {
     });
     println!("{:<34} {:>12.0} {:>12.0}", "ping/s", ping[0], ping[1]);
 
-    let setup_signer = |i: usize| {
-        let client = daemon.client(&format!("sign-{i}"));
-        let _ = client.psa_destroy_key("bench");
-        client
-            .psa_generate_key(
-                "bench",
-                p256(|u| {
-                    u.set_sign_hash().set_verify_hash();
-                }),
-            )
-            .unwrap();
-        let signature = client.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
-        (client, signature)
-    };
+    let setup_signer = &setup_signer(&daemon);
     let sign = [1, 8].map(|n| {
         rate(n, seconds, setup_signer, |(c, _)| {
             c.psa_sign_hash("bench", &HASH, ecdsa()).unwrap();
@@ -152,16 +195,7 @@ fn main() {
             n,
             seconds,
             |i| daemon.client(&format!("gen-{i}")),
-            |c| {
-                c.psa_generate_key(
-                    "k",
-                    p256(|u| {
-                        u.set_sign_hash();
-                    }),
-                )
-                .unwrap();
-                c.psa_destroy_key("k").unwrap();
-            },
+            generate_destroy,
         )
     });
     println!(

@@ -124,6 +124,14 @@ impl Dispatcher {
                 answers.push(answer);
             }
         }
+        // The freed workers start their next batches first, so that their work (and their
+        // fsyncs) overlaps this commit's. Their snapshots do not have this batch's changes:
+        // a request that depends on one can only be sent once its answer is, after the
+        // commit; what is queued now was sent concurrently with these requests, and either
+        // order is a correct one (the store refuses a name taken twice).
+        for i in freed {
+            self.pump(i);
+        }
         let committed = if batch.is_empty() {
             Ok(())
         } else {
@@ -162,10 +170,6 @@ impl Dispatcher {
             };
             let response = self.respond(s.header, Some(&s.app), outcome);
             answers.push((s.ticket, Dispatched::Done(response)));
-        }
-        // The next batches see what this one stored.
-        for i in freed {
-            self.pump(i);
         }
         answers
     }

@@ -52,8 +52,8 @@ pub struct Record {
 
 pub struct Journal {
     dir: PathBuf,
-    /// Records written by `begin_unsynced`, made durable by `sync`.
-    unsynced: Vec<PathBuf>,
+    /// Records made by `begin_unsynced` since the last `sync`.
+    unsynced: bool,
 }
 
 /// Makes a directory's entries (a new or removed file) durable.
@@ -69,7 +69,7 @@ impl Journal {
         sync_dir(parent)?;
         Ok(Journal {
             dir,
-            unsynced: Vec::new(),
+            unsynced: false,
         })
     }
 
@@ -95,39 +95,40 @@ impl Journal {
         Ok(Record { path })
     }
 
-    /// Writes a record that `sync` makes durable, with every other record written since: the
-    /// software provider's worker writes one per request of a batch, then syncs them all at
-    /// once, before any of the batch's results (and so any entry) leaves it.
+    /// Makes a record that `sync` makes durable, with every other record made since: the
+    /// software provider's worker makes one per request of a batch, then syncs them all at
+    /// once, before any of the batch's results (and so any entry) leaves it. A record is its
+    /// name (the file is empty), so making it durable is making the directory entry durable:
+    /// one fsync of the journal directory for the whole batch.
     pub fn begin_unsynced(&mut self, kind: Kind, key: &str) -> Result<Record, OpError> {
         let path = self.path(kind, key);
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            file.write_all(format!("{key}\n").as_bytes())
-        })();
-        written.map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
-        self.unsynced.push(path.clone());
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        self.unsynced = true;
         Ok(Record { path })
     }
 
-    /// Makes the records `begin_unsynced` wrote durable (files, then the directory once).
-    /// A record already done (removed) needs nothing.
+    /// Where the records are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The caller made the records durable itself (a syncfs of their file system).
+    pub fn synced(&mut self) {
+        self.unsynced = false;
+    }
+
+    /// Makes the records `begin_unsynced` made durable (one fsync of the directory).
     pub fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced.is_empty() {
-            return Ok(());
+        if std::mem::take(&mut self.unsynced) {
+            sync_dir(&self.dir)?;
         }
-        for path in std::mem::take(&mut self.unsynced) {
-            match File::open(&path) {
-                Ok(file) => file.sync_all()?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        sync_dir(&self.dir)
+        Ok(())
     }
 
     /// The change is complete: the record goes. Its removal need not be durable: a record

@@ -721,16 +721,28 @@ impl Provider for MbedCryptoProvider {
     fn flush(&mut self) -> Result<(), OpError> {
         let storage =
             |e: std::io::Error| OpError::storage("syncing the software provider's key files", &e);
-        self.journal.sync().map_err(storage)?;
-        for id in std::mem::take(&mut self.unsynced) {
-            // Mbed TLS writes a temporary file and renames it, without fsync.
-            let path = self.storage_dir.join(key_file(id));
-            File::open(&path)
-                .and_then(|file| file.sync_all())
-                .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))?;
+        let new_files = std::mem::take(&mut self.unsynced);
+        let created = !new_files.is_empty();
+        if new_files.len() > 1 {
+            // A batch: one syncfs for the records, the key files and the directories.
+            let dirs = [self.storage_dir.as_path(), self.journal.dir()];
+            crate::key_store::sync_file_systems(dirs.into_iter()).map_err(storage)?;
+            self.journal.synced();
+            self.dir_unsynced = false;
+        } else {
+            self.journal.sync().map_err(storage)?;
+            for id in new_files {
+                // Mbed TLS writes a temporary file and renames it, without fsync.
+                let path = self.storage_dir.join(key_file(id));
+                File::open(&path)
+                    .and_then(|file| file.sync_all())
+                    .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))?;
+            }
         }
         if std::mem::take(&mut self.dir_unsynced) {
             journal::sync_dir(&self.storage_dir).map_err(storage)?;
+        }
+        if created {
             crate::crash_point("create:after-sync");
         }
         for record in std::mem::take(&mut self.gone) {
