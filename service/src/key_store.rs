@@ -80,6 +80,8 @@ pub struct KeyStore {
     /// Entries that could not be read at start-up, by provider: their keys' material must not
     /// be taken for unneeded.
     damaged: BTreeMap<u8, usize>,
+    /// Keys of batches being made durable (`hold`, until `apply`).
+    held: BTreeSet<KeyTriple>,
 }
 
 /// Changes to the store that become durable together (a group commit): staged with
@@ -138,6 +140,7 @@ impl KeyStore {
             entries: BTreeMap::new(),
             mounted: BTreeSet::new(),
             damaged: BTreeMap::new(),
+            held: BTreeSet::new(),
         };
         let mut damaged = Vec::new();
         for (provider, root) in store.roots.clone() {
@@ -207,7 +210,8 @@ impl KeyStore {
         key: KeyTriple,
         entry: KeyEntry,
     ) -> Result<(), OpError> {
-        if self.entries.contains_key(&key) || batch.names.contains(&key) {
+        if self.entries.contains_key(&key) || batch.names.contains(&key) || self.held.contains(&key)
+        {
             return Err(OpError::status(ResponseStatus::PsaErrorAlreadyExists));
         }
         let path = self.path_of(&key)?;
@@ -239,7 +243,7 @@ impl KeyStore {
         let Some(entry) = self.entries.get(key).cloned() else {
             return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
         };
-        if batch.names.contains(key) {
+        if batch.names.contains(key) || self.held.contains(key) {
             return Err(OpError::status(ResponseStatus::PsaErrorDoesNotExist));
         }
         if self.mounted.remove(key) {
@@ -252,90 +256,37 @@ impl KeyStore {
         Ok(entry)
     }
 
-    /// Makes every change of a batch durable, sharing the fsyncs (one per new file, one per
-    /// directory), and only then puts them in the store. On an error no new entry is
-    /// stored (their files are taken away again); a removal whose file was unlinked stays
-    /// done, as the file is gone.
+    /// Makes every change of a batch durable, then puts them in the store (`durable`, then
+    /// `apply`, on this thread).
     pub fn commit(&mut self, batch: Batch) -> Result<(), OpError> {
-        let Batch {
-            inserts, removes, ..
-        } = batch;
-        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut outcome = Ok(());
-        // The new files' contents first, then their names and the removals, then each
-        // directory once. A batch of several changes syncs the file system once per phase
-        // instead of each file and directory (`sync_fs`).
-        let group = inserts.len() + removes.len() > 1;
-        if group && !inserts.is_empty() {
-            let tmp_dirs = inserts.iter().filter_map(|s| s.tmp.parent());
-            if let Err(e) = sync_file_systems(tmp_dirs) {
-                outcome = Err(OpError::storage("syncing the key store", &e));
-            }
-        } else {
-            for staged in &inserts {
-                if let Err(e) = File::open(&staged.tmp).and_then(|f| f.sync_all()) {
-                    outcome = Err(OpError::storage(
-                        &format!("syncing {}", staged.tmp.display()),
-                        &e,
-                    ));
-                    break;
-                }
-            }
+        self.hold(&batch);
+        let done = durable(batch);
+        self.apply(done)
+    }
+
+    /// The keys of a batch that is being made durable elsewhere (`durable` on the store's
+    /// writer thread): no other batch may take them until it is `apply`d.
+    pub fn hold(&mut self, batch: &Batch) {
+        self.held.extend(batch.names.iter().cloned());
+    }
+
+    /// Puts a durable batch in the store: its new entries become visible, its removed ones
+    /// are gone. On an error no new entry is stored (their files were taken away again); a
+    /// removal whose file was unlinked stays done, as the file is gone.
+    pub fn apply(&mut self, done: Committed) -> Result<(), OpError> {
+        let Committed {
+            batch,
+            outcome,
+            unlinked,
+        } = done;
+        for key in &batch.names {
+            self.held.remove(key);
         }
-        let mut renamed = 0;
-        if outcome.is_ok() {
-            for staged in &inserts {
-                if let Err(e) = fs::rename(&staged.tmp, &staged.path) {
-                    outcome = Err(OpError::storage(
-                        &format!("writing {}", staged.path.display()),
-                        &e,
-                    ));
-                    break;
-                }
-                renamed += 1;
-                dirs.extend(staged.path.parent().map(Path::to_path_buf));
-            }
-        }
-        for (key, path) in removes {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    if outcome.is_ok() {
-                        outcome = Err(OpError::storage(
-                            &format!("removing {}", path.display()),
-                            &e,
-                        ));
-                    }
-                    continue;
-                }
-            }
+        for key in unlinked {
             self.entries.remove(&key);
-            dirs.extend(path.parent().map(Path::to_path_buf));
         }
-        let synced = if group {
-            sync_file_systems(dirs.iter().map(PathBuf::as_path))
-                .map_err(|e| ("the key store".to_string(), e))
-        } else {
-            dirs.iter()
-                .try_for_each(|dir| sync_dir(dir).map_err(|e| (dir.display().to_string(), e)))
-        };
-        if let Err((what, e)) = synced {
-            if outcome.is_ok() {
-                outcome = Err(OpError::storage(&format!("syncing {what}"), &e));
-            }
-        }
-        if outcome.is_err() {
-            for (i, staged) in inserts.iter().enumerate() {
-                let _ = fs::remove_file(if i < renamed {
-                    &staged.path
-                } else {
-                    &staged.tmp
-                });
-            }
-            return outcome;
-        }
-        for staged in inserts {
+        outcome?;
+        for staged in batch.inserts {
             self.entries.insert(staged.key, staged.entry);
         }
         Ok(())
@@ -514,6 +465,103 @@ fn read_entry(path: &Path, provider: u8) -> Result<StoredEntry, String> {
         return Err("its contents name another application, provider or key than its path".into());
     }
     Ok(stored)
+}
+
+/// A batch on its way from `durable` (any thread) back to `KeyStore::apply`.
+pub struct Committed {
+    batch: Batch,
+    outcome: Result<(), OpError>,
+    /// Removed entries whose files are gone (whatever the outcome).
+    unlinked: Vec<KeyTriple>,
+}
+
+/// Makes every change of a batch durable, sharing the syncs: the new files' contents first,
+/// then their names and the removals, then the directories. Touches only the files, never
+/// the store's maps: it runs on the store's writer thread while the event loop serves on.
+pub fn durable(batch: Batch) -> Committed {
+    let Batch {
+        inserts, removes, ..
+    } = &batch;
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut outcome = Ok(());
+    // The new files' contents first, then their names and the removals, then each
+    // directory once. A batch of several changes syncs the file system once per phase
+    // instead of each file and directory (`sync_fs`).
+    let group = inserts.len() + removes.len() > 1;
+    if group && !inserts.is_empty() {
+        let tmp_dirs = inserts.iter().filter_map(|s| s.tmp.parent());
+        if let Err(e) = sync_file_systems(tmp_dirs) {
+            outcome = Err(OpError::storage("syncing the key store", &e));
+        }
+    } else {
+        for staged in inserts {
+            if let Err(e) = File::open(&staged.tmp).and_then(|f| f.sync_all()) {
+                outcome = Err(OpError::storage(
+                    &format!("syncing {}", staged.tmp.display()),
+                    &e,
+                ));
+                break;
+            }
+        }
+    }
+    let mut renamed = 0;
+    if outcome.is_ok() {
+        for staged in inserts {
+            if let Err(e) = fs::rename(&staged.tmp, &staged.path) {
+                outcome = Err(OpError::storage(
+                    &format!("writing {}", staged.path.display()),
+                    &e,
+                ));
+                break;
+            }
+            renamed += 1;
+            dirs.extend(staged.path.parent().map(Path::to_path_buf));
+        }
+    }
+    let mut unlinked = Vec::new();
+    for (key, path) in removes {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                if outcome.is_ok() {
+                    outcome = Err(OpError::storage(
+                        &format!("removing {}", path.display()),
+                        &e,
+                    ));
+                }
+                continue;
+            }
+        }
+        unlinked.push(key.clone());
+        dirs.extend(path.parent().map(Path::to_path_buf));
+    }
+    let synced = if group {
+        sync_file_systems(dirs.iter().map(PathBuf::as_path))
+            .map_err(|e| ("the key store".to_string(), e))
+    } else {
+        dirs.iter()
+            .try_for_each(|dir| sync_dir(dir).map_err(|e| (dir.display().to_string(), e)))
+    };
+    if let Err((what, e)) = synced {
+        if outcome.is_ok() {
+            outcome = Err(OpError::storage(&format!("syncing {what}"), &e));
+        }
+    }
+    if outcome.is_err() {
+        for (i, staged) in inserts.iter().enumerate() {
+            let _ = fs::remove_file(if i < renamed {
+                &staged.path
+            } else {
+                &staged.tmp
+            });
+        }
+    }
+    Committed {
+        outcome,
+        unlinked,
+        batch,
+    }
 }
 
 /// Writes an entry's temporary file beside its final name (not synced) and returns its path.

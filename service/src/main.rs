@@ -46,7 +46,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--store" => args.overrides.store_dir = Some(value("--store")?),
             "--version" | "-V" => {
                 println!(
-                    "parsec {} (providers: {}; threads: 1 event loop + 1 worker per provider configured)",
+                    "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured)",
                     env!("CARGO_PKG_VERSION"),
                     config::built_in_providers().join(", ")
                 );

@@ -170,6 +170,8 @@ fn sigkill_at_random_moments(name: &str, clients: usize, rounds: usize) {
     let mut believed: Vec<BTreeSet<String>> = vec![BTreeSet::new(); clients];
     let mut counters = vec![0u32; clients];
     for round in 0..rounds {
+        // Every client set up (ListProviders) before the kill can come.
+        let ready: Vec<_> = apps.iter().map(|app| daemon.client(app)).collect();
         let pid = daemon.pid();
         let delay = Duration::from_millis(5 + jitter.next(60));
         let killer = std::thread::spawn(move || {
@@ -179,9 +181,10 @@ fn sigkill_at_random_moments(name: &str, clients: usize, rounds: usize) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         });
-        let runs: Vec<_> = (0..clients)
-            .map(|i| {
-                let client = daemon.client(&apps[i]);
+        let runs: Vec<_> = ready
+            .into_iter()
+            .enumerate()
+            .map(|(i, client)| {
                 let mut mine = std::mem::take(&mut believed[i]);
                 let mut counter = counters[i];
                 let mut jitter = Jitter(jitter.next(u64::MAX) | 1);

@@ -233,8 +233,8 @@ fn main() {
         check(lifecycle_scaling >= 2.5)
     );
     println!(
-        "threads:                           {threads}  (the event loop and the software provider's worker; target 2: {})",
-        check(threads == "2")
+        "threads:                           {threads}  (the event loop, the key store writer, the software provider's worker; target 3: {})",
+        check(threads == "3")
     );
     let rss_kib: f64 = idle_rss
         .trim_end_matches(" kB")

@@ -6,12 +6,13 @@
 use super::*;
 use crate::key_store::Batch;
 
-/// A finished request whose key changes are staged in this turn's batch.
-struct Settling {
+/// A finished request whose key changes are in this turn's batch, until it is durable.
+pub(super) struct Settling {
     ticket: u64,
     header: RequestHeader,
     app: String,
-    index: Option<usize>,
+    /// The provider instance that made the changes.
+    instance: Option<crate::providers::worker::Instance>,
     result: NativeResult,
     created: Vec<crate::key_store::KeyEntry>,
     /// Removed entries whose material the provider destroys once the removal is durable.
@@ -54,7 +55,35 @@ impl Dispatcher {
                 }
             }
         }
+        // The inherited software provider's queue, held while the old one drained.
+        for i in 0..self.slots.len() {
+            self.pump(i);
+        }
         answers
+    }
+
+    /// Before a reload opens the key store again: no new batches, and every group commit in
+    /// flight finished (waited for, here), so that the disk is what the store says. Returns
+    /// the responses to send. `resume` undoes it if the reload is abandoned.
+    pub fn finish_commits(&mut self) -> Vec<(u64, Dispatched)> {
+        self.draining = true;
+        let mut answers = Vec::new();
+        while !self.committing.is_empty() {
+            let Some(event) = self.inbox.wait(Duration::from_secs(60)) else {
+                log::error!("SIGHUP: the key store's writer did not report back in 60 s");
+                break;
+            };
+            answers.extend(self.handle(vec![event]));
+        }
+        answers
+    }
+
+    /// The reload did not happen: batches go on.
+    pub fn resume(&mut self) {
+        self.draining = false;
+        for i in 0..self.slots.len() {
+            self.pump(i);
+        }
     }
 
     /// What became of every request a worker has finished since the last call, by ticket: a
@@ -68,24 +97,49 @@ impl Dispatcher {
                 answers.push((ticket, Dispatched::Done(response)));
             }
         }
-        let mut done = Vec::new();
-        while let Some(d) = self.inbox.try_next() {
-            done.push(d);
+        let mut events = Vec::new();
+        while let Some(event) = self.inbox.try_next() {
+            events.push(event);
         }
-        answers.extend(self.settle(done));
+        answers.extend(self.handle(events));
         answers
+    }
+
+    /// Finished requests go into one group commit; finished commits answer their requests.
+    fn handle(&mut self, events: Vec<Event>) -> Vec<(u64, Dispatched)> {
+        let mut answers = Vec::new();
+        let mut done = Vec::new();
+        for event in events {
+            match event {
+                Event::Done(d) => done.push(d),
+                Event::Committed(id, committed) => {
+                    let result = self.store.apply(committed);
+                    if let Some(settling) = self.committing.remove(&id) {
+                        answers.extend(self.answer_settled(settling, result));
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            answers.extend(self.settle(done));
+        }
+        answers
+    }
+
+    /// Whether a request is still in hand (queued, running, or waiting for its commit).
+    fn in_hand(&self, ticket: u64) -> bool {
+        self.tickets.contains_key(&ticket)
+            || self
+                .committing
+                .values()
+                .any(|s| s.iter().any(|s| s.ticket == ticket))
     }
 
     /// Waits for the response to one queued request (in-process use: tests, the fuzzer).
     /// A request that goes to a child process is waited for here too.
     pub fn wait_for(&mut self, ticket: u64) -> Response {
+        let mut answers = self.completed();
         loop {
-            let mut answers = self.completed();
-            if answers.iter().all(|(t, _)| *t != ticket) && self.tickets.contains_key(&ticket) {
-                if let Some(d) = self.inbox.wait(Duration::from_secs(600)) {
-                    answers.extend(self.settle(vec![d]));
-                }
-            }
             match answers.into_iter().find(|(t, _)| *t == ticket) {
                 Some((_, Dispatched::Done(response))) => return response,
                 Some((_, Dispatched::Deferred(pending))) => {
@@ -95,17 +149,23 @@ impl Dispatcher {
                         return response;
                     }
                 }
-                Some((_, Dispatched::Queued(_))) | None => {
-                    if !self.tickets.contains_key(&ticket) {
-                        return Response::from_status(ResponseStatus::PsaErrorCommunicationFailure);
-                    }
+                Some((_, Dispatched::Queued(_))) | None => {}
+            }
+            if !self.in_hand(ticket) {
+                return Response::from_status(ResponseStatus::PsaErrorCommunicationFailure);
+            }
+            answers = self.completed();
+            if answers.iter().all(|(t, _)| *t != ticket) && self.in_hand(ticket) {
+                if let Some(event) = self.inbox.wait(Duration::from_secs(600)) {
+                    answers.extend(self.handle(vec![event]));
                 }
             }
         }
     }
 
-    /// Stores the key changes of a set of finished requests in one group commit, then
-    /// answers them; frees their workers for the next batch once the changes are stored.
+    /// Stages the key changes of a set of finished requests as one group commit and hands it
+    /// to the store's writer (their answers come with `Event::Committed`); answers at once
+    /// those that changed nothing; starts the freed workers' next batches.
     fn settle(&mut self, done: Vec<Done>) -> Vec<(u64, Dispatched)> {
         let mut answers = Vec::new();
         let mut batch = Batch::default();
@@ -132,11 +192,35 @@ impl Dispatcher {
         for i in freed {
             self.pump(i);
         }
-        let committed = if batch.is_empty() {
-            Ok(())
-        } else {
-            self.store.commit(batch)
-        };
+        if batch.is_empty() {
+            answers.extend(self.answer_settled(settling, Ok(())));
+            return answers;
+        }
+        // The temporary files are written; the writer makes them durable while the loop
+        // serves on, and the requests are answered when it reports back.
+        self.store.hold(&batch);
+        let id = self.next_commit;
+        self.next_commit += 1;
+        match self.writer.commit(id, batch) {
+            Ok(()) => {
+                self.committing.insert(id, settling);
+            }
+            Err(batch) => {
+                let result = self.store.apply(crate::key_store::durable(batch));
+                answers.extend(self.answer_settled(settling, result));
+            }
+        }
+        answers
+    }
+
+    /// Answers the requests of a group commit: their key changes are durable (or the commit
+    /// failed, and so do they).
+    fn answer_settled(
+        &mut self,
+        settling: Vec<Settling>,
+        committed: Result<(), OpError>,
+    ) -> Vec<(u64, Dispatched)> {
+        let mut answers = Vec::new();
         let any_created = settling.iter().any(|s| !s.created.is_empty());
         let any_removed = settling.iter().any(|s| !s.to_destroy.is_empty());
         if committed.is_ok() && any_created {
@@ -147,17 +231,23 @@ impl Dispatcher {
         }
         for s in settling {
             let changed = !s.created.is_empty() || !s.to_destroy.is_empty();
+            // A reload may have replaced the provider meanwhile: by identity.
+            let index = s.instance.and_then(|instance| {
+                self.slots
+                    .iter()
+                    .position(|slot| slot.instance() == instance)
+            });
             let outcome = match &committed {
                 Err(error) if changed => {
                     for entry in s.created {
-                        if let Some(i) = s.index {
+                        if let Some(i) = index {
                             self.slots[i].destroy_material(entry);
                         }
                     }
                     Err(OpError::new(error.status, error.cause.clone(), error.hint))
                 }
                 _ => {
-                    if let Some(i) = s.index {
+                    if let Some(i) = index {
                         for entry in s.created {
                             self.slots[i].committed(entry);
                         }
@@ -244,7 +334,7 @@ impl Dispatcher {
                     ticket: done.ticket,
                     header: ticket.header,
                     app: ticket.app,
-                    index,
+                    instance: index.map(|i| self.slots[i].instance()),
                     result,
                     created,
                     to_destroy,

@@ -17,7 +17,9 @@ use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::{KeyStore, KeyTriple};
-use crate::providers::worker::{Done, Inbox, Job, Outbox, Outcome, Work, Worker};
+use crate::providers::worker::{
+    Done, Event, Inbox, Job, Outbox, Outcome, StoreWriter, Work, Worker,
+};
 use crate::providers::{self, Change, Deferred, Limits, Snapshot};
 use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::{psa_generate_random, Convert, NativeOperation, NativeResult};
@@ -90,6 +92,15 @@ pub struct Dispatcher {
     /// Tickets that could not be handed to their worker, answered by `completed`.
     failed: Vec<(u64, OpError)>,
     limits: Limits,
+    /// Makes the key store's group commits durable, off the loop.
+    writer: StoreWriter,
+    /// Finished requests waiting for their group commit, by commit number.
+    committing: HashMap<u64, Vec<completion::Settling>>,
+    next_commit: u64,
+    /// A reload is about to open the key store again: no new batches until it is done.
+    draining: bool,
+    /// Where the software provider was before `successor` lent it out.
+    lent: Option<usize>,
 }
 
 impl Dispatcher {
@@ -116,8 +127,26 @@ impl Dispatcher {
         let built = Self::build(config, Inbox::new(), self.inbox.outbox(), &mut inherited);
         if let (Some(slot), Some(i)) = (inherited, position) {
             self.slots.insert(i, slot);
+        } else {
+            self.lent = position;
         }
         built
+    }
+
+    /// A successor that will not be used after all (the reload failed after it was built):
+    /// the software provider it inherited comes back here.
+    pub fn give_back(&mut self, mut successor: Dispatcher) {
+        let Some(at) = self.lent.take() else {
+            return;
+        };
+        if let Some(i) = successor
+            .slots
+            .iter()
+            .position(|s| s.id == ProviderId::MbedCrypto)
+        {
+            self.slots
+                .insert(at.min(self.slots.len()), successor.slots.remove(i));
+        }
     }
 
     fn build(
@@ -182,8 +211,9 @@ impl Dispatcher {
             .collect::<Option<_>>()
             .expect("an inherited slot fills its place");
         let workers = slots.len();
+        let writer = StoreWriter::spawn(outbox.clone())?;
         log::info!(
-            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + {workers} provider workers",
+            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {workers} provider workers",
             store.len(),
             damaged.len()
         );
@@ -198,6 +228,11 @@ impl Dispatcher {
             next_ticket: 1,
             failed: Vec::new(),
             limits,
+            writer,
+            committing: HashMap::new(),
+            next_commit: 1,
+            draining: false,
+            lent: None,
         })
     }
 
@@ -206,9 +241,9 @@ impl Dispatcher {
         self.inbox.set_waker(waker);
     }
 
-    /// Requests in the hands of workers, queued or running.
+    /// Requests in the hands of workers (queued or running) or waiting for their commit.
     pub fn outstanding(&self) -> usize {
-        self.tickets.len()
+        self.tickets.len() + self.committing.values().map(Vec::len).sum::<usize>()
     }
 
     /// Lets every provider close its device connection (before a reload builds new ones).
@@ -298,7 +333,7 @@ impl Dispatcher {
     /// application's keys taken now (after every change the requests before it made).
     fn pump(&mut self, index: usize) {
         let remote = &mut self.slots[index];
-        if remote.busy() {
+        if remote.busy() || self.draining {
             return;
         }
         let batch = remote.next_batch();

@@ -595,6 +595,9 @@ impl Server {
             log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
             return;
         }
+        // The new dispatcher opens the key store again: the commits in flight finish first.
+        let answers = self.dispatcher.finish_commits();
+        self.deliver(answers);
         // A device that takes one client at a time (a TPM simulator) must be let go of
         // before the new providers open it; the old ones reopen it if they stay in service.
         self.dispatcher.release_devices();
@@ -602,6 +605,7 @@ impl Server {
             Ok(dispatcher) => dispatcher,
             Err(e) => {
                 log::error!("SIGHUP: {e}; keeping the running configuration");
+                self.dispatcher.resume();
                 return;
             }
         };
@@ -617,6 +621,8 @@ impl Server {
                     {
                         log::error!("SIGHUP: cannot watch the new socket: {e}; keeping the running configuration");
                         let _ = std::fs::remove_file(&config.socket_path);
+                        self.dispatcher.give_back(dispatcher);
+                        self.dispatcher.resume();
                         return;
                     }
                     let _ = self.poll.registry().deregister(&mut self.listener);
@@ -626,6 +632,8 @@ impl Server {
                 }
                 Err(e) => {
                     log::error!("SIGHUP: {e}; keeping the running configuration");
+                    self.dispatcher.give_back(dispatcher);
+                    self.dispatcher.resume();
                     return;
                 }
             }

@@ -12,11 +12,15 @@
 //! stores the changes (durably, one group commit for all it received) and only then answers,
 //! so a client is never told of a key that is not in the store.
 //!
-//! Threads: the event loop, plus one per provider configured.
+//! The key store's group commits run on a thread of their own too (`StoreWriter`): the loop
+//! writes a batch's temporary files, the writer makes them durable (syncs, renames), and the
+//! loop answers the batch's clients when it reports back; meanwhile it serves everyone else.
+//!
+//! Threads: the event loop, the store's writer, plus one per provider configured.
 
 use super::{AppKeys, Change, Deferred, Provider, Snapshot, Start};
 use crate::error::OpError;
-use crate::key_store::KeyEntry;
+use crate::key_store::{Batch, Committed, KeyEntry};
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{ProviderId, ResponseStatus};
 use std::sync::mpsc;
@@ -73,10 +77,18 @@ enum Message {
     Release(mpsc::Sender<()>),
 }
 
+/// What comes back to the event loop.
+pub enum Event {
+    /// A provider's request is done.
+    Done(Done),
+    /// A group commit (by its number) is durable, or failed.
+    Committed(u64, Committed),
+}
+
 /// Where workers send results: a channel the event loop drains when its waker fires. It
 /// outlives reloads, so results of a provider a reload replaced still reach their client.
 pub struct Outbox {
-    sender: mpsc::Sender<Done>,
+    sender: mpsc::Sender<Event>,
     waker: Arc<OnceLock<mio::Waker>>,
 }
 
@@ -94,8 +106,12 @@ impl Outbox {
     fn deliver(&self, batch: Vec<Done>) {
         for done in batch {
             // The receiver goes away only when the service stops.
-            let _ = self.sender.send(done);
+            let _ = self.sender.send(Event::Done(done));
         }
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(waker) = self.waker.get() {
             if let Err(e) = waker.wake() {
                 log::error!("cannot wake the event loop for a finished request: {e}");
@@ -106,7 +122,7 @@ impl Outbox {
 
 /// The receiving side, owned by the dispatcher (and handed from one to the next on reload).
 pub struct Inbox {
-    receiver: mpsc::Receiver<Done>,
+    receiver: mpsc::Receiver<Event>,
     outbox: Outbox,
 }
 
@@ -138,13 +154,43 @@ impl Inbox {
         let _ = self.outbox.waker.set(waker);
     }
 
-    pub fn try_next(&self) -> Option<Done> {
+    pub fn try_next(&self) -> Option<Event> {
         self.receiver.try_recv().ok()
     }
 
-    /// Waits for the next result (in-process use, and shutdown).
-    pub fn wait(&self, timeout: Duration) -> Option<Done> {
+    /// Waits for the next result (in-process use, reloads, and shutdown).
+    pub fn wait(&self, timeout: Duration) -> Option<Event> {
         self.receiver.recv_timeout(timeout).ok()
+    }
+}
+
+/// The thread that makes the key store's group commits durable (`key_store::durable`).
+pub struct StoreWriter {
+    sender: mpsc::Sender<(u64, Batch)>,
+}
+
+impl StoreWriter {
+    pub fn spawn(outbox: Outbox) -> Result<StoreWriter, String> {
+        let (sender, receiver) = mpsc::channel::<(u64, Batch)>();
+        std::thread::Builder::new()
+            .name("parsec-store".into())
+            // File system calls only.
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                // Ends when the dispatcher drops its handle, after the commit in hand.
+                while let Ok((id, batch)) = receiver.recv() {
+                    let done = crate::key_store::durable(batch);
+                    let _ = outbox.sender.send(Event::Committed(id, done));
+                    outbox.wake();
+                }
+            })
+            .map_err(|e| format!("cannot start the key store's writer thread: {e}"))?;
+        Ok(StoreWriter { sender })
+    }
+
+    /// Hands a batch to the writer; gives it back if the thread is gone.
+    pub fn commit(&self, id: u64, batch: Batch) -> Result<(), Batch> {
+        self.sender.send((id, batch)).map_err(|e| e.0 .1)
     }
 }
 
