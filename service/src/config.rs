@@ -50,6 +50,8 @@ pub struct Config {
     pub connection_buffer_budget: usize,
     pub authenticator: AuthenticatorKind,
     pub admins: Vec<String>,
+    /// What is accepted but probably not meant, logged once logging is up (start-up, reload).
+    pub warnings: Vec<String>,
     pub providers: Vec<ProviderSettings>,
 }
 
@@ -192,6 +194,8 @@ impl Drop for HierarchyAuth {
 pub struct Overrides {
     pub socket_path: Option<PathBuf>,
     pub store_dir: Option<PathBuf>,
+    /// `--allow-root`: run as root this once, whatever core_settings.allow_root says.
+    pub allow_root: bool,
 }
 
 /// A configuration error, ready to print: `FILE[:LINE]: what is wrong and what is expected`.
@@ -227,6 +231,11 @@ pub struct ConfigSource {
 impl ConfigSource {
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = match &self.path {
+            // Relative to where the service started (a reload comes after a provider may
+            // have changed the working directory).
+            Some(path) if path.is_relative() => {
+                Config::load(&self.base_dir.join(path), &self.overrides)?
+            }
             Some(path) => Config::load(path, &self.overrides)?,
             None => {
                 Config::from_file_text("(embedded default)", EMBEDDED_DEFAULT, &self.overrides)?
@@ -620,11 +629,15 @@ impl Config {
                 format!("admins entry {} has an empty name: expected an application name (a UID for UnixPeerCredentials)", empty + 1),
             ));
         }
+        let mut warnings = Vec::new();
         if authenticator.auth_type == AuthenticatorKind::UnixPeerCredentials {
-            if let Some(bad) = admins.iter().find(|name| name.parse::<u32>().is_err()) {
-                return Err(error(
-                    auth_line,
-                    format!("admin \"{bad}\" is not a UID: with UnixPeerCredentials, application names are numeric UIDs"),
+            // Upstream accepts them (its own CI config has "list_clients test"); they can
+            // never match a client, whose application name is its UID.
+            for bad in admins.iter().filter(|name| name.parse::<u32>().is_err()) {
+                let at = auth_line.map(|l| format!(":{l}")).unwrap_or_default();
+                warnings.push(format!(
+                    "{file}{at}: admin \"{}\" is not a UID: with UnixPeerCredentials an application's name is its UID, so this admin matches no client",
+                    crate::error::escape_capped(bad, 64)
                 ));
             }
         }
@@ -797,12 +810,13 @@ impl Config {
             });
         }
         if providers.is_empty() {
-            log::warn!(
+            warnings.push(format!(
                 "{file}: no [[provider]] is configured: only core operations will be served"
-            );
+            ));
         }
 
         Ok(Config {
+            warnings,
             log_level: match core.log_level.unwrap_or(FileLogLevel::Warn) {
                 FileLogLevel::Off => LevelFilter::Off,
                 FileLogLevel::Error => LevelFilter::Error,
@@ -813,7 +827,7 @@ impl Config {
             },
             log_target: core.log_target.unwrap_or(LogTarget::Stderr),
             log_timestamp: core.log_timestamp.unwrap_or(false),
-            allow_root: core.allow_root.unwrap_or(false),
+            allow_root: core.allow_root.unwrap_or(false) || overrides.allow_root,
             body_len_limit: body_len_limit as usize,
             buffer_size_limit: buffer_size_limit as usize,
             socket_path,
@@ -993,13 +1007,15 @@ key_info_manager = "sqlite-manager"
     }
 
     #[test]
-    fn non_numeric_admin_with_peer_credentials_is_rejected() {
+    fn non_numeric_admin_with_peer_credentials_is_accepted_with_a_warning() {
         let text = GOOD.replace(
             "auth_type = \"Direct\"",
             "auth_type = \"UnixPeerCredentials\"",
         );
-        let err = parse(&text).unwrap_err();
-        assert!(err.message.contains("not a UID"), "{err}");
+        let config = parse(&text).unwrap();
+        assert_eq!(config.admins, vec!["root-app".to_string()]);
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(config.warnings[0].contains("\"root-app\" is not a UID"));
     }
 
     #[test]
@@ -1007,6 +1023,7 @@ key_info_manager = "sqlite-manager"
         let overrides = Overrides {
             socket_path: Some("/x/s.sock".into()),
             store_dir: Some("/x/store".into()),
+            allow_root: false,
         };
         let config = Config::from_file_text("t", GOOD, &overrides).unwrap();
         assert_eq!(config.socket_path, PathBuf::from("/x/s.sock"));

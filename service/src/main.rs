@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: parsec [--config FILE] [--socket PATH] [--store DIR]
+usage: parsec [--config FILE] [--socket PATH] [--store DIR] [--allow-root]
        parsec --check-config FILE
        parsec --version | --help
 
@@ -16,6 +16,8 @@ usage: parsec [--config FILE] [--socket PATH] [--store DIR]
                        else the embedded default: software provider, /run/parsec/parsec.sock)
   --socket PATH        listen on PATH instead of listener.socket_path
   --store DIR          keep every provider's key store (and Mbed TLS key files) in DIR
+  --allow-root         run even as root (a development machine, a container), as
+                       core_settings.allow_root = true would; a device runs it as its own user
   --check-config FILE  check FILE and exit: 0 if it is valid, 1 with the reason if not
 ";
 
@@ -44,6 +46,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--check-config" => args.check = Some(value("--check-config")?),
             "--socket" => args.overrides.socket_path = Some(value("--socket")?),
             "--store" => args.overrides.store_dir = Some(value("--store")?),
+            "--allow-root" => args.overrides.allow_root = true,
             "--version" | "-V" => {
                 println!(
                     "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured)",
@@ -121,12 +124,15 @@ fn main() -> ExitCode {
         eprintln!("parsec: {e}");
         return ExitCode::FAILURE;
     }
+    for warning in &config.warnings {
+        log::warn!("{warning}");
+    }
     let target = config.log_target;
     if nix::unistd::geteuid().is_root() && !config.allow_root {
         return fatal(
             target,
             &format!(
-                "refusing to run as root: run the service as its own user, or set core_settings.allow_root = true in {}",
+                "refusing to run as root: run the service as its own user, or set core_settings.allow_root = true in {} (or pass --allow-root)",
                 source.describe()
             ),
         );

@@ -94,5 +94,27 @@ fn root_is_refused_unless_allowed() {
         !dir.join("s.sock").exists(),
         "nothing may be opened before the refusal"
     );
+    // The README's command: --allow-root, explicitly, lets it run as root this once.
+    let mut daemon = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--allow-root")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !common::raw_ping(&dir.join("s.sock")) {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "it exited although --allow-root was given"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no answer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -103,6 +103,51 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     assert!(daemon.stop().success());
 }
 
+/// Started with a relative `--config` (the software provider changes the working directory
+/// into its storage directory), a SIGHUP still reads the file; and, as upstream Parsec does,
+/// a config whose UnixPeerCredentials admins are not UIDs is accepted with a warning.
+#[test]
+fn sighup_after_a_relative_config_path_and_non_numeric_admins() {
+    let mut daemon = Daemon::start("reload-relative");
+    daemon.stop();
+    daemon.relative_config = true;
+    let store = daemon.dir.join("store");
+    std::fs::write(
+        &daemon.config,
+        config_text(&daemon.socket, &store, "UnixPeerCredentials", &[]),
+    )
+    .unwrap();
+    daemon.spawn();
+    std::fs::write(
+        &daemon.config,
+        config_text(
+            &daemon.socket,
+            &store,
+            "UnixPeerCredentials",
+            &["list_clients test"],
+        ),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let start = std::time::Instant::now();
+    while !daemon.log_text().contains("reloaded, listening on") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "reload not applied:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("admin \"list_clients test\" is not a UID"),
+        "the odd admin is warned about:\n{log}"
+    );
+    assert!(!log.contains("cannot read the config file"), "{log}");
+    assert!(daemon.naked_client().ping().is_ok());
+    assert!(daemon.stop().success());
+}
+
 /// A cheap pseudo-random source: no extra dependency for a test's timing jitter.
 struct Jitter(u64);
 

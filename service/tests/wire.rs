@@ -81,11 +81,25 @@ fn each_malformed_header_gets_its_own_status() {
             .collect::<Vec<_>>(),
         ResponseStatus::ProviderNotRegistered,
     );
-    // A crypto operation sent to the core provider.
+    // As upstream Parsec 1.5.0: a crypto operation sent to the core provider, and a core one
+    // (ListKeys, ListClients) sent to a crypto provider, are not supported there; a Ping to
+    // a provider that is not enabled finds no provider.
     expect(
         &daemon,
         &[header(0, 2, 0, 1, 1).to_vec(), b"a".to_vec()].concat(),
-        ResponseStatus::InvalidHeader,
+        ResponseStatus::PsaErrorNotSupported,
+    );
+    for opcode in [0x1A_u32, 0x1B] {
+        expect(
+            &daemon,
+            &[header(1, opcode, 0, 1, 1).to_vec(), b"a".to_vec()].concat(),
+            ResponseStatus::PsaErrorNotSupported,
+        );
+    }
+    expect(
+        &daemon,
+        &header(2, 1, 0, 0, 0),
+        ResponseStatus::ProviderNotRegistered,
     );
     // A body that is not the protobuf of its opcode.
     expect(

@@ -14,14 +14,14 @@ use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use std::collections::HashSet;
 
 const CORE_UUID: &str = "47049873-2a43-4845-9d72-831eab668784";
+/// What ListOpcodes says of the core provider: exactly upstream Parsec's list. ListClients
+/// and DeleteClient (admin operations) are served too; upstream does not list them either.
 pub(super) const CORE_OPCODES: &[Opcode] = &[
     Opcode::Ping,
     Opcode::ListProviders,
     Opcode::ListOpcodes,
     Opcode::ListAuthenticators,
     Opcode::ListKeys,
-    Opcode::ListClients,
-    Opcode::DeleteClient,
 ];
 
 impl Dispatcher {

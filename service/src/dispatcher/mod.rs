@@ -502,9 +502,27 @@ impl Dispatcher {
     /// that implements the opcode; and whether the caller may ask.
     fn route(&self, header: &RequestHeader, app: Option<&Application>) -> Result<Route, OpError> {
         let opcode = header.opcode;
+        // As upstream Parsec: a provider that is not there first, then an operation its
+        // provider does not implement (a core one sent to a crypto provider, or the reverse).
+        let index = if header.provider == ProviderId::Core {
+            None
+        } else {
+            Some(
+                self.slots
+                    .iter()
+                    .position(|p| p.id() == header.provider)
+                    .ok_or_else(|| {
+                        OpError::new(
+                            ResponseStatus::ProviderNotRegistered,
+                            format!("{:?} is not enabled", header.provider),
+                            crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
+                        )
+                    })?,
+            )
+        };
         if (header.provider == ProviderId::Core) != opcode.is_core() {
             return Err(OpError::new(
-                ResponseStatus::InvalidHeader,
+                ResponseStatus::PsaErrorNotSupported,
                 format!("{opcode:?} sent to {:?}", header.provider),
                 "core operations go to the core provider (0), cryptographic ones to a crypto provider",
             ));
@@ -519,20 +537,9 @@ impl Dispatcher {
         if opcode.is_admin() && !app.is_some_and(|a| a.is_admin) {
             return Err(OpError::status(ResponseStatus::AdminOperation));
         }
-        if header.provider == ProviderId::Core {
+        let Some(index) = index else {
             return Ok(Route::Core);
-        }
-        let index = self
-            .slots
-            .iter()
-            .position(|p| p.id() == header.provider)
-            .ok_or_else(|| {
-                OpError::new(
-                    ResponseStatus::ProviderNotRegistered,
-                    format!("{:?} is not enabled", header.provider),
-                    crate::error::hint_for(ResponseStatus::ProviderNotRegistered),
-                )
-            })?;
+        };
         if !self.slots[index].opcodes().contains(&opcode) {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,

@@ -575,7 +575,12 @@ impl Server {
         let source = self.source.describe();
         log::info!("SIGHUP: reloading {source}");
         let config = match self.source.load() {
-            Ok(config) => config,
+            Ok(config) => {
+                for warning in &config.warnings {
+                    log::warn!("SIGHUP: {warning}");
+                }
+                config
+            }
             Err(e) => {
                 log::error!("SIGHUP: {e}; keeping the running configuration");
                 return;

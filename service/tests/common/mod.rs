@@ -32,6 +32,8 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Extra environment for the daemon (SOFTHSM2_CONF...).
     pub env: Vec<(String, String)>,
+    /// Start it in `dir` with `--config config.toml`, a relative path.
+    pub relative_config: bool,
     child: Option<Child>,
 }
 
@@ -116,6 +118,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            relative_config: false,
             child: None,
         };
         daemon.spawn();
@@ -130,9 +133,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&self.config)
+        let mut command = Command::new(BIN);
+        if self.relative_config {
+            command
+                .current_dir(&self.dir)
+                .args(["--config", "config.toml"]);
+        } else {
+            command.arg("--config").arg(&self.config);
+        }
+        let child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -161,17 +170,7 @@ impl Daemon {
     }
 
     fn raw_ping_ok(&self) -> bool {
-        let Ok(mut stream) = UnixStream::connect(&self.socket) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        if stream.write_all(&ping_frame()).is_err() {
-            return false;
-        }
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).is_ok()
-            && response.len() >= 36
-            && response[32..34] == [0, 0]
+        raw_ping(&self.socket)
     }
 
     pub fn pid(&self) -> i32 {
@@ -308,6 +307,19 @@ pub fn header(provider: u8, opcode: u32, body_len: u32, auth_type: u8, auth_len:
 }
 
 /// A complete, valid Ping request (empty body, no authentication).
+/// A ping on a raw socket, answered with success.
+pub fn raw_ping(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(&ping_frame()).is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).is_ok() && response.len() >= 36 && response[32..34] == [0, 0]
+}
+
 pub fn ping_frame() -> Vec<u8> {
     header(0, 1, 0, 0, 0).to_vec()
 }
