@@ -202,7 +202,15 @@ impl Dispatcher {
                 in_flight: 0,
                 batch_limit: providers::batch_limit(&settings.kind),
                 queue: VecDeque::new(),
-                queue_limit: config.provider_queue_limit,
+                // A device's queue is bounded by provider_queue_limit; the software
+                // provider answers in well under a millisecond per request, so its queue is
+                // bounded by the connections alone (one request in hand per connection),
+                // as it was when it ran on the event loop.
+                queue_limit: if settings.kind.is_software() {
+                    config.max_connections.max(config.provider_queue_limit)
+                } else {
+                    config.provider_queue_limit
+                },
             })));
         }
         let slots: Vec<Slot> = slots
