@@ -7,7 +7,7 @@
 //! - `churn`: creates, signs with and destroys keys on the software and TPM providers until
 //!   the machine loses power, in `THREADS` concurrent clients (so that the software
 //!   provider's batches and the key store's group commits carry several changes at once),
-//!   each destroying its oldest keys (earlier boots' too) to keep about ten; it prints
+//!   each destroying its oldest keys (earlier boots' too) to keep about ten each; it prints
 //!   `PARSEC-CUT churn-started threads=N`, then `PARSEC-CUT begin create|destroy PROVIDER
 //!   NAME` before each change and `PARSEC-CUT ack create PROVIDER NAME PUBHEX` / `PARSEC-CUT
 //!   ack destroy PROVIDER NAME` once the service has answered it. Thread T names its keys
@@ -194,8 +194,14 @@ fn churn_thread(
             say(format!("PARSEC-CUT churn-failed sign {name}"));
             return Err(());
         }
-        // Destroy the oldest key once there are more than ten, and every other round.
-        if alive.len() > 10 || (i % 2 == 1 && alive.len() > 2) {
+        // Destroy the oldest key every other round, and two while there are more than ten
+        // (each boot's cut leaves a key or two more: the count comes back down to ten).
+        let destroys = match alive.len() {
+            n if n > 11 => 2,
+            n if n > 10 || (i % 2 == 1 && n > 2) => 1,
+            _ => 0,
+        };
+        for _ in 0..destroys {
             let (owner, old) = alive.remove(0);
             say(format!("PARSEC-CUT begin destroy {} {old}", label(owner)));
             client_of(owner)
