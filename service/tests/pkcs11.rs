@@ -148,6 +148,9 @@ fn every_operation_and_restart() {
         client
             .psa_verify_hash(&public_name, &digest, alg, &signature)
             .unwrap();
+        // A public key is exported without the export usage flag, as PSA (and upstream
+        // Parsec 1.5.0) allow.
+        assert_eq!(client.psa_export_key(&public_name).unwrap(), public);
     }
 
     // Random, CanDoCrypto, isolation.
@@ -420,6 +423,25 @@ fn token_removed_and_reinserted() {
 }
 
 /// allow_export = false: exportable private keys are refused up front.
+/// As upstream Parsec 1.5.0: generating a public-key type is an invalid argument.
+#[test]
+fn generating_a_public_key_is_an_invalid_argument() {
+    let hsm = SoftHsm::new("public-gen");
+    let daemon = hsm_daemon("hsm-public-gen", &hsm, "");
+    let client = hsm_client(&daemon, "alice");
+    let public = attributes(
+        Type::RsaPublicKey,
+        2048,
+        AsymmetricSignature::RsaPkcs1v15Sign {
+            hash_alg: Hash::Sha256.into(),
+        },
+    );
+    assert_eq!(
+        service_error(client.psa_generate_key("p", public).unwrap_err()),
+        ResponseStatus::PsaErrorInvalidArgument
+    );
+}
+
 #[test]
 fn allow_export_false_refuses_exportable_keys() {
     let hsm = SoftHsm::new("noexport");

@@ -225,6 +225,22 @@ pub fn batch_limit(kind: &ProviderKind) -> usize {
     }
 }
 
+/// PSA generates key pairs only: asking to generate a public key is an invalid argument
+/// (upstream Parsec's and Mbed TLS's answer), whatever the device could do.
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+pub fn refuse_public_key_generation(
+    attributes: &parsec_interface::operations::psa_key_attributes::Attributes,
+) -> Result<(), OpError> {
+    if attributes.key_type.is_public_key() {
+        return Err(OpError::new(
+            ResponseStatus::PsaErrorInvalidArgument,
+            format!("generating a public key ({:?})", attributes.key_type),
+            "generate the key pair; its public key is exported from it",
+        ));
+    }
+    Ok(())
+}
+
 /// The wire id of a configured provider, known before it is built.
 pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {

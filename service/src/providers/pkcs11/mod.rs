@@ -189,6 +189,7 @@ impl Pkcs11Provider {
         let allow_export = self.settings.allow_export;
         match op {
             NativeOperation::PsaGenerateKey(op) => {
+                super::refuse_public_key_generation(&op.attributes)?;
                 check(CheckType::Generate, op.attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
                 let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
@@ -250,13 +251,16 @@ impl Pkcs11Provider {
             }
             NativeOperation::PsaExportKey(op) => {
                 let entry = keys.get(&op.key_name)?.clone();
-                entry.attributes.can_export().map_err(|e| {
-                    OpError::new(
-                        ResponseStatus::from(e),
-                        "the key's policy has no export usage flag",
-                        "only keys created with the export flag can be exported",
-                    )
-                })?;
+                // A public key needs no export flag (PSA; Mbed TLS and upstream Parsec).
+                if !entry.attributes.key_type.is_public_key() {
+                    entry.attributes.can_export().map_err(|e| {
+                        OpError::new(
+                            ResponseStatus::from(e),
+                            "the key's policy has no export usage flag",
+                            "only keys created with the export flag can be exported",
+                        )
+                    })?;
+                }
                 let conn = self.connection()?;
                 let data = if entry.attributes.key_type.is_public_key() {
                     let handle = conn.public(&entry.key_id)?;

@@ -189,6 +189,7 @@ impl TpmProvider {
     ) -> Result<NativeResult, OpError> {
         match op {
             NativeOperation::PsaGenerateKey(op) => {
+                super::refuse_public_key_generation(&op.attributes)?;
                 check(CheckType::Generate, op.attributes)?;
                 keys.ensure_free(&op.key_name)?;
                 let template =
