@@ -1,8 +1,9 @@
 //! The key store: which key, of which application, in which provider, is which provider key.
 //!
 //! Every key is one small file, written crash-safely (write a temporary file, fsync it,
-//! rename it over the final name, fsync the directory), so that after a `kill -9` or a power
-//! cut at any moment a key is either wholly there or wholly absent. The layout is
+//! rename it over the final name, fsync the directory; for a batch of changes, one syncfs
+//! in place of each round of fsyncs: `Batch`, `durable`), so that after a `kill -9` or a
+//! power cut at any moment a key is either wholly there or wholly absent. The layout is
 //!
 //! ```text
 //! <root>/<hex(application)>/<provider id>/<hex(key name)>.key
