@@ -77,19 +77,10 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
         .replace("timeout = 1000", "timeout = \"soon\"");
     std::fs::write(&daemon.config, broken).unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    let start = std::time::Instant::now();
-    while !daemon
-        .log_text()
-        .contains("keeping the running configuration")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no reload error logged:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let log = daemon.log_text();
+    let log = daemon.wait_for_log(
+        "keeping the running configuration",
+        "no reload error logged",
+    );
     assert!(
         log.contains("config.toml:8: invalid type"),
         "the error names file and line:\n{log}"
@@ -129,16 +120,7 @@ fn sighup_after_a_relative_config_path_and_non_numeric_admins() {
     )
     .unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    let start = std::time::Instant::now();
-    while !daemon.log_text().contains("reloaded, listening on") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "reload not applied:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let log = daemon.log_text();
+    let log = daemon.wait_for_log("reloaded, listening on", "reload not applied");
     assert!(
         log.contains("admin \"list_clients test\" is not a UID"),
         "the odd admin is warned about:\n{log}"
@@ -252,12 +234,7 @@ fn sigkill_at_random_moments(name: &str, clients: usize, rounds: usize) {
         daemon.spawn();
         for i in 0..clients {
             let client = daemon.client(&apps[i]);
-            let listed: BTreeSet<String> = client
-                .list_keys()
-                .unwrap()
-                .into_iter()
-                .map(|k| k.name)
-                .collect();
+            let listed: BTreeSet<String> = common::key_names(&client).into_iter().collect();
             // The in-flight operation may or may not have happened; settle it from the listing.
             if listed.contains(&in_flight[i]) {
                 believed[i].insert(in_flight[i].clone());

@@ -36,17 +36,7 @@ fn generating_a_public_key_is_an_invalid_argument() {
     let tpm = Swtpm::start("public-gen");
     let daemon = tpm_daemon("tpm-public-gen", &tpm);
     let client = tpm_client(&daemon, "alice");
-    let public = attributes(
-        Type::RsaPublicKey,
-        2048,
-        AsymmetricSignature::RsaPkcs1v15Sign {
-            hash_alg: Hash::Sha256.into(),
-        },
-    );
-    assert_eq!(
-        service_error(client.psa_generate_key("p", public).unwrap_err()),
-        ResponseStatus::PsaErrorInvalidArgument
-    );
+    common::assert_public_key_generation_refused(&client);
 }
 
 /// Every operation the provider serves, for every key kind the issue names.

@@ -56,9 +56,7 @@ impl Dispatcher {
             }
         }
         // The inherited software provider's queue, held while the old one drained.
-        for i in 0..self.slots.len() {
-            self.pump(i);
-        }
+        self.pump_all();
         answers
     }
 
@@ -81,9 +79,7 @@ impl Dispatcher {
     /// The reload did not happen: batches go on.
     pub fn resume(&mut self) {
         self.draining = false;
-        for i in 0..self.slots.len() {
-            self.pump(i);
-        }
+        self.pump_all();
     }
 
     /// What became of every request a worker has finished since the last call, by ticket: a

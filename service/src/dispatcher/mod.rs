@@ -337,6 +337,12 @@ impl Dispatcher {
         Ok(Step::Queued(ticket))
     }
 
+    fn pump_all(&mut self) {
+        for i in 0..self.slots.len() {
+            self.pump(i);
+        }
+    }
+
     /// Hands an idle worker the next batch of its queue, each request with a snapshot of its
     /// application's keys taken now (after every change the requests before it made).
     fn pump(&mut self, index: usize) {

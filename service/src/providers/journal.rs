@@ -25,7 +25,7 @@
 
 use crate::error::OpError;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -56,10 +56,7 @@ pub struct Journal {
     unsynced: bool,
 }
 
-/// Makes a directory's entries (a new or removed file) durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use crate::key_store::sync_dir;
 
 impl Journal {
     /// The journal in `parent/name`, created (durably) if it is not there.
@@ -77,40 +74,37 @@ impl Journal {
         self.dir.join(format!("{}{key}", kind.prefix()))
     }
 
-    /// Writes a record durably (the file and the directory entry).
-    pub fn begin(&self, kind: Kind, key: &str) -> Result<Record, OpError> {
+    /// Makes a record: an empty file, since a record is its name.
+    fn create(&self, kind: Kind, key: &str) -> Result<(Record, File), OpError> {
         let path = self.path(kind, key);
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)?;
-            file.write_all(format!("{key}\n").as_bytes())?;
-            file.sync_all()?;
-            sync_dir(&self.dir)
-        })();
-        written.map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
-        Ok(Record { path })
-    }
-
-    /// Makes a record that `sync` makes durable, with every other record made since: the
-    /// software provider's worker makes one per request of a batch, then syncs them all at
-    /// once, before any of the batch's results (and so any entry) leaves it. A record is its
-    /// name (the file is empty), so making it durable is making the directory entry durable:
-    /// one fsync of the journal directory for the whole batch.
-    pub fn begin_unsynced(&mut self, kind: Kind, key: &str) -> Result<Record, OpError> {
-        let path = self.path(kind, key);
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&path)
             .map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+        Ok((Record { path }, file))
+    }
+
+    /// Makes a record durably (the file and the directory entry).
+    pub fn begin(&self, kind: Kind, key: &str) -> Result<Record, OpError> {
+        let (record, file) = self.create(kind, key)?;
+        file.sync_all()
+            .and_then(|()| sync_dir(&self.dir))
+            .map_err(|e| OpError::storage(&format!("writing {}", record.path.display()), &e))?;
+        Ok(record)
+    }
+
+    /// Makes a record that `sync` makes durable, with every other record made since: the
+    /// software provider's worker makes one per request of a batch, then syncs them all at
+    /// once, before any of the batch's results (and so any entry) leaves it. A record is its
+    /// name, so making it durable is making the directory entry durable: one fsync of the
+    /// journal directory for the whole batch.
+    pub fn begin_unsynced(&mut self, kind: Kind, key: &str) -> Result<Record, OpError> {
+        let (record, _) = self.create(kind, key)?;
         self.unsynced = true;
-        Ok(Record { path })
+        Ok(record)
     }
 
     /// Where the records are.

@@ -102,11 +102,11 @@ impl Clone for Outbox {
 }
 
 impl Outbox {
-    /// Sends a batch's results, then wakes the loop once.
-    fn deliver(&self, batch: Vec<Done>) {
-        for done in batch {
+    /// Sends events (a batch's results, a commit), then wakes the loop once.
+    fn deliver(&self, events: impl IntoIterator<Item = Event>) {
+        for event in events {
             // The receiver goes away only when the service stops.
-            let _ = self.sender.send(Event::Done(done));
+            let _ = self.sender.send(event);
         }
         self.wake();
     }
@@ -180,8 +180,7 @@ impl StoreWriter {
                 // Ends when the dispatcher drops its handle, after the commit in hand.
                 while let Ok((id, batch)) = receiver.recv() {
                     let done = crate::key_store::durable(batch);
-                    let _ = outbox.sender.send(Event::Committed(id, done));
-                    outbox.wake();
+                    outbox.deliver([Event::Committed(id, done)]);
                 }
             })
             .map_err(|e| format!("cannot start the key store's writer thread: {e}"))?;
@@ -315,7 +314,7 @@ fn run(
                         }
                     }
                 }
-                outbox.deliver(batch);
+                outbox.deliver(batch.into_iter().map(Event::Done));
             }
             Message::Destroy(entry) => {
                 if let Err(e) = provider.destroy_material(&entry) {

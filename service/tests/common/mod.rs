@@ -232,6 +232,20 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to 10 s) until the log contains `text`, and returns the log.
+    #[allow(dead_code)]
+    pub fn wait_for_log(&self, text: &str, what: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log_text();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A parsec-client for `app` with Direct authentication.
     pub fn client(&self, app: &str) -> BasicClient {
         let mut client = self.naked_client();
@@ -761,6 +775,22 @@ pub fn generate_encrypt_decrypt(client: &BasicClient, name: &str, alg: Asymmetri
 }
 
 /// The names ListKeys gives the client, in the service's order.
+/// As upstream Parsec 1.5.0: generating a public-key type is an invalid argument.
+#[allow(dead_code)]
+pub fn assert_public_key_generation_refused(client: &BasicClient) {
+    let public = attributes(
+        Type::RsaPublicKey,
+        2048,
+        AsymmetricSignature::RsaPkcs1v15Sign {
+            hash_alg: Hash::Sha256.into(),
+        },
+    );
+    assert_eq!(
+        service_error(client.psa_generate_key("p", public).unwrap_err()),
+        parsec_client::core::interface::requests::ResponseStatus::PsaErrorInvalidArgument
+    );
+}
+
 pub fn key_names(client: &BasicClient) -> Vec<String> {
     client
         .list_keys()
