@@ -28,7 +28,7 @@ use parsec_interface::requests::request::RequestHeader;
 use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
 use slots::{Remote, Slot, Waiting};
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What became of a request.
 pub enum Dispatched {
@@ -252,6 +252,39 @@ impl Dispatcher {
     /// Requests in the hands of workers (queued or running) or waiting for their commit.
     pub fn outstanding(&self) -> usize {
         self.tickets.len() + self.committing.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// The service stops: every worker ends (dropping its provider closes the device or
+    /// finalizes the PKCS#11 module) and the key store's writer finishes its commit, and
+    /// this waits for them, up to `timeout`. The process must not exit while a worker is
+    /// still unloading a module: exit would run the module's destructors (SoftHSM2's) on
+    /// the main thread while the worker's `C_Finalize` and `dlclose` run them too, and the
+    /// main thread then waits forever on a lock in unmapped code (seen: one stop in ten).
+    pub fn stop(&mut self, timeout: Duration) {
+        let mut threads: Vec<(String, std::thread::JoinHandle<()>)> = self
+            .slots
+            .drain(..)
+            .map(|slot| (format!("provider \"{}\"", slot.name), slot.worker.stop()))
+            .collect();
+        threads.extend(
+            self.writer
+                .stop()
+                .map(|thread| ("the key store writer".to_string(), thread)),
+        );
+        let until = Instant::now() + timeout;
+        while threads.iter().any(|(_, t)| !t.is_finished()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for (name, thread) in threads {
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                log::warn!(
+                    "{name} did not finish within {} s (a device command in hand?): exiting without it",
+                    timeout.as_secs()
+                );
+            }
+        }
     }
 
     /// Lets every provider close its device connection (before a reload builds new ones).

@@ -34,6 +34,8 @@ const FIRST_CONNECTION: usize = 3;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// How long shutdown waits for requests running in child processes (RSA-4096 generation).
 const JOB_WAIT: Duration = Duration::from_secs(60);
+/// How long the stop waits for each worker to close its device (or finalize its module).
+const WORKER_WAIT: Duration = Duration::from_secs(10);
 
 /// A request running in a child process.
 struct Job {
@@ -715,6 +717,7 @@ impl Server {
                 }
             }
         }
+        self.dispatcher.stop(WORKER_WAIT);
         log::info!("stopped");
     }
 }

@@ -166,13 +166,14 @@ impl Inbox {
 
 /// The thread that makes the key store's group commits durable (`key_store::durable`).
 pub struct StoreWriter {
-    sender: mpsc::Sender<(u64, Batch)>,
+    sender: Option<mpsc::Sender<(u64, Batch)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl StoreWriter {
     pub fn spawn(outbox: Outbox) -> Result<StoreWriter, String> {
         let (sender, receiver) = mpsc::channel::<(u64, Batch)>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("parsec-store".into())
             // File system calls only.
             .stack_size(64 * 1024)
@@ -184,18 +185,31 @@ impl StoreWriter {
                 }
             })
             .map_err(|e| format!("cannot start the key store's writer thread: {e}"))?;
-        Ok(StoreWriter { sender })
+        Ok(StoreWriter {
+            sender: Some(sender),
+            thread: Some(thread),
+        })
     }
 
     /// Hands a batch to the writer; gives it back if the thread is gone.
     pub fn commit(&self, id: u64, batch: Batch) -> Result<(), Batch> {
-        self.sender.send((id, batch)).map_err(|e| e.0 .1)
+        match &self.sender {
+            Some(sender) => sender.send((id, batch)).map_err(|e| e.0 .1),
+            None => Err(batch),
+        }
+    }
+
+    /// Lets the thread end after the commit in hand; its handle, to wait for it.
+    pub fn stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        self.sender = None;
+        self.thread.take()
     }
 }
 
 /// The event loop's handle on one worker thread.
 pub struct Worker {
     sender: mpsc::Sender<Message>,
+    thread: std::thread::JoinHandle<()>,
     pub instance: Instance,
     name: String,
     /// The provider records tombstones before an entry goes (the software provider).
@@ -219,7 +233,7 @@ impl Worker {
         };
         let tombstones = provider.id() == ProviderId::MbedCrypto;
         let (sender, receiver) = mpsc::channel::<Message>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!(
                 "parsec-{}",
                 name.chars().take(8).collect::<String>()
@@ -229,6 +243,7 @@ impl Worker {
             .map_err(|e| format!("cannot start its worker thread: {e}"))?;
         Ok(Worker {
             sender,
+            thread,
             instance,
             name: name.to_string(),
             tombstones,
@@ -278,6 +293,12 @@ impl Worker {
 
     pub fn committed(&self, entry: KeyEntry) {
         let _ = self.sender.send(Message::Committed(entry));
+    }
+
+    /// Lets the thread end after the batch in hand (it then drops the provider, which closes
+    /// the device or finalizes the module); its handle, to wait for that.
+    pub fn stop(self) -> std::thread::JoinHandle<()> {
+        self.thread
     }
 
     /// Asks an idle worker to close its device and waits (briefly) until it has.
