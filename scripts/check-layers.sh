@@ -28,7 +28,7 @@ if grep -hE '^PACKAGECONFIG\[' "${recipes[@]}" | awk -F'"' '{ n = split($2, f, "
 fi
 
 echo "-- meta-parsec: pyflakes"
-pyflakes meta-parsec/lib meta-parsec/scripts buildroot-ext/check.py board-configs/check-select-providers.py qemu-tests/powercut-check.py
+pyflakes meta-parsec/lib meta-parsec/scripts scripts/licences.py buildroot-ext/check.py board-configs/check-select-providers.py qemu-tests/powercut-check.py
 
 echo "-- meta-parsec: kas file against kas's schema"
 python3 - <<'PY'
@@ -39,6 +39,9 @@ for name in sorted(os.listdir("meta-parsec/kas")):
     jsonschema.validate(yaml.safe_load(open(path)), schema)
     print("   %s: valid" % path)
 PY
+
+echo "-- release: one version and the pinned commit across the .deb, the recipe and the Buildroot package; licences"
+bash scripts/release.sh check
 
 echo "-- buildroot-ext: kconfiglib"
 python3 buildroot-ext/check.py

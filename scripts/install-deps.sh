@@ -6,13 +6,14 @@
 # pkcs11-tool), systemd (socket activation tests and unit checks), openssl (tests verify
 # signatures with it), file (cross/check.sh), cpio and e2fsprogs (qemu-tests: the initramfs
 # and the guest disk), busybox (the init script is checked with BusyBox's start-stop-daemon,
-# as on Buildroot), shellcheck and parsec-tool (a real client the tests drive).
+# as on Buildroot), debhelper, lintian, debootstrap and fakeroot (the bookworm .debs are built,
+# linted and installed in clean roots), shellcheck and parsec-tool (a real client the tests drive).
 set -euo pipefail
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc file shellcheck cpio e2fsprogs busybox)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc file shellcheck cpio e2fsprogs busybox debhelper lintian debootstrap fakeroot dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

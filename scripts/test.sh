@@ -31,9 +31,15 @@ cargo build -p parsec-bench --locked
 echo "== cross: aarch64 and armv7 with every provider, checked under qemu user mode"
 bash cross/build.sh aarch64-unknown-linux-gnu
 bash cross/build.sh armv7-unknown-linux-gnueabihf
+echo "== Debian bookworm packages (amd64, arm64): lintian, install, upgrade, remove, purge in debootstrap roots"
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/check-debs.sh
+else
+    echo "   skipped: needs root (debootstrap, chroot); run as root to include it"
+fi
 echo "== board configs: each board's files, its config.toml through parsec --check-config"
 bash board-configs/check.sh
-echo "== meta-parsec and buildroot-ext: crate list, oelint-adv, pyflakes, kas schema, kconfiglib"
+echo "== meta-parsec and buildroot-ext: crate list, oelint-adv, pyflakes, kas schema, kconfiglib, release values"
 bash scripts/check-layers.sh
 echo "== qemu-tests: the aarch64 appliance in QEMU with swtpm, first boot and reboot"
 bash qemu-tests/run.sh

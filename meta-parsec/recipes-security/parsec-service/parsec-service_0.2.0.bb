@@ -12,13 +12,18 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 # (PARSEC_UNICODE_LICENSE_FILE comes with the crate list, relative to ${S}).
 NO_GENERIC_LICENSE[Unicode-3.0] = "${PARSEC_UNICODE_LICENSE_FILE}"
 
-# The source: by default the repository this layer is part of, at its HEAD. Production
-# builds pin it: PARSEC_SRC_URI = "git://<your mirror>;protocol=https;branch=main" and
-# SRCREV = "<commit>" (the crate list below must come from that commit's Cargo.lock).
+# The source: the release commit of this version (PV comes from the file name).
+# scripts/release.sh pins it and checks, in CI, that the .deb and the Buildroot package
+# carry the same version and that the crate list below is that commit's Cargo.lock.
+# From a mirror: PARSEC_SRC_URI = "git://<your mirror>;protocol=https;branch=main".
+# Development builds of the branch's head are opt-in, in local.conf:
+#   PARSEC_SRCREV:pn-parsec-service = "${AUTOREV}"
+#   PV:pn-parsec-service = "0.2.0+git"
+# (regenerate the crate list from that commit's Cargo.lock: parsec-crates.py update).
 PARSEC_SRC_URI ??= "git://${PARSEC_TOPDIR};protocol=file;branch=main"
-PV = "0.1.0+git"
 SRC_URI = "${PARSEC_SRC_URI};destsuffix=git"
-SRCREV ??= "${AUTOREV}"
+PARSEC_SRCREV ??= "0000000000000000000000000000000000000000"
+SRCREV = "${PARSEC_SRCREV}"
 S = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}/git"
 
 # Every crate of Cargo.lock with its checksum (meta-parsec/scripts/parsec-crates.py).
