@@ -10,9 +10,10 @@
 #   scripts/release.sh all            # tarball, .debs (scripts/check-debs.sh), SHA256SUMS
 #
 # A release: set the version in Cargo.toml, add a debian/changelog entry and rename the
-# recipe (parsec-service_VERSION.bb); commit; `scripts/release.sh pin HEAD`; run Buildroot's
-# `make parsec-service-source` once to get the vendored archive's hash (the download step
-# makes it; buildroot-ext/README.md) and add it to the .hash; commit; `scripts/release.sh all`.
+# recipe (parsec-service_VERSION.bb); commit; `scripts/release.sh pin HEAD` and
+# `scripts/release.sh tarball`; run Buildroot's `make parsec-service-source` once without the
+# .hash to get the vendored archive's sha256 (the download step makes it:
+# buildroot-ext/README.md) and put it in the .hash; commit; `scripts/release.sh all`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,8 +67,10 @@ check() {
     rm -f "$tmp"
     recorded=$(awk -v f="$tarball_name" '$1 == "#" && $2 == "sha256" && $4 == f { print $3 }' "$br_hash")
     [ "$recorded" = "$actual" ] || fail "$br_hash records ${recorded:-nothing} for $tarball_name; git archive of ${commit:0:12} gives $actual"
-    grep -qE "^sha256  [0-9a-f]{64}  parsec-service-$version-cargo4.tar.gz$" "$br_hash" ||
-        fail "$br_hash has no hash for parsec-service-$version-cargo4.tar.gz (the vendored archive Buildroot checks)"
+    local vendored
+    vendored=$(awk -v f="$tarball_name" '$1 == "sha256" && $3 == f { print $2 }' "$br_hash")
+    [ -n "$vendored" ] && [ "$vendored" != "$actual" ] ||
+        fail "$br_hash has no hash for the vendored $tarball_name (what Buildroot's download step makes and checks: run make parsec-service-source)"
     echo "   Buildroot: $version, $tarball_name sha256 $actual = git archive of the pinned commit"
     if [ -f "dist/$tarball_name" ]; then
         [ "$(sha256sum "dist/$tarball_name" | cut -d' ' -f1)" = "$actual" ] || fail "dist/$tarball_name differs from the pinned commit's"
@@ -100,7 +103,7 @@ case "${1:-check}" in
         rm -f "$tmp"
         # Commented: Buildroot checks the vendored archive; this line is for the check above.
         sed -i "/^# sha256 [0-9a-f]\{64\} parsec-service-.*\.tar\.gz$/d" "$br_hash"
-        sed -i "3i # sha256 $sum $tarball_name" "$br_hash"
+        sed -i "4i # sha256 $sum $tarball_name" "$br_hash"
         echo "pinned ${commit:0:12}; $tarball_name sha256 $sum"
         ;;
     all)
