@@ -300,6 +300,12 @@ fn common_p256() -> Attributes {
 }
 
 #[test]
+fn can_do_crypto_follows_upstreams_rules() {
+    let daemon = Daemon::start("can-do");
+    common::assert_can_do_crypto_rules(&daemon.client("alice"));
+}
+
+#[test]
 fn applications_cannot_reach_each_others_keys() {
     let daemon = Daemon::start("isolation");
     let alice = daemon.client("alice");

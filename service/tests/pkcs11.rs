@@ -459,6 +459,21 @@ fn generating_a_public_key_is_an_invalid_argument() {
     common::assert_public_key_generation_refused(&client);
 }
 
+#[test]
+fn can_do_crypto_follows_upstreams_rules() {
+    let hsm = SoftHsm::new("can-do");
+    let daemon = hsm_daemon("hsm-can-do", &hsm, "");
+    common::assert_can_do_crypto_rules(&hsm_client(&daemon, "alice"));
+}
+
+#[test]
+fn imports_follow_upstreams_size_rules() {
+    let hsm = SoftHsm::new("import-sizes");
+    let daemon = hsm_daemon("hsm-import-sizes", &hsm, "");
+    let client = hsm_client(&daemon, "alice");
+    common::assert_import_size_rules(&client, &daemon.dir);
+}
+
 /// allow_export = false: exportable private keys are refused up front.
 #[test]
 fn allow_export_false_refuses_exportable_keys() {

@@ -39,6 +39,21 @@ fn generating_a_public_key_is_an_invalid_argument() {
     common::assert_public_key_generation_refused(&client);
 }
 
+#[test]
+fn can_do_crypto_follows_upstreams_rules() {
+    let tpm = Swtpm::start("can-do");
+    let daemon = tpm_daemon("tpm-can-do", &tpm);
+    common::assert_can_do_crypto_rules(&tpm_client(&daemon, "alice"));
+}
+
+#[test]
+fn imports_follow_upstreams_size_rules() {
+    let tpm = Swtpm::start("import-sizes");
+    let daemon = tpm_daemon("tpm-import-sizes", &tpm);
+    let client = tpm_client(&daemon, "alice");
+    common::assert_import_size_rules(&client, &daemon.dir);
+}
+
 /// Every operation the provider serves, for every key kind the issue names.
 #[test]
 fn every_operation_through_parsec_client() {

@@ -15,12 +15,15 @@ use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 
+pub mod can_do;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod der;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod device;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod ecc;
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+mod import;
 #[cfg(any(feature = "mbed-crypto-provider", feature = "pkcs11-provider"))]
 pub mod journal;
 #[cfg(feature = "mbed-crypto-provider")]

@@ -774,7 +774,6 @@ pub fn generate_encrypt_decrypt(client: &BasicClient, name: &str, alg: Asymmetri
     );
 }
 
-/// The names ListKeys gives the client, in the service's order.
 /// As upstream Parsec 1.5.0: generating a public-key type is an invalid argument.
 #[allow(dead_code)]
 pub fn assert_public_key_generation_refused(client: &BasicClient) {
@@ -789,6 +788,130 @@ pub fn assert_public_key_generation_refused(client: &BasicClient) {
         service_error(client.psa_generate_key("p", public).unwrap_err()),
         parsec_client::core::interface::requests::ResponseStatus::PsaErrorInvalidArgument
     );
+}
+
+/// Public key data made by openssl: (PKCS#1 RSAPublicKey DER of an RSA-1024 key, the
+/// uncompressed point of a P-256 key, the uncompressed point of a P-224 key).
+#[allow(dead_code)]
+pub fn openssl_public_keys(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let run = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let rsa = run(
+        "openssl genrsa 1024 2>/dev/null | openssl rsa -RSAPublicKey_out -outform DER 2>/dev/null",
+    );
+    // The point is the last 1 + 2 * field bytes of the SubjectPublicKeyInfo.
+    let point = |curve: &str, bytes: usize| {
+        let spki = run(&format!(
+            "openssl ecparam -name {curve} -genkey -noout 2>/dev/null | openssl ec -pubout -outform DER 2>/dev/null"
+        ));
+        spki[spki.len() - (1 + 2 * bytes)..].to_vec()
+    };
+    (rsa, point("prime256v1", 32), point("secp224r1", 28))
+}
+
+/// As upstream Parsec 1.5.0 on the TPM and PKCS#11 providers: an import whose declared size
+/// is not the data's, or of a size the provider cannot hold, is an invalid argument; size 0
+/// takes the data's.
+#[allow(dead_code)]
+pub fn assert_import_size_rules(client: &BasicClient, dir: &Path) {
+    use parsec_client::core::interface::requests::ResponseStatus;
+    let (rsa, p256, p224) = openssl_public_keys(dir);
+    let verify_rsa = attributes(
+        Type::RsaPublicKey,
+        1023,
+        AsymmetricSignature::RsaPkcs1v15Sign {
+            hash_alg: Hash::Sha256.into(),
+        },
+    );
+    let status = service_error(
+        client
+            .psa_import_key("rsa-1023", &rsa, verify_rsa)
+            .unwrap_err(),
+    );
+    assert_eq!(
+        status,
+        ResponseStatus::PsaErrorInvalidArgument,
+        "RSA-1024 data declared 1023 bits"
+    );
+    let mut any_size = verify_rsa;
+    any_size.bits = 0;
+    client
+        .psa_import_key("rsa-0", &rsa, any_size)
+        .expect("RSA public key, bits 0");
+    assert_eq!(client.psa_export_public_key("rsa-0").unwrap(), rsa);
+
+    let ecc_public = |bits| {
+        let mut a = attributes(ecc(), bits, ecdsa(Hash::Sha256));
+        a.key_type = Type::EccPublicKey {
+            curve_family: EccFamily::SecpR1,
+        };
+        a.policy.usage_flags = UsageFlags::default();
+        a.policy.usage_flags.set_verify_hash();
+        a
+    };
+    let status = service_error(
+        client
+            .psa_import_key("p224", &p224, ecc_public(224))
+            .unwrap_err(),
+    );
+    assert_eq!(
+        status,
+        ResponseStatus::PsaErrorInvalidArgument,
+        "P-224 public key"
+    );
+    client
+        .psa_import_key("p256-0", &p256, ecc_public(0))
+        .expect("P-256 public key, bits 0");
+    assert_eq!(client.psa_export_public_key("p256-0").unwrap(), p256);
+    let listed = client.list_keys().unwrap();
+    let entry = listed.iter().find(|k| k.name == "p256-0").expect("listed");
+    assert_eq!(entry.attributes.bits, 256, "the size taken from the data");
+}
+
+/// Upstream Parsec 1.5.0's CanDoCrypto rules, common to its providers: a use check needs an
+/// algorithm and a usage flag that uses it (else NotSupported); a generate check without an
+/// algorithm asks only whether the key can be made.
+#[allow(dead_code)]
+pub fn assert_can_do_crypto_rules(client: &BasicClient) {
+    use parsec_client::core::interface::operations::can_do_crypto::CheckType;
+    use parsec_client::core::interface::requests::ResponseStatus;
+    let signing = attributes(ecc(), 256, ecdsa(Hash::Sha256));
+    client
+        .can_do_crypto(CheckType::Use, signing)
+        .expect("a P-256 ECDSA signing key");
+
+    let mut no_flags = signing;
+    no_flags.policy.usage_flags = UsageFlags::default();
+    let status = service_error(client.can_do_crypto(CheckType::Use, no_flags).unwrap_err());
+    assert_eq!(
+        status,
+        ResponseStatus::PsaErrorNotSupported,
+        "use check, no usage flags"
+    );
+
+    let mut no_alg = signing;
+    no_alg.policy.permitted_algorithms = Algorithm::None;
+    let status = service_error(client.can_do_crypto(CheckType::Use, no_alg).unwrap_err());
+    assert_eq!(
+        status,
+        ResponseStatus::PsaErrorNotSupported,
+        "use check, no algorithm"
+    );
+    client
+        .can_do_crypto(CheckType::Generate, no_alg)
+        .expect("generate check, no algorithm: the key can be made");
 }
 
 pub fn key_names(client: &BasicClient) -> Vec<String> {

@@ -673,6 +673,7 @@ impl Provider for MbedCryptoProvider {
                 ))
             }
             NativeOperation::CanDoCrypto(op) => {
+                super::can_do::common_rules(op.check_type, &op.attributes)?;
                 capabilities::check(op.check_type, op.attributes)?;
                 Ok(NativeResult::CanDoCrypto(can_do_crypto::Result {}))
             }

@@ -2,14 +2,10 @@
 
 use super::*;
 
-/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
-pub(super) fn check(
-    check_type: CheckType,
-    attributes: Attributes,
-    allow_export: bool,
-) -> Result<(), OpError> {
-    let key_type = attributes.key_type;
-    let size_ok = match key_type {
+/// The key types and sizes the provider asks tokens for (0 bits: an import's size comes
+/// from its data).
+pub(super) fn size_ok(check_type: CheckType, attributes: Attributes) -> bool {
+    match attributes.key_type {
         Type::RsaKeyPair | Type::RsaPublicKey => {
             (check_type == CheckType::Import && attributes.bits == 0)
                 || ((1024..=4096).contains(&attributes.bits) && attributes.bits % 8 == 0)
@@ -18,8 +14,17 @@ pub(super) fn check(
             ec_params(curve_family, attributes.bits).is_ok()
         }
         _ => false,
-    };
-    if !size_ok {
+    }
+}
+
+/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
+pub(super) fn check(
+    check_type: CheckType,
+    attributes: Attributes,
+    allow_export: bool,
+) -> Result<(), OpError> {
+    let key_type = attributes.key_type;
+    if !size_ok(check_type, attributes) {
         return Err(not_supported(format!(
             "{key_type:?} of {} bits",
             attributes.bits

@@ -39,7 +39,7 @@ use templates::*;
 
 use super::device::{Device, Link};
 use super::journal::{Journal, Kind};
-use super::{der, ecc, AppKeys, Limits, Provider};
+use super::{der, ecc, import, AppKeys, Limits, Provider};
 use crate::config::{ExistingKey, Pkcs11Settings, TokenSelector};
 use crate::error::OpError;
 use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
@@ -217,13 +217,16 @@ impl Pkcs11Provider {
                 Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
             }
             NativeOperation::PsaImportKey(op) => {
-                check(CheckType::Import, op.attributes, allow_export)?;
+                let attributes = import::sized(&op.attributes, op.data.expose_secret())?;
+                let supported = capabilities::size_ok(CheckType::Import, attributes);
+                import::supported_size(supported, &attributes, "the PKCS#11 provider")?;
+                check(CheckType::Import, attributes, allow_export)?;
                 keys.ensure_free(&op.key_name)?;
                 let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
                 self.intend(&key)?;
                 let conn = self.connection()?;
                 let (attributes, objects) =
-                    import_templates(&key, &op.attributes, op.data.expose_secret())?;
+                    import_templates(&key, &attributes, op.data.expose_secret())?;
                 let mut handles = Vec::new();
                 for template in &objects {
                     match conn.session.create_object(template) {
@@ -378,6 +381,7 @@ impl Pkcs11Provider {
                 ))
             }
             NativeOperation::CanDoCrypto(op) => {
+                super::can_do::common_rules(op.check_type, &op.attributes)?;
                 check(op.check_type, op.attributes, allow_export)?;
                 Ok(NativeResult::CanDoCrypto(can_do_crypto::Result))
             }

@@ -2,10 +2,9 @@
 
 use super::*;
 
-/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
-pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpError> {
-    let key_type = attributes.key_type;
-    let size_ok = match key_type {
+/// The key types and sizes the TPM holds (0 bits: an import's size comes from its data).
+pub(super) fn size_ok(check_type: CheckType, attributes: Attributes) -> bool {
+    match attributes.key_type {
         Type::RsaKeyPair | Type::RsaPublicKey => {
             (check_type == CheckType::Import && attributes.bits == 0)
                 || keys::rsa_bits(attributes.bits).is_ok()
@@ -14,8 +13,13 @@ pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(),
             keys::curve(curve_family, attributes.bits).is_ok()
         }
         _ => false,
-    };
-    if !size_ok {
+    }
+}
+
+/// What this provider can generate, import and use (CanDoCrypto and up-front checks).
+pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(), OpError> {
+    let key_type = attributes.key_type;
+    if !size_ok(check_type, attributes) {
         return Err(keys::not_supported(format!(
             "{key_type:?} of {} bits",
             attributes.bits
@@ -67,13 +71,16 @@ pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(),
             Algorithm::None => {}
             other => return Err(keys::not_supported(format!("algorithm {other:?}"))),
         }
-        attributes.compatible_with_alg(alg).map_err(|e| {
-            OpError::new(
-                ResponseStatus::from(e),
-                format!("{alg:?} does not fit a {key_type:?}"),
-                "choose an algorithm for this key type",
-            )
-        })?;
+        // No algorithm yet (PSA allows it): nothing to fit.
+        if alg != Algorithm::None {
+            attributes.compatible_with_alg(alg).map_err(|e| {
+                OpError::new(
+                    ResponseStatus::from(e),
+                    format!("{alg:?} does not fit a {key_type:?}"),
+                    "choose an algorithm for this key type",
+                )
+            })?;
+        }
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ use capabilities::*;
 use connection::*;
 
 use super::device::{Device, Link};
-use super::{AppKeys, Limits, Provider};
+use super::{import, AppKeys, Limits, Provider};
 use crate::config::TpmSettings;
 use crate::error::OpError;
 use crate::key_store::{KeyEntry, KeyStore};
@@ -210,10 +210,13 @@ impl TpmProvider {
                 Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
             }
             NativeOperation::PsaImportKey(op) => {
-                check(CheckType::Import, op.attributes)?;
+                let attributes = import::sized(&op.attributes, op.data.expose_secret())?;
+                let supported = capabilities::size_ok(CheckType::Import, attributes);
+                import::supported_size(supported, &attributes, "the TPM provider")?;
+                check(CheckType::Import, attributes)?;
                 keys.ensure_free(&op.key_name)?;
-                let imported = keys::import(&op.attributes, op.data.expose_secret())?;
-                let mut attributes = op.attributes;
+                let imported = keys::import(&attributes, op.data.expose_secret())?;
+                let mut attributes = attributes;
                 attributes.bits = match &imported.public {
                     Public::Rsa { unique, .. } => unique.value().len() * 8,
                     _ => attributes.bits,
@@ -377,6 +380,7 @@ impl TpmProvider {
                 ))
             }
             NativeOperation::CanDoCrypto(op) => {
+                super::can_do::common_rules(op.check_type, &op.attributes)?;
                 check(op.check_type, op.attributes)?;
                 Ok(NativeResult::CanDoCrypto(can_do_crypto::Result))
             }
