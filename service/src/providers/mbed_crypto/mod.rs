@@ -149,6 +149,17 @@ fn storage_write_error(operation: &str, err: PsaError) -> OpError {
     }
 }
 
+/// The size of a key as Mbed TLS holds it.
+fn actual_bits(id: Id) -> Option<usize> {
+    match Attributes::from_key_id(id) {
+        Ok(attributes) => Some(attributes.bits),
+        Err(e) => {
+            log::warn!("mbed-crypto: cannot read the attributes of key {id:?}: {e:?}");
+            None
+        }
+    }
+}
+
 fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
     let bytes: [u8; 4] = entry.key_id.as_slice().try_into().map_err(|_| {
         OpError::new(
@@ -367,7 +378,12 @@ impl MbedCryptoProvider {
             }
             error
         })?;
-        Ok((id, entry.attributes))
+        let mut attributes = entry.attributes;
+        if attributes.bits == 0 {
+            // Imported with size 0 before the size was recorded at import: Mbed TLS knows it.
+            attributes.bits = actual_bits(id).unwrap_or(0);
+        }
+        Ok((id, attributes))
     }
 
     /// Creates a key with `make`, then records it; undoes the key if it cannot be recorded.
@@ -403,6 +419,13 @@ impl MbedCryptoProvider {
         self.unsynced.push(id);
         self.dir_unsynced = true;
         crate::crash_point("create:after-material");
+        // An import may leave the size at 0 (PSA takes it from the data): record the size
+        // Mbed TLS found, which every output is sized by (a raw key agreement with bits 0
+        // had a 0-byte buffer: PSA_ERROR_INVALID_ARGUMENT) and ListKeys reports.
+        let mut attributes = attributes;
+        if attributes.bits == 0 {
+            attributes.bits = actual_bits(key).unwrap_or(0);
+        }
         let entry = KeyEntry {
             key_id: id.to_le_bytes().to_vec(),
             attributes,
