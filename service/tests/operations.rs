@@ -299,6 +299,24 @@ fn common_p256() -> Attributes {
     ecc_p256_signing()
 }
 
+/// SignMessage and VerifyMessage, beyond upstream 1.5.0: ECDSA P-256 and RSA PSS.
+#[test]
+fn messages_are_signed_and_verified() {
+    let daemon = Daemon::start("messages");
+    let client = daemon.client("alice");
+    common::assert_sign_verify_message(
+        &client,
+        common::ecc(),
+        256,
+        common::ecdsa(Hash::Sha256),
+        Hash::Sha256,
+    );
+    let pss = AsymmetricSignature::RsaPss {
+        hash_alg: Hash::Sha384.into(),
+    };
+    common::assert_sign_verify_message(&client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+}
+
 #[test]
 fn can_do_crypto_follows_upstreams_rules() {
     let daemon = Daemon::start("can-do");

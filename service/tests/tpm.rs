@@ -39,6 +39,25 @@ fn generating_a_public_key_is_an_invalid_argument() {
     common::assert_public_key_generation_refused(&client);
 }
 
+/// SignMessage and VerifyMessage, beyond upstream 1.5.0: ECDSA P-256 and RSA PSS.
+#[test]
+fn messages_are_signed_and_verified() {
+    let tpm = Swtpm::start("messages");
+    let daemon = tpm_daemon("tpm-messages", &tpm);
+    let client = tpm_client(&daemon, "alice");
+    common::assert_sign_verify_message(
+        &client,
+        common::ecc(),
+        256,
+        common::ecdsa(Hash::Sha256),
+        Hash::Sha256,
+    );
+    let pss = AsymmetricSignature::RsaPss {
+        hash_alg: Hash::Sha384.into(),
+    };
+    common::assert_sign_verify_message(&client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+}
+
 #[test]
 fn can_do_crypto_follows_upstreams_rules() {
     let tpm = Swtpm::start("can-do");

@@ -28,6 +28,8 @@ mod import;
 pub mod journal;
 #[cfg(feature = "mbed-crypto-provider")]
 pub mod mbed_crypto;
+#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+mod message;
 #[cfg(feature = "pkcs11-provider")]
 pub mod pkcs11;
 #[cfg(feature = "tpm-provider")]

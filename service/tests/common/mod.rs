@@ -914,6 +914,79 @@ pub fn assert_can_do_crypto_rules(client: &BasicClient) {
         .expect("generate check, no algorithm: the key can be made");
 }
 
+/// SignMessage and VerifyMessage (beyond upstream 1.5.0): a message signature is the
+/// signature of the message's hash (VerifyHash accepts it); a damaged one is refused; a key
+/// made for messages only signs messages and not hashes.
+#[allow(dead_code)]
+pub fn assert_sign_verify_message(
+    client: &BasicClient,
+    key_type: Type,
+    bits: usize,
+    alg: AsymmetricSignature,
+    hash: Hash,
+) {
+    use parsec_client::core::interface::requests::ResponseStatus;
+    let message = b"a message, signed whole";
+    let name = format!("msg-{key_type:?}-{bits}");
+    client
+        .psa_generate_key(&name, attributes(key_type, bits, alg))
+        .unwrap_or_else(|e| panic!("generating {name}: {e:?}"));
+    let signature = client
+        .psa_sign_message(&name, message, alg)
+        .expect("SignMessage");
+    client
+        .psa_verify_message(&name, message, alg, &signature)
+        .expect("VerifyMessage of its own signature");
+    client
+        .psa_verify_hash(&name, &sha(hash, message), alg, &signature)
+        .expect("VerifyHash of the message's hash accepts the message signature");
+    let mut wrong = signature.clone();
+    wrong[4] ^= 1;
+    assert_eq!(
+        service_error(
+            client
+                .psa_verify_message(&name, message, alg, &wrong)
+                .unwrap_err()
+        ),
+        ResponseStatus::PsaErrorInvalidSignature
+    );
+    assert_eq!(
+        service_error(
+            client
+                .psa_verify_message(&name, b"another message", alg, &signature)
+                .unwrap_err()
+        ),
+        ResponseStatus::PsaErrorInvalidSignature
+    );
+
+    let mut messages_only = attributes(key_type, bits, alg);
+    messages_only.policy.usage_flags = UsageFlags::default();
+    messages_only
+        .policy
+        .usage_flags
+        .set_sign_message()
+        .set_verify_message();
+    let only = format!("{name}-messages-only");
+    client
+        .psa_generate_key(&only, messages_only)
+        .expect("a key for messages only");
+    let signature = client
+        .psa_sign_message(&only, message, alg)
+        .expect("SignMessage, messages-only key");
+    client
+        .psa_verify_message(&only, message, alg, &signature)
+        .expect("VerifyMessage, messages-only key");
+    assert_eq!(
+        service_error(
+            client
+                .psa_sign_hash(&only, &sha(hash, message), alg)
+                .unwrap_err()
+        ),
+        ResponseStatus::PsaErrorNotPermitted,
+        "SignHash with a messages-only key"
+    );
+}
+
 pub fn key_names(client: &BasicClient) -> Vec<String> {
     client
         .list_keys()

@@ -21,6 +21,7 @@
 
 mod capabilities;
 mod keygen;
+mod message;
 
 use super::journal;
 use super::{AppKeys, Deferred, Limits, Provider, Start};
@@ -32,7 +33,8 @@ use parsec_interface::operations::{
     can_do_crypto, psa_aead_decrypt, psa_aead_encrypt, psa_asymmetric_decrypt,
     psa_asymmetric_encrypt, psa_destroy_key, psa_export_key, psa_export_public_key,
     psa_generate_key, psa_generate_random, psa_hash_compare, psa_hash_compute, psa_import_key,
-    psa_raw_key_agreement, psa_sign_hash, psa_verify_hash, NativeOperation, NativeResult,
+    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
+    NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
@@ -59,6 +61,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaDestroyKey,
     Opcode::PsaSignHash,
     Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaAeadEncrypt,
@@ -147,6 +151,22 @@ fn storage_write_error(operation: &str, err: PsaError) -> OpError {
             "check storage_dir",
         ),
     }
+}
+
+/// The attributes Mbed TLS is given for a new key. psa-crypto 0.12 drops the sign_message and
+/// verify_message flags on the way to Mbed TLS (Mbed TLS 3.0 derives them from sign_hash and
+/// verify_hash), so a key made for messages only would refuse psa_sign_message: Mbed TLS's key
+/// gets the hash flags too. What a client may do is the policy this service stores and checks
+/// on every request (`validate`), not Mbed TLS's copy: a messages-only key still cannot SignHash.
+fn mbed_policy(mut attributes: Attributes) -> Attributes {
+    let flags = &mut attributes.policy.usage_flags;
+    if flags.sign_message() && !flags.sign_hash() {
+        flags.set_sign_hash();
+    }
+    if flags.verify_message() && !flags.verify_hash() {
+        flags.set_verify_hash();
+    }
+    attributes
 }
 
 /// The size of a key as Mbed TLS holds it.
@@ -403,7 +423,7 @@ impl MbedCryptoProvider {
             .journal
             .begin_unsynced(journal::Kind::Create, &format!("{id:08x}"))?;
         crate::crash_point("create:after-intent");
-        let key = match make(attributes, id) {
+        let key = match make(mbed_policy(attributes), id) {
             Ok(key) => key,
             Err(e) => {
                 self.journal.done(record);
@@ -590,6 +610,30 @@ impl Provider for MbedCryptoProvider {
                 asym_signature::verify_hash(id, op.alg, &op.hash, &op.signature)
                     .map_err(|e| psa_error("psa_verify_hash", e))?;
                 Ok(NativeResult::PsaVerifyHash(psa_verify_hash::Result {}))
+            }
+            NativeOperation::PsaSignMessage(op) => {
+                let (_, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let key_id = key_id_of(keys.get(&op.key_name)?)?;
+                let size = attributes
+                    .sign_output_size(op.alg)
+                    .map_err(|e| psa_error("sizing the signature", e))?;
+                let signature = self.output(size, "psa_sign_message", |buf| {
+                    message::sign(key_id, op.alg, &op.message, buf)
+                })?;
+                Ok(NativeResult::PsaSignMessage(psa_sign_message::Result {
+                    signature,
+                }))
+            }
+            NativeOperation::PsaVerifyMessage(op) => {
+                let (_, attributes) = self.open(&keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let key_id = key_id_of(keys.get(&op.key_name)?)?;
+                message::verify(key_id, op.alg, &op.message, &op.signature)
+                    .map_err(|e| psa_error("psa_verify_message", e))?;
+                Ok(NativeResult::PsaVerifyMessage(
+                    psa_verify_message::Result {},
+                ))
             }
             NativeOperation::PsaAsymmetricEncrypt(op) => {
                 let (id, attributes) = self.open(&keys, &op.key_name)?;

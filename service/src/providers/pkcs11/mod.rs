@@ -60,7 +60,7 @@ use parsec_interface::operations::psa_key_attributes::{
 use parsec_interface::operations::{
     can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key, psa_export_key,
     psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key, psa_sign_hash,
-    psa_verify_hash, NativeOperation, NativeResult,
+    psa_sign_message, psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
@@ -78,6 +78,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaDestroyKey,
     Opcode::PsaSignHash,
     Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -165,6 +167,37 @@ impl Pkcs11Provider {
             .existing_keys
             .iter()
             .find(|k| k.application == app && k.name == name)
+    }
+
+    /// C_Sign of a digest the caller has checked the key may sign (SignHash, SignMessage).
+    fn sign_digest(
+        &mut self,
+        entry: &KeyEntry,
+        alg: AsymmetricSignature,
+        hash: &[u8],
+    ) -> Result<Vec<u8>, OpError> {
+        let (mechanism, data) = signature_mechanism(alg, hash)?;
+        let conn = self.connection()?;
+        let handle = conn.private(&entry.key_id)?;
+        conn.session
+            .sign(&mechanism, handle, &data)
+            .map_err(|e| conn.fail("C_Sign", e))
+    }
+
+    /// C_Verify of a digest (VerifyHash, VerifyMessage).
+    fn verify_digest(
+        &mut self,
+        entry: &KeyEntry,
+        alg: AsymmetricSignature,
+        hash: &[u8],
+        signature: &[u8],
+    ) -> Result<(), OpError> {
+        let (mechanism, data) = signature_mechanism(alg, hash)?;
+        let conn = self.connection()?;
+        let handle = conn.public(&entry.key_id)?;
+        conn.session
+            .verify(&mechanism, handle, &data, signature)
+            .map_err(|e| conn.fail("C_Verify", e))
     }
 
     /// Runs an operation; if the token turns out to be gone, reopens it and runs it once more.
@@ -297,13 +330,7 @@ impl Pkcs11Provider {
             NativeOperation::PsaSignHash(op) => {
                 let entry = keys.get(&op.key_name)?.clone();
                 op.validate(entry.attributes)?;
-                let (mechanism, data) = signature_mechanism(op.alg, &op.hash)?;
-                let conn = self.connection()?;
-                let handle = conn.private(&entry.key_id)?;
-                let signature = conn
-                    .session
-                    .sign(&mechanism, handle, &data)
-                    .map_err(|e| conn.fail("C_Sign", e))?;
+                let signature = self.sign_digest(&entry, op.alg, &op.hash)?;
                 Ok(NativeResult::PsaSignHash(psa_sign_hash::Result {
                     signature: signature.into(),
                 }))
@@ -311,13 +338,26 @@ impl Pkcs11Provider {
             NativeOperation::PsaVerifyHash(op) => {
                 let entry = keys.get(&op.key_name)?.clone();
                 op.validate(entry.attributes)?;
-                let (mechanism, data) = signature_mechanism(op.alg, &op.hash)?;
-                let conn = self.connection()?;
-                let handle = conn.public(&entry.key_id)?;
-                conn.session
-                    .verify(&mechanism, handle, &data, &op.signature)
-                    .map_err(|e| conn.fail("C_Verify", e))?;
+                self.verify_digest(&entry, op.alg, &op.hash, &op.signature)?;
                 Ok(NativeResult::PsaVerifyHash(psa_verify_hash::Result {}))
+            }
+            NativeOperation::PsaSignMessage(op) => {
+                let entry = keys.get(&op.key_name)?.clone();
+                op.validate(entry.attributes)?;
+                let hash = super::message::digest(op.alg, &op.message)?;
+                let signature = self.sign_digest(&entry, op.alg, &hash)?;
+                Ok(NativeResult::PsaSignMessage(psa_sign_message::Result {
+                    signature: signature.into(),
+                }))
+            }
+            NativeOperation::PsaVerifyMessage(op) => {
+                let entry = keys.get(&op.key_name)?.clone();
+                op.validate(entry.attributes)?;
+                let hash = super::message::digest(op.alg, &op.message)?;
+                self.verify_digest(&entry, op.alg, &hash, &op.signature)?;
+                Ok(NativeResult::PsaVerifyMessage(
+                    psa_verify_message::Result {},
+                ))
             }
             NativeOperation::PsaAsymmetricEncrypt(op) => {
                 let entry = keys.get(&op.key_name)?.clone();

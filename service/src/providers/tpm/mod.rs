@@ -44,11 +44,12 @@ use crate::key_store::{KeyEntry, KeyStore};
 use keys::Origin;
 use parsec_interface::operations::can_do_crypto::CheckType;
 use parsec_interface::operations::list_providers::ProviderInfo;
+use parsec_interface::operations::psa_algorithm::AsymmetricSignature;
 use parsec_interface::operations::psa_key_attributes::{Attributes, Type};
 use parsec_interface::operations::{
     can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key,
     psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key, psa_sign_hash,
-    psa_verify_hash, NativeOperation, NativeResult,
+    psa_sign_message, psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::ExposeSecret;
@@ -83,6 +84,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaDestroyKey,
     Opcode::PsaSignHash,
     Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -165,6 +168,53 @@ impl TpmProvider {
     fn blob_of<'k>(keys: &'k AppKeys<'_>, name: &str) -> Result<(&'k [u8], Attributes), OpError> {
         let entry = keys.get(name)?;
         Ok((entry.key_id.as_slice(), entry.attributes))
+    }
+
+    /// TPM2_Sign of a digest the caller has checked the key may sign (SignHash, SignMessage).
+    fn sign_digest(
+        &mut self,
+        keys: &AppKeys<'_>,
+        name: &str,
+        alg: AsymmetricSignature,
+        hash: Vec<u8>,
+    ) -> Result<Vec<u8>, OpError> {
+        let (blob, _) = Self::blob_of(keys, name)?;
+        let scheme = keys::signature_scheme(alg)?;
+        let digest = Digest::try_from(hash).map_err(|e| keys::tss_wrapper("the hash", e))?;
+        let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(|e| keys::tss_wrapper("the hash check ticket", e))?;
+        let blob = blob.to_vec();
+        let conn = self.connection()?;
+        let (handle, field_len) = conn.load(&blob)?;
+        let signature = conn.call("TPM2_Sign", |ctx| {
+            ctx.sign(handle, digest, scheme, validation)
+        })?;
+        keys::signature_bytes(signature, field_len)
+    }
+
+    /// TPM2_VerifySignature of a digest (VerifyHash, VerifyMessage).
+    fn verify_digest(
+        &mut self,
+        keys: &AppKeys<'_>,
+        name: &str,
+        alg: AsymmetricSignature,
+        hash: Vec<u8>,
+        signature: &[u8],
+    ) -> Result<(), OpError> {
+        let (blob, _) = Self::blob_of(keys, name)?;
+        let digest = Digest::try_from(hash).map_err(|e| keys::tss_wrapper("the hash", e))?;
+        let blob = blob.to_vec();
+        let conn = self.connection()?;
+        let (handle, field_len) = conn.load(&blob)?;
+        let signature = keys::signature_from(alg, signature, field_len)?;
+        conn.call("TPM2_VerifySignature", |ctx| {
+            ctx.verify_signature(handle, digest, signature)
+        })?;
+        Ok(())
     }
 
     /// Runs an operation; if the TPM connection turns out to be gone, reconnects and runs it
@@ -275,41 +325,37 @@ impl TpmProvider {
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
             NativeOperation::PsaSignHash(op) => {
-                let (blob, attributes) = Self::blob_of(keys, &op.key_name)?;
+                let (_, attributes) = Self::blob_of(keys, &op.key_name)?;
                 op.validate(attributes)?;
-                let scheme = keys::signature_scheme(op.alg)?;
-                let digest = Digest::try_from(op.hash.to_vec())
-                    .map_err(|e| keys::tss_wrapper("the hash", e))?;
-                let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-                    tag: TPM2_ST_HASHCHECK,
-                    hierarchy: TPM2_RH_NULL,
-                    digest: Default::default(),
-                })
-                .map_err(|e| keys::tss_wrapper("the hash check ticket", e))?;
-                let blob = blob.to_vec();
-                let conn = self.connection()?;
-                let (handle, field_len) = conn.load(&blob)?;
-                let signature = conn.call("TPM2_Sign", |ctx| {
-                    ctx.sign(handle, digest, scheme, validation)
-                })?;
-                let signature = keys::signature_bytes(signature, field_len)?;
+                let signature = self.sign_digest(keys, &op.key_name, op.alg, op.hash.to_vec())?;
                 Ok(NativeResult::PsaSignHash(psa_sign_hash::Result {
                     signature: signature.into(),
                 }))
             }
             NativeOperation::PsaVerifyHash(op) => {
-                let (blob, attributes) = Self::blob_of(keys, &op.key_name)?;
+                let (_, attributes) = Self::blob_of(keys, &op.key_name)?;
                 op.validate(attributes)?;
-                let digest = Digest::try_from(op.hash.to_vec())
-                    .map_err(|e| keys::tss_wrapper("the hash", e))?;
-                let blob = blob.to_vec();
-                let conn = self.connection()?;
-                let (handle, field_len) = conn.load(&blob)?;
-                let signature = keys::signature_from(op.alg, &op.signature, field_len)?;
-                conn.call("TPM2_VerifySignature", |ctx| {
-                    ctx.verify_signature(handle, digest, signature)
-                })?;
+                let hash = op.hash.to_vec();
+                self.verify_digest(keys, &op.key_name, op.alg, hash, &op.signature)?;
                 Ok(NativeResult::PsaVerifyHash(psa_verify_hash::Result {}))
+            }
+            NativeOperation::PsaSignMessage(op) => {
+                let (_, attributes) = Self::blob_of(keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let hash = super::message::digest(op.alg, &op.message)?;
+                let signature = self.sign_digest(keys, &op.key_name, op.alg, hash)?;
+                Ok(NativeResult::PsaSignMessage(psa_sign_message::Result {
+                    signature: signature.into(),
+                }))
+            }
+            NativeOperation::PsaVerifyMessage(op) => {
+                let (_, attributes) = Self::blob_of(keys, &op.key_name)?;
+                op.validate(attributes)?;
+                let hash = super::message::digest(op.alg, &op.message)?;
+                self.verify_digest(keys, &op.key_name, op.alg, hash, &op.signature)?;
+                Ok(NativeResult::PsaVerifyMessage(
+                    psa_verify_message::Result {},
+                ))
             }
             NativeOperation::PsaAsymmetricEncrypt(op) => {
                 let (blob, attributes) = Self::blob_of(keys, &op.key_name)?;
