@@ -459,6 +459,22 @@ fn generating_a_public_key_is_an_invalid_argument() {
     common::assert_public_key_generation_refused(&client);
 }
 
+/// Raw ECDH (beyond upstream 1.5.0) on P-256 and P-384, checked against openssl.
+#[test]
+fn raw_key_agreement_matches_openssl() {
+    let hsm = SoftHsm::new("ecdh");
+    let daemon = hsm_daemon("hsm-ecdh", &hsm, "");
+    let client = hsm_client(&daemon, "alice");
+    common::assert_raw_ecdh_matches_openssl(
+        &client,
+        &daemon,
+        &[
+            (EccFamily::SecpR1, 256, "prime256v1"),
+            (EccFamily::SecpR1, 384, "secp384r1"),
+        ],
+    );
+}
+
 /// SignMessage and VerifyMessage, beyond upstream 1.5.0: ECDSA P-256 and RSA PSS.
 #[test]
 fn messages_are_signed_and_verified() {

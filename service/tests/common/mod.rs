@@ -987,6 +987,83 @@ pub fn assert_sign_verify_message(
     );
 }
 
+/// Raw ECDH checked against openssl on each curve: the service's key with an openssl key's
+/// public point gives the secret openssl derives from the other side.
+#[allow(dead_code)]
+pub fn assert_raw_ecdh_matches_openssl(
+    client: &BasicClient,
+    daemon: &Daemon,
+    curves: &[(EccFamily, usize, &str)],
+) {
+    use parsec_client::core::interface::operations::psa_algorithm::{
+        KeyAgreement, RawKeyAgreement,
+    };
+    let dir = &daemon.dir;
+    let ecdh = RawKeyAgreement::Ecdh;
+    let mut derive = UsageFlags::default();
+    derive.set_derive();
+    let sh = |script: String| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let mut failures = Vec::new();
+    for &(family, bits, curve) in curves {
+        let agreement = Attributes {
+            lifetime: Lifetime::Persistent,
+            key_type: Type::EccKeyPair {
+                curve_family: family,
+            },
+            bits,
+            policy: Policy {
+                usage_flags: derive,
+                permitted_algorithms: KeyAgreement::Raw(ecdh).into(),
+            },
+        };
+        let name = format!("ecdh-{curve}");
+        if let Err(e) = client.psa_generate_key(&name, agreement) {
+            failures.push(format!("{curve}: generate: {e:?}"));
+            continue;
+        }
+        let ours = client.psa_export_public_key(&name).unwrap();
+        let peer_spki = sh(format!(
+            "openssl ecparam -name {curve} -genkey -noout -out {curve}.pem && openssl ec -in {curve}.pem -pubout -outform DER 2>/dev/null"
+        ));
+        let peer_point = &peer_spki[peer_spki.len() - ours.len()..];
+        // Our point in the same SubjectPublicKeyInfo wrapping, for openssl.
+        let our_spki = [&peer_spki[..peer_spki.len() - ours.len()], &ours[..]].concat();
+        std::fs::write(dir.join(format!("{curve}-ours.der")), &our_spki).unwrap();
+        let expected = sh(format!(
+            "openssl pkeyutl -derive -inkey {curve}.pem -peerkey {curve}-ours.der -peerform DER"
+        ));
+        match client.psa_raw_key_agreement(ecdh, &name, peer_point) {
+            Ok(secret) if secret == expected => {}
+            Ok(secret) => failures.push(format!("{curve}: {} bytes, not openssl's", secret.len())),
+            Err(e) => failures.push(format!("{curve}: agreement: {e:?}")),
+        }
+        // A point that is not on the curve is refused.
+        let mut off_curve = peer_point.to_vec();
+        let last = off_curve.len() - 1;
+        off_curve[last] ^= 1;
+        if client
+            .psa_raw_key_agreement(ecdh, &name, &off_curve)
+            .is_ok()
+        {
+            failures.push(format!("{curve}: a point off the curve was accepted"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}\n{}", daemon.log_text());
+}
+
 pub fn key_names(client: &BasicClient) -> Vec<String> {
     client
         .list_keys()

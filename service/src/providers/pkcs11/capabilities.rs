@@ -61,6 +61,8 @@ pub(super) fn check(
             hash_mechanism(hash_alg)?;
         }
         Algorithm::AsymmetricEncryption(_) | Algorithm::None => {}
+        // Raw ECDH (CKM_ECDH1_DERIVE), on ECC key pairs (compatible_with_alg below).
+        Algorithm::KeyAgreement(KeyAgreement::Raw(RawKeyAgreement::Ecdh)) => {}
         other => return Err(not_supported(format!("algorithm {other:?}"))),
     }
     if attributes.policy.permitted_algorithms != Algorithm::None {

@@ -52,15 +52,17 @@ use cryptoki::slot::Slot;
 use parsec_interface::operations::can_do_crypto::CheckType;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::psa_algorithm::{
-    Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash, SignHash,
+    Algorithm, AsymmetricEncryption, AsymmetricSignature, Hash, KeyAgreement, RawKeyAgreement,
+    SignHash,
 };
 use parsec_interface::operations::psa_key_attributes::{
     Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
 };
 use parsec_interface::operations::{
     can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key, psa_export_key,
-    psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key, psa_sign_hash,
-    psa_sign_message, psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
+    psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key,
+    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
+    NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
@@ -80,6 +82,7 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaVerifyHash,
     Opcode::PsaSignMessage,
     Opcode::PsaVerifyMessage,
+    Opcode::PsaRawKeyAgreement,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -182,6 +185,54 @@ impl Pkcs11Provider {
         conn.session
             .sign(&mechanism, handle, &data)
             .map_err(|e| conn.fail("C_Sign", e))
+    }
+
+    /// Raw ECDH (beyond upstream 1.5.0): CKM_ECDH1_DERIVE with no KDF into a session secret
+    /// of the field's size, read, then destroyed. The peer key is PSA's uncompressed point.
+    fn ecdh(&mut self, entry: &KeyEntry, peer: &[u8]) -> Result<Vec<u8>, OpError> {
+        use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+        let len = entry.attributes.bits.div_ceil(8);
+        if peer.len() != 1 + 2 * len || peer[0] != 0x04 {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorInvalidArgument,
+                format!(
+                    "a {}-byte peer key for a {}-bit curve",
+                    peer.len(),
+                    entry.attributes.bits
+                ),
+                "the peer key is the uncompressed point 0x04||x||y on the key's curve",
+            ));
+        }
+        let conn = self.connection()?;
+        let handle = conn.private(&entry.key_id)?;
+        let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::ValueLen((len as u64).into()),
+        ];
+        let secret = conn
+            .session
+            .derive_key(&mechanism, handle, &template)
+            .map_err(|e| conn.fail("C_DeriveKey", e))?;
+        let value = conn
+            .session
+            .get_attributes(secret, &[AttributeType::Value])
+            .map_err(|e| conn.fail("C_GetAttributeValue", e));
+        if let Err(e) = conn.session.destroy_object(secret) {
+            log::warn!("pkcs11: cannot destroy the session object of a key agreement: {e} (it goes with the session)");
+        }
+        match value?.into_iter().next() {
+            Some(Attribute::Value(bytes)) => Ok(bytes),
+            _ => Err(OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                format!("{} gave no CKA_VALUE for the shared secret", conn.token),
+                "the token derives but does not release the secret: see its documentation",
+            )),
+        }
     }
 
     /// C_Verify of a digest (VerifyHash, VerifyMessage).
@@ -357,6 +408,16 @@ impl Pkcs11Provider {
                 self.verify_digest(&entry, op.alg, &hash, &op.signature)?;
                 Ok(NativeResult::PsaVerifyMessage(
                     psa_verify_message::Result {},
+                ))
+            }
+            NativeOperation::PsaRawKeyAgreement(op) => {
+                let entry = keys.get(&op.private_key_name)?.clone();
+                op.validate(entry.attributes)?;
+                let shared_secret = self.ecdh(&entry, &op.peer_key)?;
+                Ok(NativeResult::PsaRawKeyAgreement(
+                    psa_raw_key_agreement::Result {
+                        shared_secret: shared_secret.into(),
+                    },
                 ))
             }
             NativeOperation::PsaAsymmetricEncrypt(op) => {

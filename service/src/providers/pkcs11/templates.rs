@@ -72,7 +72,8 @@ pub(super) fn uses(attributes: &Attributes) -> (bool, bool) {
     let sign =
         flags.sign_hash() || flags.verify_hash() || flags.sign_message() || flags.verify_message();
     let crypt = flags.encrypt() || flags.decrypt();
-    (sign || !crypt, crypt)
+    // A key with no use at all is still made as a signing key (an inert object).
+    (sign || !(crypt || flags.derive()), crypt)
 }
 
 pub(super) fn private_common(
@@ -90,6 +91,10 @@ pub(super) fn private_common(
         Attribute::Sign(sign),
         Attribute::Decrypt(crypt),
     ]);
+    // Raw ECDH (CKM_ECDH1_DERIVE) needs CKA_DERIVE; asked for only when used.
+    if attributes.policy.usage_flags.derive() {
+        template.push(Attribute::Derive(true));
+    }
     template
 }
 

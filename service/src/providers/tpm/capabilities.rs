@@ -42,12 +42,18 @@ pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(),
         ));
     }
     let alg = attributes.policy.permitted_algorithms;
-    if attributes.policy.usage_flags.sign_hash()
-        || attributes.policy.usage_flags.verify_hash()
-        || attributes.policy.usage_flags.encrypt()
-        || attributes.policy.usage_flags.decrypt()
+    let flags = attributes.policy.usage_flags;
+    if flags.sign_hash()
+        || flags.verify_hash()
+        || flags.sign_message()
+        || flags.verify_message()
+        || flags.encrypt()
+        || flags.decrypt()
+        || flags.derive()
     {
-        use parsec_interface::operations::psa_algorithm::{Algorithm, AsymmetricSignature};
+        use parsec_interface::operations::psa_algorithm::{
+            Algorithm, AsymmetricSignature, KeyAgreement, RawKeyAgreement,
+        };
         match alg {
             Algorithm::AsymmetricSignature(sig) => {
                 let hash_ok = match sig {
@@ -69,6 +75,8 @@ pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(),
                 keys::decryption_scheme(enc)?;
             }
             Algorithm::None => {}
+            // TPM2_ECDH_ZGen, on ECC key pairs (compatible_with_alg below).
+            Algorithm::KeyAgreement(KeyAgreement::Raw(RawKeyAgreement::Ecdh)) => {}
             other => return Err(keys::not_supported(format!("algorithm {other:?}"))),
         }
         // No algorithm yet (PSA allows it): nothing to fit.

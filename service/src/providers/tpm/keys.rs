@@ -85,17 +85,21 @@ pub fn field_len(bits: usize) -> usize {
 struct Uses {
     sign: bool,
     decrypt: bool,
+    /// Raw ECDH (TPM2_ECDH_ZGen needs a decryption key).
+    derive: bool,
 }
 
 fn uses(attributes: &Attributes) -> Uses {
     let flags = attributes.policy.usage_flags;
     let sign =
         flags.sign_hash() || flags.verify_hash() || flags.sign_message() || flags.verify_message();
-    let decrypt = flags.encrypt() || flags.decrypt();
+    let derive = flags.derive();
+    let decrypt = flags.encrypt() || flags.decrypt() || derive;
     // A key with no use at all is still created as a signing key, as an inert object.
     Uses {
         sign: sign || !decrypt,
         decrypt,
+        derive,
     }
 }
 
@@ -167,10 +171,8 @@ pub fn template(
                 .build()
         }
         Type::EccKeyPair { curve_family } | Type::EccPublicKey { curve_family } => {
-            if uses.decrypt {
-                return Err(not_supported(
-                    "ECC keys for encryption or key agreement".into(),
-                ));
+            if uses.decrypt && !uses.derive {
+                return Err(not_supported("ECC keys for encryption".into()));
             }
             let point = match unique {
                 Unique::Ecc { x, y } => EccPoint::new(

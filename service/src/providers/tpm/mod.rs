@@ -48,8 +48,9 @@ use parsec_interface::operations::psa_algorithm::AsymmetricSignature;
 use parsec_interface::operations::psa_key_attributes::{Attributes, Type};
 use parsec_interface::operations::{
     can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key,
-    psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key, psa_sign_hash,
-    psa_sign_message, psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
+    psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key,
+    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
+    NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::ExposeSecret;
@@ -63,7 +64,7 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Auth, Data, Digest, EccPoint, EccScheme, EncryptedSecret, HashcheckTicket,
+    Auth, Data, Digest, EccParameter, EccPoint, EccScheme, EncryptedSecret, HashcheckTicket,
     KeyDerivationFunctionScheme, Private, Public, PublicBuilder, PublicEccParametersBuilder,
     PublicKeyRsa, SymmetricDefinition, SymmetricDefinitionObject,
 };
@@ -86,6 +87,7 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaVerifyHash,
     Opcode::PsaSignMessage,
     Opcode::PsaVerifyMessage,
+    Opcode::PsaRawKeyAgreement,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -355,6 +357,42 @@ impl TpmProvider {
                 self.verify_digest(keys, &op.key_name, op.alg, hash, &op.signature)?;
                 Ok(NativeResult::PsaVerifyMessage(
                     psa_verify_message::Result {},
+                ))
+            }
+            NativeOperation::PsaRawKeyAgreement(op) => {
+                let (blob, attributes) = Self::blob_of(keys, &op.private_key_name)?;
+                op.validate(attributes)?;
+                let len = attributes.bits.div_ceil(8);
+                let peer = &op.peer_key;
+                if peer.len() != 1 + 2 * len || peer[0] != 0x04 {
+                    return Err(OpError::new(
+                        ResponseStatus::PsaErrorInvalidArgument,
+                        format!(
+                            "a {}-byte peer key for a {}-bit curve",
+                            peer.len(),
+                            attributes.bits
+                        ),
+                        "the peer key is the uncompressed point 0x04||x||y on the key's curve",
+                    ));
+                }
+                let point = EccPoint::new(
+                    EccParameter::try_from(peer[1..1 + len].to_vec())
+                        .map_err(|e| keys::tss_wrapper("the peer key's x", e))?,
+                    EccParameter::try_from(peer[1 + len..].to_vec())
+                        .map_err(|e| keys::tss_wrapper("the peer key's y", e))?,
+                );
+                let blob = blob.to_vec();
+                let conn = self.connection()?;
+                let (handle, _) = conn.load(&blob)?;
+                let z = conn.call("TPM2_ECDH_ZGen", |ctx| ctx.ecdh_z_gen(handle, point))?;
+                // The shared secret is the x coordinate of Z, at the field's full length.
+                let x = z.x().value();
+                let mut shared_secret = Zeroizing::new(vec![0u8; len.saturating_sub(x.len())]);
+                shared_secret.extend_from_slice(x);
+                Ok(NativeResult::PsaRawKeyAgreement(
+                    psa_raw_key_agreement::Result {
+                        shared_secret: shared_secret.to_vec().into(),
+                    },
                 ))
             }
             NativeOperation::PsaAsymmetricEncrypt(op) => {
