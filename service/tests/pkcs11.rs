@@ -459,6 +459,42 @@ fn generating_a_public_key_is_an_invalid_argument() {
     common::assert_public_key_generation_refused(&client);
 }
 
+/// HashCompute and HashCompare on the token (beyond upstream 1.5.0): C_Digest gives what the
+/// sha2 crate gives; a wrong hash is an invalid signature; a hash the provider does not map
+/// is NotSupported.
+#[test]
+fn hashes_on_the_token() {
+    use sha2::Digest as _;
+    let hsm = SoftHsm::new("hashes");
+    let daemon = hsm_daemon("hsm-hashes", &hsm, "");
+    let client = hsm_client(&daemon, "alice");
+    let input = b"hashed by the token";
+    for (hash, expected) in [
+        (Hash::Sha224, sha2::Sha224::digest(input).to_vec()),
+        (Hash::Sha256, sha2::Sha256::digest(input).to_vec()),
+        (Hash::Sha384, sha2::Sha384::digest(input).to_vec()),
+        (Hash::Sha512, sha2::Sha512::digest(input).to_vec()),
+    ] {
+        assert_eq!(
+            client.psa_hash_compute(hash, input).unwrap(),
+            expected,
+            "{hash:?}"
+        );
+        client.psa_hash_compare(hash, input, &expected).unwrap();
+        let mut wrong = expected.clone();
+        wrong[0] ^= 1;
+        assert_eq!(
+            service_error(client.psa_hash_compare(hash, input, &wrong).unwrap_err()),
+            ResponseStatus::PsaErrorInvalidSignature,
+            "{hash:?}"
+        );
+    }
+    assert_eq!(
+        service_error(client.psa_hash_compute(Hash::Sha3_256, input).unwrap_err()),
+        ResponseStatus::PsaErrorNotSupported
+    );
+}
+
 /// Raw ECDH (beyond upstream 1.5.0) on P-256 and P-384, checked against openssl.
 #[test]
 fn raw_key_agreement_matches_openssl() {

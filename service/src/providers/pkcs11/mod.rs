@@ -60,9 +60,9 @@ use parsec_interface::operations::psa_key_attributes::{
 };
 use parsec_interface::operations::{
     can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key, psa_export_key,
-    psa_export_public_key, psa_generate_key, psa_generate_random, psa_import_key,
-    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
-    NativeOperation, NativeResult,
+    psa_export_public_key, psa_generate_key, psa_generate_random, psa_hash_compare,
+    psa_hash_compute, psa_import_key, psa_raw_key_agreement, psa_sign_hash, psa_sign_message,
+    psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
@@ -83,6 +83,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaSignMessage,
     Opcode::PsaVerifyMessage,
     Opcode::PsaRawKeyAgreement,
+    Opcode::PsaHashCompute,
+    Opcode::PsaHashCompare,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -185,6 +187,25 @@ impl Pkcs11Provider {
         conn.session
             .sign(&mechanism, handle, &data)
             .map_err(|e| conn.fail("C_Sign", e))
+    }
+
+    /// C_Digest on the token (beyond upstream 1.5.0): HashCompute and HashCompare where the
+    /// token offers the mechanism (CKR_MECHANISM_INVALID answers NotSupported).
+    fn digest(&mut self, hash: Hash, input: &[u8]) -> Result<Vec<u8>, OpError> {
+        // SHA-1 stays available for hashing (legacy protocols), as on the software provider.
+        #[allow(deprecated)]
+        let mechanism = match hash {
+            Hash::Sha1 => Mechanism::Sha1,
+            Hash::Sha224 => Mechanism::Sha224,
+            Hash::Sha256 => Mechanism::Sha256,
+            Hash::Sha384 => Mechanism::Sha384,
+            Hash::Sha512 => Mechanism::Sha512,
+            other => return Err(not_supported(format!("hashing with {other:?}"))),
+        };
+        let conn = self.connection()?;
+        conn.session
+            .digest(&mechanism, input)
+            .map_err(|e| conn.fail("C_Digest", e))
     }
 
     /// Raw ECDH (beyond upstream 1.5.0): CKM_ECDH1_DERIVE with no KDF into a session secret
@@ -409,6 +430,31 @@ impl Pkcs11Provider {
                 Ok(NativeResult::PsaVerifyMessage(
                     psa_verify_message::Result {},
                 ))
+            }
+            NativeOperation::PsaHashCompute(op) => {
+                self.limits.check_output(64)?;
+                let hash = self.digest(op.alg, &op.input)?;
+                Ok(NativeResult::PsaHashCompute(psa_hash_compute::Result {
+                    hash: hash.into(),
+                }))
+            }
+            NativeOperation::PsaHashCompare(op) => {
+                let hash = self.digest(op.alg, &op.input)?;
+                // Constant time: the comparison says nothing about where the hashes differ.
+                let same = hash.len() == op.hash.len()
+                    && hash
+                        .iter()
+                        .zip(op.hash.iter())
+                        .fold(0u8, |d, (a, b)| d | (a ^ b))
+                        == 0;
+                if !same {
+                    return Err(OpError::new(
+                        ResponseStatus::PsaErrorInvalidSignature,
+                        format!("the {:?} hash of the input is not the one given", op.alg),
+                        "the input or the hash changed: compare what was hashed",
+                    ));
+                }
+                Ok(NativeResult::PsaHashCompare(psa_hash_compare::Result {}))
             }
             NativeOperation::PsaRawKeyAgreement(op) => {
                 let entry = keys.get(&op.private_key_name)?.clone();
