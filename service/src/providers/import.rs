@@ -19,6 +19,7 @@ fn data_bits(key_type: Type, data: &[u8]) -> Option<usize> {
             (data.len() % 2 == 1 && data.first() == Some(&0x04)).then(|| ecc_bits(data.len() / 2))
         }
         Type::EccKeyPair { .. } => (!data.is_empty()).then(|| ecc_bits(data.len())),
+        Type::Aes => Some(data.len() * 8),
         _ => None,
     }
 }

@@ -13,6 +13,8 @@ pub(super) fn size_ok(check_type: CheckType, attributes: Attributes) -> bool {
         Type::EccKeyPair { curve_family } | Type::EccPublicKey { curve_family } => {
             ec_params(curve_family, attributes.bits).is_ok()
         }
+        // AES for AEAD (CKM_AES_GCM), beyond upstream 1.5.0.
+        Type::Aes => matches!(attributes.bits, 128 | 192 | 256),
         _ => false,
     }
 }
@@ -63,6 +65,10 @@ pub(super) fn check(
         Algorithm::AsymmetricEncryption(_) | Algorithm::None => {}
         // Raw ECDH (CKM_ECDH1_DERIVE), on ECC key pairs (compatible_with_alg below).
         Algorithm::KeyAgreement(KeyAgreement::Raw(RawKeyAgreement::Ecdh)) => {}
+        // AES-GCM; CCM has no mechanism parameters in this cryptoki (0.8).
+        Algorithm::Aead(aead) => {
+            aead::gcm_tag_len(aead)?;
+        }
         other => return Err(not_supported(format!("algorithm {other:?}"))),
     }
     if attributes.policy.permitted_algorithms != Algorithm::None {

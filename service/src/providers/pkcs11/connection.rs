@@ -125,7 +125,12 @@ impl Connection {
             private: None,
             public: None,
         };
-        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        // A secret (AES) key is one object, kept where a key pair keeps its private one.
+        for class in [
+            ObjectClass::PRIVATE_KEY,
+            ObjectClass::PUBLIC_KEY,
+            ObjectClass::SECRET_KEY,
+        ] {
             let handles = self
                 .session
                 .find_objects(&key.template(class))
@@ -137,7 +142,11 @@ impl Connection {
                     format!(
                         "{} {} objects on {} match this key's CKA_ID/label {:?}: ambiguous",
                         handles.len(),
-                        if class == ObjectClass::PRIVATE_KEY { "private key" } else { "public key" },
+                        match class {
+                            ObjectClass::PRIVATE_KEY => "private key",
+                            ObjectClass::PUBLIC_KEY => "public key",
+                            _ => "secret key",
+                        },
                         self.token,
                         key.label.as_deref().unwrap_or("-")
                     ),
@@ -145,10 +154,9 @@ impl Connection {
                 ));
             }
             let first = handles.first().copied();
-            if class == ObjectClass::PRIVATE_KEY {
-                found.private = first;
-            } else {
-                found.public = first;
+            match class {
+                ObjectClass::PUBLIC_KEY => found.public = first,
+                _ => found.private = found.private.or(first),
             }
         }
         if found.private.is_none() && found.public.is_none() {

@@ -22,6 +22,7 @@
 //! (keys and attributes read back), `existing` (keys that were on the token already), `ckr`
 //! (CKR_* names and statuses), this file (the operations).
 
+mod aead;
 mod capabilities;
 mod ckr;
 mod connection;
@@ -59,10 +60,11 @@ use parsec_interface::operations::psa_key_attributes::{
     Attributes, EccFamily, Lifetime, Policy, Type, UsageFlags,
 };
 use parsec_interface::operations::{
-    can_do_crypto, psa_asymmetric_decrypt, psa_asymmetric_encrypt, psa_destroy_key, psa_export_key,
-    psa_export_public_key, psa_generate_key, psa_generate_random, psa_hash_compare,
-    psa_hash_compute, psa_import_key, psa_raw_key_agreement, psa_sign_hash, psa_sign_message,
-    psa_verify_hash, psa_verify_message, NativeOperation, NativeResult,
+    can_do_crypto, psa_aead_decrypt, psa_aead_encrypt, psa_asymmetric_decrypt,
+    psa_asymmetric_encrypt, psa_destroy_key, psa_export_key, psa_export_public_key,
+    psa_generate_key, psa_generate_random, psa_hash_compare, psa_hash_compute, psa_import_key,
+    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
+    NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
@@ -85,6 +87,8 @@ const OPCODES: &[Opcode] = &[
     Opcode::PsaRawKeyAgreement,
     Opcode::PsaHashCompute,
     Opcode::PsaHashCompare,
+    Opcode::PsaAeadEncrypt,
+    Opcode::PsaAeadDecrypt,
     Opcode::PsaAsymmetricEncrypt,
     Opcode::PsaAsymmetricDecrypt,
     Opcode::PsaGenerateRandom,
@@ -300,6 +304,16 @@ impl Pkcs11Provider {
                 let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
                 self.intend(&key)?;
                 let conn = self.connection()?;
+                if op.attributes.key_type == Type::Aes {
+                    let template = secret_template(&key, &op.attributes, None);
+                    let handle = conn
+                        .session
+                        .generate_key(&Mechanism::AesKeyGen, &template)
+                        .map_err(|e| conn.fail("C_GenerateKey", e))?;
+                    crate::crash_point("pkcs11:after-objects");
+                    record(conn, keys, &op.key_name, key, op.attributes, &[handle])?;
+                    return Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}));
+                }
                 let (public, private) = templates(&key, &op.attributes)?;
                 let mechanism = match op.attributes.key_type {
                     Type::RsaKeyPair => Mechanism::RsaPkcsKeyPairGen,
@@ -350,6 +364,13 @@ impl Pkcs11Provider {
             }
             NativeOperation::PsaExportPublicKey(op) => {
                 let entry = keys.get(&op.key_name)?.clone();
+                if entry.attributes.key_type == Type::Aes {
+                    return Err(OpError::new(
+                        ResponseStatus::PsaErrorInvalidArgument,
+                        format!("a {:?} key has no public key", entry.attributes.key_type),
+                        "export a symmetric key with ExportKey (if it is exportable)",
+                    ));
+                }
                 let conn = self.connection()?;
                 let handle = conn.public(&entry.key_id)?;
                 let data = export_public(conn, handle, &entry.attributes)?;
@@ -430,6 +451,39 @@ impl Pkcs11Provider {
                 Ok(NativeResult::PsaVerifyMessage(
                     psa_verify_message::Result {},
                 ))
+            }
+            NativeOperation::PsaAeadEncrypt(op) => {
+                let entry = keys.get(&op.key_name)?.clone();
+                op.validate(entry.attributes)?;
+                self.limits.check_output(op.plaintext.len() + 16)?;
+                let conn = self.connection()?;
+                let ciphertext = aead::encrypt(
+                    conn,
+                    &entry,
+                    op.alg,
+                    &op.nonce,
+                    &op.additional_data,
+                    &op.plaintext,
+                )?;
+                Ok(NativeResult::PsaAeadEncrypt(psa_aead_encrypt::Result {
+                    ciphertext: ciphertext.into(),
+                }))
+            }
+            NativeOperation::PsaAeadDecrypt(op) => {
+                let entry = keys.get(&op.key_name)?.clone();
+                op.validate(entry.attributes)?;
+                let conn = self.connection()?;
+                let plaintext = aead::decrypt(
+                    conn,
+                    &entry,
+                    op.alg,
+                    &op.nonce,
+                    &op.additional_data,
+                    &op.ciphertext,
+                )?;
+                Ok(NativeResult::PsaAeadDecrypt(psa_aead_decrypt::Result {
+                    plaintext: plaintext.to_vec().into(),
+                }))
             }
             NativeOperation::PsaHashCompute(op) => {
                 self.limits.check_output(64)?;

@@ -113,6 +113,29 @@ pub(super) fn public_common(
     template
 }
 
+/// The secret-key object of an AES key: `value` for an import, the size for C_GenerateKey.
+pub(super) fn secret_template(
+    key: &KeyRef,
+    attributes: &Attributes,
+    value: Option<&[u8]>,
+) -> Vec<Attribute> {
+    let flags = attributes.policy.usage_flags;
+    let exportable = flags.export();
+    let mut template = common(key, ObjectClass::SECRET_KEY, KeyType::AES);
+    template.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(!exportable),
+        Attribute::Extractable(exportable),
+        Attribute::Encrypt(flags.encrypt()),
+        Attribute::Decrypt(flags.decrypt()),
+    ]);
+    match value {
+        Some(value) => template.push(Attribute::Value(value.to_vec())),
+        None => template.push(Attribute::ValueLen(((attributes.bits / 8) as u64).into())),
+    }
+    template
+}
+
 /// Public and private templates for C_GenerateKeyPair.
 pub(super) fn templates(
     key: &KeyRef,
@@ -232,6 +255,13 @@ pub(super) fn import_templates(
                 Attribute::EcPoint(der::to_octet_string(data)),
             ]);
             Ok((attributes, vec![public]))
+        }
+        Type::Aes => {
+            check_bits(&mut attributes, data.len() * 8)?;
+            Ok((
+                attributes,
+                vec![secret_template(key, &attributes, Some(data))],
+            ))
         }
         other => Err(not_supported(format!("importing {other:?}"))),
     }
