@@ -13,6 +13,8 @@ mod completion;
 mod core;
 mod slots;
 
+pub use self::core::is_cheap_opcode;
+
 use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;

@@ -47,11 +47,10 @@ pub fn is_cheap(frame: &[u8]) -> bool {
     let Some(opcode) = frame.get(28..32) else {
         return false;
     };
-    // Ping, ListProviders, ListOpcodes, ListAuthenticators, ListKeys, ListClients.
-    matches!(
-        u32::from_le_bytes([opcode[0], opcode[1], opcode[2], opcode[3]]),
-        0x01 | 0x08 | 0x09 | 0x0E | 0x1A | 0x1B
-    )
+    // The core provider's table says which.
+    crate::dispatcher::is_cheap_opcode(u32::from_le_bytes([
+        opcode[0], opcode[1], opcode[2], opcode[3],
+    ]))
 }
 
 /// Decodes a complete frame (header, body and auth) whose header `payload_len` accepted.

@@ -1,11 +1,33 @@
-//! CanDoCrypto for the software provider: which key types, sizes and algorithms it can
-//! generate, import and use.
+//! What the software provider can do: the requests it serves (ListOpcodes) and which key
+//! types, sizes and algorithms it can generate, import and use (CanDoCrypto, up-front checks).
 
 use crate::error::OpError;
 use parsec_interface::operations::can_do_crypto::CheckType;
 use parsec_interface::operations::psa_algorithm::{Algorithm, KeyAgreement};
 use parsec_interface::operations::psa_key_attributes::{Attributes, EccFamily, Type};
-use parsec_interface::requests::ResponseStatus;
+use parsec_interface::requests::{Opcode, ResponseStatus};
+
+/// What ListOpcodes answers for this provider: the requests it serves.
+pub(super) const OPCODES: &[Opcode] = &[
+    Opcode::PsaGenerateKey,
+    Opcode::PsaImportKey,
+    Opcode::PsaExportKey,
+    Opcode::PsaExportPublicKey,
+    Opcode::PsaDestroyKey,
+    Opcode::PsaSignHash,
+    Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
+    Opcode::PsaAsymmetricEncrypt,
+    Opcode::PsaAsymmetricDecrypt,
+    Opcode::PsaAeadEncrypt,
+    Opcode::PsaAeadDecrypt,
+    Opcode::PsaHashCompute,
+    Opcode::PsaHashCompare,
+    Opcode::PsaRawKeyAgreement,
+    Opcode::PsaGenerateRandom,
+    Opcode::CanDoCrypto,
+];
 
 fn unsupported(cause: String) -> OpError {
     OpError::new(

@@ -20,6 +20,7 @@
 //! might not, a key file left without its record is only ever reported, never destroyed.)
 
 mod capabilities;
+use capabilities::OPCODES;
 mod keygen;
 mod message;
 
@@ -52,27 +53,6 @@ const UUID: &str = "1c1139dc-ad7c-47dc-ad6b-db6fdb466552";
 /// PSA's range of key ids an application may choose.
 const FIRST_KEY_ID: u32 = 1;
 const LAST_KEY_ID: u32 = 0x3FFF_FFFF;
-
-const OPCODES: &[Opcode] = &[
-    Opcode::PsaGenerateKey,
-    Opcode::PsaImportKey,
-    Opcode::PsaExportKey,
-    Opcode::PsaExportPublicKey,
-    Opcode::PsaDestroyKey,
-    Opcode::PsaSignHash,
-    Opcode::PsaVerifyHash,
-    Opcode::PsaSignMessage,
-    Opcode::PsaVerifyMessage,
-    Opcode::PsaAsymmetricEncrypt,
-    Opcode::PsaAsymmetricDecrypt,
-    Opcode::PsaAeadEncrypt,
-    Opcode::PsaAeadDecrypt,
-    Opcode::PsaHashCompute,
-    Opcode::PsaHashCompare,
-    Opcode::PsaRawKeyAgreement,
-    Opcode::PsaGenerateRandom,
-    Opcode::CanDoCrypto,
-];
 
 pub struct MbedCryptoProvider {
     /// Key ids in use, by the store or by Mbed TLS.

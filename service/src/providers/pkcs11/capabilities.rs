@@ -1,6 +1,29 @@
-//! What the PKCS#11 provider can generate, import and use: the table behind CanDoCrypto and the up-front checks.
+//! What the PKCS#11 provider can do: the requests it serves (ListOpcodes) and what it can
+//! generate, import and use (CanDoCrypto and the up-front checks).
 
 use super::*;
+
+/// What ListOpcodes answers for this provider: the requests it serves.
+pub(super) const OPCODES: &[Opcode] = &[
+    Opcode::PsaGenerateKey,
+    Opcode::PsaImportKey,
+    Opcode::PsaExportKey,
+    Opcode::PsaExportPublicKey,
+    Opcode::PsaDestroyKey,
+    Opcode::PsaSignHash,
+    Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
+    Opcode::PsaRawKeyAgreement,
+    Opcode::PsaHashCompute,
+    Opcode::PsaHashCompare,
+    Opcode::PsaAeadEncrypt,
+    Opcode::PsaAeadDecrypt,
+    Opcode::PsaAsymmetricEncrypt,
+    Opcode::PsaAsymmetricDecrypt,
+    Opcode::PsaGenerateRandom,
+    Opcode::CanDoCrypto,
+];
 
 /// The key types and sizes the provider asks tokens for (0 bits: an import's size comes
 /// from its data).

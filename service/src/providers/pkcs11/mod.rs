@@ -74,27 +74,6 @@ use zeroize::Zeroizing;
 const UUID: &str = "30e39502-eba6-4d60-a4af-c518b7f5e38f";
 const ID_LEN: usize = 16;
 
-const OPCODES: &[Opcode] = &[
-    Opcode::PsaGenerateKey,
-    Opcode::PsaImportKey,
-    Opcode::PsaExportKey,
-    Opcode::PsaExportPublicKey,
-    Opcode::PsaDestroyKey,
-    Opcode::PsaSignHash,
-    Opcode::PsaVerifyHash,
-    Opcode::PsaSignMessage,
-    Opcode::PsaVerifyMessage,
-    Opcode::PsaRawKeyAgreement,
-    Opcode::PsaHashCompute,
-    Opcode::PsaHashCompare,
-    Opcode::PsaAeadEncrypt,
-    Opcode::PsaAeadDecrypt,
-    Opcode::PsaAsymmetricEncrypt,
-    Opcode::PsaAsymmetricDecrypt,
-    Opcode::PsaGenerateRandom,
-    Opcode::CanDoCrypto,
-];
-
 pub struct Pkcs11Provider {
     settings: Pkcs11Settings,
     conn: Device<Connection>,

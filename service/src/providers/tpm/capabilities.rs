@@ -1,6 +1,26 @@
-//! What the TPM provider can do (CanDoCrypto): one table of key types, sizes and algorithms.
+//! What the TPM provider can do: the requests it serves (ListOpcodes) and one table of key
+//! types, sizes and algorithms (CanDoCrypto and the up-front checks).
 
 use super::*;
+
+/// What ListOpcodes answers for this provider: the requests it serves.
+pub(super) const OPCODES: &[Opcode] = &[
+    Opcode::PsaGenerateKey,
+    Opcode::PsaImportKey,
+    Opcode::PsaExportPublicKey,
+    Opcode::PsaDestroyKey,
+    Opcode::PsaSignHash,
+    Opcode::PsaVerifyHash,
+    Opcode::PsaSignMessage,
+    Opcode::PsaVerifyMessage,
+    Opcode::PsaRawKeyAgreement,
+    Opcode::PsaAsymmetricEncrypt,
+    Opcode::PsaAsymmetricDecrypt,
+    Opcode::PsaGenerateRandom,
+    Opcode::CanDoCrypto,
+    Opcode::PrepareKeyAttestation,
+    Opcode::AttestKey,
+];
 
 /// The key types and sizes the TPM holds (0 bits: an import's size comes from its data).
 pub(super) fn size_ok(check_type: CheckType, attributes: Attributes) -> bool {

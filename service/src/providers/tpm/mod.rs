@@ -78,24 +78,6 @@ const UUID: &str = "1e4954a4-ff21-46d3-ab0c-661eeb667e1d";
 /// Most bytes TPM2_GetRandom returns per call (the size of the TPM's largest digest).
 const RANDOM_CHUNK: usize = 32;
 
-const OPCODES: &[Opcode] = &[
-    Opcode::PsaGenerateKey,
-    Opcode::PsaImportKey,
-    Opcode::PsaExportPublicKey,
-    Opcode::PsaDestroyKey,
-    Opcode::PsaSignHash,
-    Opcode::PsaVerifyHash,
-    Opcode::PsaSignMessage,
-    Opcode::PsaVerifyMessage,
-    Opcode::PsaRawKeyAgreement,
-    Opcode::PsaAsymmetricEncrypt,
-    Opcode::PsaAsymmetricDecrypt,
-    Opcode::PsaGenerateRandom,
-    Opcode::CanDoCrypto,
-    Opcode::PrepareKeyAttestation,
-    Opcode::AttestKey,
-];
-
 pub struct TpmProvider {
     settings: TpmSettings,
     tcti: TctiNameConf,
