@@ -73,12 +73,24 @@ pub(super) fn check(
     }
     match attributes.policy.permitted_algorithms {
         Algorithm::AsymmetricSignature(sig) => {
-            if !matches!(
-                sig,
-                AsymmetricSignature::RsaPkcs1v15Sign { .. }
-                    | AsymmetricSignature::RsaPss { .. }
-                    | AsymmetricSignature::Ecdsa { .. }
-            ) {
+            // The hash must be one the signature can be made with: a DigestInfo prefix for
+            // PKCS#1 v1.5 (SHA-1, SHA-2; not RIPEMD-160 or SHA-3), a PKCS#11 hash and MGF for
+            // PSS; ECDSA signs whatever digest it is given.
+            let hash_ok = |hash: SignHash, ok: &dyn Fn(Hash) -> bool| match hash {
+                SignHash::Specific(h) => ok(h),
+                SignHash::Any => true,
+            };
+            let supported = match sig {
+                AsymmetricSignature::RsaPkcs1v15Sign { hash_alg } => {
+                    hash_ok(hash_alg, &|h| digest_info(h).is_some())
+                }
+                AsymmetricSignature::RsaPss { hash_alg } => {
+                    hash_ok(hash_alg, &|h| hash_mechanism(h).is_ok())
+                }
+                AsymmetricSignature::Ecdsa { .. } => true,
+                _ => false,
+            };
+            if !supported {
                 return Err(not_supported(format!("signature algorithm {sig:?}")));
             }
         }
