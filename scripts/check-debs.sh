@@ -21,7 +21,9 @@ arches=("$@")
 [ "$(id -u)" -eq 0 ] || { echo "check-debs: run as root (debootstrap, chroot)" >&2; exit 1; }
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 work=${CHECK_DEBS_DIR:-/var/tmp/parsec-check-debs}
-version=$(dpkg-parsechangelog -S Version)
+# The release's version when this tree is the pinned release, else a +git snapshot above it.
+base=$(dpkg-parsechangelog -S Version)
+version=$(bash scripts/release.sh deb-version)
 newer="$version+rebuild1"
 mkdir -p dist "$work"
 step() { printf '== debs: %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
@@ -40,13 +42,15 @@ trap cleanup EXIT
 # 1. The packages: this version, and a newer build of it for the upgrade.
 build() { # arch version
     local arch=$1 v=$2 src=$top
-    if [ "$v" != "$version" ]; then
+    if [ "$v" != "$base" ]; then
         # The same tree with one more changelog entry (restored at once): cargo has
         # nothing to rebuild.
         local maintainer
         maintainer=$(dpkg-parsechangelog -S Maintainer)
         cp debian/changelog "$work/changelog.saved"
-        { printf 'parsec-edge (%s) bookworm; urgency=medium\n\n  * Rebuild (the upgrade check).\n\n' "$v"
+        local why="Rebuild (the upgrade check)."
+        [ "$v" = "$newer" ] || why="Snapshot of $(git rev-parse --short=8 HEAD), after the release."
+        { printf 'parsec-edge (%s) bookworm; urgency=medium\n\n  * %s\n\n' "$v" "$why"
           printf ' -- %s  %s\n\n' "$maintainer" "$(date -R)"
           cat "$work/changelog.saved"; } > debian/changelog
     fi
@@ -54,7 +58,7 @@ build() { # arch version
     [ "$arch" = "$(dpkg --print-architecture)" ] || opts+=(-a"$arch")
     local rc=0
     (cd "$src" && dpkg-buildpackage "${opts[@]}" > "$work/build-$arch-$v.log" 2>&1) || rc=$?
-    [ "$v" = "$version" ] || cp "$work/changelog.saved" debian/changelog
+    [ "$v" = "$base" ] || cp "$work/changelog.saved" debian/changelog
     if [ "$rc" -ne 0 ]; then
         tail -30 "$work/build-$arch-$v.log"
         echo "check-debs: build of $arch $v failed ($work/build-$arch-$v.log)" >&2

@@ -8,6 +8,8 @@
 #   scripts/release.sh pin COMMIT     # after the release commit: pin the recipe to it and
 #                                     # record its tarball's sha256 in the Buildroot .hash
 #   scripts/release.sh all            # tarball, .debs (scripts/check-debs.sh), SHA256SUMS
+#   scripts/release.sh deb-version    # the .debs' version for this tree (a +git snapshot
+#                                     # unless the tree is the pinned release)
 #
 # A release: set the version in Cargo.toml, add a debian/changelog entry and rename the
 # recipe (parsec-service_VERSION.bb); commit; `scripts/release.sh pin HEAD` and
@@ -25,6 +27,23 @@ version=$(python3 -c 'import tomllib; print(tomllib.load(open("Cargo.toml", "rb"
 recipe=$recipe_dir/parsec-service_$version.bb
 pinned() { sed -n 's/^PARSEC_SRCREV ??= "\([0-9a-f]\{40\}\)"$/\1/p' "$recipe"; }
 tarball_name=parsec-service-$version.tar.gz
+
+# The .deb version for this tree: the changelog's when the tree is the pinned release commit
+# (the pin files aside), else a snapshot above it: UPSTREAM+gitN.COMMIT-REVISION, N commits
+# after the release (a .deb built from main between releases must not claim the release).
+deb_version() {
+    local base commit n
+    base=$(dpkg-parsechangelog -l debian/changelog -S Version)
+    commit=$(pinned)
+    if [ -n "$commit" ] && git cat-file -e "$commit^{commit}" 2>/dev/null &&
+        git diff --quiet "$commit" HEAD -- . ":(exclude)$recipe_dir" ":(exclude)$br_hash" &&
+        git diff --quiet HEAD -- .; then
+        echo "$base"
+        return
+    fi
+    n=$(git rev-list --count "${commit:-HEAD}..HEAD" 2>/dev/null || echo 0)
+    echo "${base%-*}+git$n.$(git rev-parse --short=8 HEAD)-${base##*-}"
+}
 
 make_tarball() { # commit output
     git archive --format=tar --prefix="parsec-service-$version/" "$1" | gzip -n -9 > "$2"
@@ -80,13 +99,14 @@ check() {
         [ -f "$deb" ] || continue
         local v
         v=$(dpkg-deb -f "$deb" Version)
-        case "$v" in "$version"-*) ;; *) fail "$deb is version $v, not $version-*" ;; esac
+        case "$v" in "$version"-* | "$version"+git*) ;; *) fail "$deb is version $v, not $version-* (or a $version+git snapshot)" ;; esac
     done
     python3 scripts/licences.py check
 }
 
 case "${1:-check}" in
     check) check ;;
+    deb-version) deb_version ;;
     tarball)
         commit=$(pinned)
         [ -n "$commit" ] || fail "$recipe pins no commit"
@@ -108,6 +128,8 @@ case "${1:-check}" in
         echo "pinned ${commit:0:12}; $tarball_name sha256 $sum"
         ;;
     all)
+        [ "$(deb_version)" = "$(dpkg-parsechangelog -S Version)" ] ||
+            fail "this tree is not the pinned release commit $(pinned) (the .debs would be $(deb_version)): pin it first"
         "$0" tarball
         bash scripts/check-debs.sh
         (cd dist && sha256sum "$tarball_name" parsec-edge_"$version"-*.deb > SHA256SUMS && cat SHA256SUMS)
