@@ -48,7 +48,7 @@ fn mechanism<'a>(
     Ok(Mechanism::AesGcm(GcmParams::new(
         nonce,
         additional_data,
-        ((tag * 8) as u64).into(),
+        ((tag * 8) as std::os::raw::c_ulong).into(),
     )))
 }
 

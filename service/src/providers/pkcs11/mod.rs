@@ -216,7 +216,7 @@ impl Pkcs11Provider {
             Attribute::Token(false),
             Attribute::Sensitive(false),
             Attribute::Extractable(true),
-            Attribute::ValueLen((len as u64).into()),
+            Attribute::ValueLen((len as std::os::raw::c_ulong).into()),
         ];
         let secret = conn
             .session

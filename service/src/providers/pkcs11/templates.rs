@@ -131,7 +131,9 @@ pub(super) fn secret_template(
     ]);
     match value {
         Some(value) => template.push(Attribute::Value(value.to_vec())),
-        None => template.push(Attribute::ValueLen(((attributes.bits / 8) as u64).into())),
+        None => template.push(Attribute::ValueLen(
+            ((attributes.bits / 8) as std::os::raw::c_ulong).into(),
+        )),
     }
     template
 }
