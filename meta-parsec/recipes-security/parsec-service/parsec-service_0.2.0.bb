@@ -22,7 +22,7 @@ NO_GENERIC_LICENSE[Unicode-3.0] = "${PARSEC_UNICODE_LICENSE_FILE}"
 # (regenerate the crate list from that commit's Cargo.lock: parsec-crates.py update).
 PARSEC_SRC_URI ??= "git://${PARSEC_TOPDIR};protocol=file;branch=main"
 SRC_URI = "${PARSEC_SRC_URI};destsuffix=git"
-PARSEC_SRCREV ??= "8b51caba053b9f5038fac64bc4301b9f6a7c5e9f"
+PARSEC_SRCREV ??= "942be4fbb76ac6cb695ed5426830551a8fa2519c"
 SRCREV = "${PARSEC_SRCREV}"
 S = "${@d.getVar('UNPACKDIR') or d.getVar('WORKDIR')}/git"
 
