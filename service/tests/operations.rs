@@ -304,17 +304,7 @@ fn common_p256() -> Attributes {
 fn messages_are_signed_and_verified() {
     let daemon = Daemon::start("messages");
     let client = daemon.client("alice");
-    common::assert_sign_verify_message(
-        &client,
-        common::ecc(),
-        256,
-        common::ecdsa(Hash::Sha256),
-        Hash::Sha256,
-    );
-    let pss = AsymmetricSignature::RsaPss {
-        hash_alg: Hash::Sha384.into(),
-    };
-    common::assert_sign_verify_message(&client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+    common::assert_messages_signed_and_verified(&client);
 }
 
 #[test]

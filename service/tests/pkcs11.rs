@@ -613,14 +613,7 @@ fn raw_key_agreement_matches_openssl() {
     let hsm = SoftHsm::new("ecdh");
     let daemon = hsm_daemon("hsm-ecdh", &hsm, "");
     let client = hsm_client(&daemon, "alice");
-    common::assert_raw_ecdh_matches_openssl(
-        &client,
-        &daemon,
-        &[
-            (EccFamily::SecpR1, 256, "prime256v1"),
-            (EccFamily::SecpR1, 384, "secp384r1"),
-        ],
-    );
+    common::assert_raw_ecdh_matches_openssl(&client, &daemon, common::SECP_R1_256_384);
 }
 
 /// SignMessage and VerifyMessage, beyond upstream 1.5.0: ECDSA P-256 and RSA PSS.
@@ -629,17 +622,7 @@ fn messages_are_signed_and_verified() {
     let hsm = SoftHsm::new("messages");
     let daemon = hsm_daemon("hsm-messages", &hsm, "");
     let client = hsm_client(&daemon, "alice");
-    common::assert_sign_verify_message(
-        &client,
-        common::ecc(),
-        256,
-        common::ecdsa(Hash::Sha256),
-        Hash::Sha256,
-    );
-    let pss = AsymmetricSignature::RsaPss {
-        hash_alg: Hash::Sha384.into(),
-    };
-    common::assert_sign_verify_message(&client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+    common::assert_messages_signed_and_verified(&client);
 }
 
 #[test]

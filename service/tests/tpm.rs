@@ -45,14 +45,7 @@ fn raw_key_agreement_matches_openssl() {
     let tpm = Swtpm::start("ecdh");
     let daemon = tpm_daemon("tpm-ecdh", &tpm);
     let client = tpm_client(&daemon, "alice");
-    common::assert_raw_ecdh_matches_openssl(
-        &client,
-        &daemon,
-        &[
-            (EccFamily::SecpR1, 256, "prime256v1"),
-            (EccFamily::SecpR1, 384, "secp384r1"),
-        ],
-    );
+    common::assert_raw_ecdh_matches_openssl(&client, &daemon, common::SECP_R1_256_384);
 }
 
 /// SignMessage and VerifyMessage, beyond upstream 1.5.0: ECDSA P-256 and RSA PSS.
@@ -61,17 +54,7 @@ fn messages_are_signed_and_verified() {
     let tpm = Swtpm::start("messages");
     let daemon = tpm_daemon("tpm-messages", &tpm);
     let client = tpm_client(&daemon, "alice");
-    common::assert_sign_verify_message(
-        &client,
-        common::ecc(),
-        256,
-        common::ecdsa(Hash::Sha256),
-        Hash::Sha256,
-    );
-    let pss = AsymmetricSignature::RsaPss {
-        hash_alg: Hash::Sha384.into(),
-    };
-    common::assert_sign_verify_message(&client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+    common::assert_messages_signed_and_verified(&client);
 }
 
 #[test]

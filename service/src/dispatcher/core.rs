@@ -24,21 +24,14 @@ pub(super) const CORE_OPCODES: &[Opcode] = &[
     Opcode::ListKeys,
 ];
 
-/// The requests the event loop answers ahead of queued cryptographic work: every core
-/// request that is answered from memory (the listings; DeleteClient writes the key store
-/// and waits its turn).
-const CHEAP_OPCODES: &[Opcode] = &[
-    Opcode::Ping,
-    Opcode::ListProviders,
-    Opcode::ListOpcodes,
-    Opcode::ListAuthenticators,
-    Opcode::ListKeys,
-    Opcode::ListClients,
-];
-
-/// Whether a header's raw opcode is one of [`CHEAP_OPCODES`].
+/// Whether a header's raw opcode is one the event loop answers ahead of queued cryptographic
+/// work: every core request answered from memory, which is the listed ones and ListClients
+/// (DeleteClient writes the key store and waits its turn).
 pub fn is_cheap_opcode(raw: u32) -> bool {
-    CHEAP_OPCODES.iter().any(|&op| op as u32 == raw)
+    CORE_OPCODES
+        .iter()
+        .chain(&[Opcode::ListClients])
+        .any(|&op| op as u32 == raw)
 }
 
 impl Dispatcher {

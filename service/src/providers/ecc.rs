@@ -1,5 +1,6 @@
-//! The public point of an ECC private key, for providers whose devices want both halves when
-//! a key is imported (PSA's key pair format is the private scalar alone).
+//! ECC points for the device providers: the public point of an imported private key (PSA's
+//! key pair format is the private scalar alone, devices want both halves), and the peer's
+//! point of a raw key agreement.
 
 use crate::error::OpError;
 use parsec_interface::requests::ResponseStatus;
@@ -38,6 +39,20 @@ pub fn public_point(bits: usize, scalar: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Op
         return Err(bad());
     }
     Ok((point[1..1 + len].to_vec(), point[1 + len..].to_vec()))
+}
+
+/// The x and y of a raw key agreement's peer key, PSA's uncompressed point 0x04||x||y on a
+/// curve of `bits`; anything else is an invalid argument.
+pub fn peer_point(bits: usize, peer: &[u8]) -> Result<(&[u8], &[u8]), OpError> {
+    let len = bits.div_ceil(8);
+    if peer.len() != 1 + 2 * len || peer[0] != 0x04 {
+        return Err(OpError::new(
+            ResponseStatus::PsaErrorInvalidArgument,
+            format!("a {}-byte peer key for a {bits}-bit curve", peer.len()),
+            "the peer key is the uncompressed point 0x04||x||y on the key's curve",
+        ));
+    }
+    Ok((&peer[1..1 + len], &peer[1 + len..]))
 }
 
 #[cfg(test)]

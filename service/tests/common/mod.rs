@@ -790,24 +790,28 @@ pub fn assert_public_key_generation_refused(client: &BasicClient) {
     );
 }
 
+/// Runs `script` with sh in `dir` (openssl pipelines); its stdout, or a panic with its stderr.
+#[allow(dead_code)]
+pub fn shell(dir: &Path, script: &str) -> Vec<u8> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Public key data made by openssl: (PKCS#1 RSAPublicKey DER of an RSA-1024 key, the
 /// uncompressed point of a P-256 key, the uncompressed point of a P-224 key).
 #[allow(dead_code)]
 pub fn openssl_public_keys(dir: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let run = |script: &str| {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let run = |script: &str| shell(dir, script);
     let rsa = run(
         "openssl genrsa 1024 2>/dev/null | openssl rsa -RSAPublicKey_out -outform DER 2>/dev/null",
     );
@@ -914,6 +918,23 @@ pub fn assert_can_do_crypto_rules(client: &BasicClient) {
         .expect("generate check, no algorithm: the key can be made");
 }
 
+/// SignMessage and VerifyMessage with ECDSA P-256 (SHA-256) and RSA-2048 PSS (SHA-384).
+#[allow(dead_code)]
+pub fn assert_messages_signed_and_verified(client: &BasicClient) {
+    assert_sign_verify_message(client, ecc(), 256, ecdsa(Hash::Sha256), Hash::Sha256);
+    let pss = AsymmetricSignature::RsaPss {
+        hash_alg: Hash::Sha384.into(),
+    };
+    assert_sign_verify_message(client, Type::RsaKeyPair, 2048, pss, Hash::Sha384);
+}
+
+/// The NIST curves every provider offers ECDH on, with openssl's names.
+#[allow(dead_code)]
+pub const SECP_R1_256_384: &[(EccFamily, usize, &str)] = &[
+    (EccFamily::SecpR1, 256, "prime256v1"),
+    (EccFamily::SecpR1, 384, "secp384r1"),
+];
+
 /// SignMessage and VerifyMessage (beyond upstream 1.5.0): a message signature is the
 /// signature of the message's hash (VerifyHash accepts it); a damaged one is refused; a key
 /// made for messages only signs messages and not hashes.
@@ -1002,20 +1023,7 @@ pub fn assert_raw_ecdh_matches_openssl(
     let ecdh = RawKeyAgreement::Ecdh;
     let mut derive = UsageFlags::default();
     derive.set_derive();
-    let sh = |script: String| {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
+    let sh = |script: String| shell(dir, &script);
     let mut failures = Vec::new();
     for &(family, bits, curve) in curves {
         let agreement = Attributes {

@@ -95,14 +95,7 @@ pub(super) fn decrypt(
         Ok(plaintext) => Ok(Zeroizing::new(plaintext)),
         Err(e) => {
             let mut error = conn.fail("C_Decrypt", e);
-            let refused = [
-                "CKR_ENCRYPTED_DATA_INVALID",
-                "CKR_GENERAL_ERROR",
-                "CKR_FUNCTION_FAILED",
-            ]
-            .iter()
-            .any(|ckr| error.cause.contains(ckr));
-            if refused && conn.session.get_session_info().is_ok() {
+            if conn.refused_ciphertext(&error, &["CKR_ENCRYPTED_DATA_INVALID"]) {
                 error.status = ResponseStatus::PsaErrorInvalidSignature;
                 error.hint = "the ciphertext, nonce or additional data is not what was encrypted with this key";
             }

@@ -170,6 +170,18 @@ impl Connection {
         Ok(found)
     }
 
+    /// Whether a failed C_Decrypt was the module refusing the ciphertext, not a broken
+    /// session: SoftHSM2 (and other modules) answer input that does not decrypt with
+    /// CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED, or one of `also`, and the session is still
+    /// healthy afterwards.
+    pub(super) fn refused_ciphertext(&mut self, error: &OpError, also: &[&str]) -> bool {
+        ["CKR_GENERAL_ERROR", "CKR_FUNCTION_FAILED"]
+            .iter()
+            .chain(also)
+            .any(|ckr| error.cause.contains(ckr))
+            && self.session.get_session_info().is_ok()
+    }
+
     pub(super) fn private(&mut self, key_id: &[u8]) -> Result<ObjectHandle, OpError> {
         self.objects(key_id)?.private.ok_or_else(|| {
             OpError::new(

@@ -196,17 +196,7 @@ impl Pkcs11Provider {
     fn ecdh(&mut self, entry: &KeyEntry, peer: &[u8]) -> Result<Vec<u8>, OpError> {
         use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
         let len = entry.attributes.bits.div_ceil(8);
-        if peer.len() != 1 + 2 * len || peer[0] != 0x04 {
-            return Err(OpError::new(
-                ResponseStatus::PsaErrorInvalidArgument,
-                format!(
-                    "a {}-byte peer key for a {}-bit curve",
-                    peer.len(),
-                    entry.attributes.bits
-                ),
-                "the peer key is the uncompressed point 0x04||x||y on the key's curve",
-            ));
-        }
+        ecc::peer_point(entry.attributes.bits, peer)?;
         let conn = self.connection()?;
         let handle = conn.private(&entry.key_id)?;
         let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
@@ -528,13 +518,8 @@ impl Pkcs11Provider {
                     .decrypt(&mechanism, handle, &op.ciphertext)
                     .map_err(|e| {
                         let mut err = conn.fail("C_Decrypt", e);
-                        // SoftHSM (and other modules) answer a ciphertext whose padding does
-                        // not check with CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED. If the
-                        // session is still healthy, the input was at fault.
-                        if (err.cause.contains("CKR_GENERAL_ERROR")
-                            || err.cause.contains("CKR_FUNCTION_FAILED"))
-                            && conn.session.get_session_info().is_ok()
-                        {
+                        // A padding that does not check: the input was at fault.
+                        if conn.refused_ciphertext(&err, &[]) {
                             err.status = ResponseStatus::PsaErrorInvalidPadding;
                             err.cause.push_str("; the session is healthy, so this is the module's answer to a ciphertext that does not decrypt");
                             err.hint = "the ciphertext was not made with this key and algorithm";

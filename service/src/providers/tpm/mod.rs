@@ -345,22 +345,11 @@ impl TpmProvider {
                 let (blob, attributes) = Self::blob_of(keys, &op.private_key_name)?;
                 op.validate(attributes)?;
                 let len = attributes.bits.div_ceil(8);
-                let peer = &op.peer_key;
-                if peer.len() != 1 + 2 * len || peer[0] != 0x04 {
-                    return Err(OpError::new(
-                        ResponseStatus::PsaErrorInvalidArgument,
-                        format!(
-                            "a {}-byte peer key for a {}-bit curve",
-                            peer.len(),
-                            attributes.bits
-                        ),
-                        "the peer key is the uncompressed point 0x04||x||y on the key's curve",
-                    ));
-                }
+                let (x, y) = super::ecc::peer_point(attributes.bits, &op.peer_key)?;
                 let point = EccPoint::new(
-                    EccParameter::try_from(peer[1..1 + len].to_vec())
+                    EccParameter::try_from(x.to_vec())
                         .map_err(|e| keys::tss_wrapper("the peer key's x", e))?,
-                    EccParameter::try_from(peer[1 + len..].to_vec())
+                    EccParameter::try_from(y.to_vec())
                         .map_err(|e| keys::tss_wrapper("the peer key's y", e))?,
                 );
                 let blob = blob.to_vec();
