@@ -23,7 +23,11 @@ recipe_dir=meta-parsec/recipes-security/parsec-service
 br_mk=buildroot-ext/package/parsec-service/parsec-service.mk
 br_hash=buildroot-ext/package/parsec-service/parsec-service.hash
 
-version=$(python3 -c 'import tomllib; print(tomllib.load(open("Cargo.toml", "rb"))["workspace"]["package"]["version"])')
+# The workspace version of the Cargo.toml on stdin.
+workspace_version() {
+    python3 -c 'import sys, tomllib; print(tomllib.loads(sys.stdin.read())["workspace"]["package"]["version"])'
+}
+version=$(workspace_version < Cargo.toml)
 recipe=$recipe_dir/parsec-service_$version.bb
 pinned() { sed -n 's/^PARSEC_SRCREV ??= "\([0-9a-f]\{40\}\)"$/\1/p' "$recipe"; }
 tarball_name=parsec-service-$version.tar.gz
@@ -71,7 +75,7 @@ check() {
         fail "the pinned commit $commit is not in this clone (a shallow clone? fetch the history)"
     git merge-base --is-ancestor "$commit" HEAD || fail "the pinned commit $commit is not on this branch"
     local at_commit
-    at_commit=$(git show "$commit:Cargo.toml" | python3 -c 'import sys, tomllib; print(tomllib.loads(sys.stdin.read())["workspace"]["package"]["version"])')
+    at_commit=$(git show "$commit:Cargo.toml" | workspace_version)
     [ "$at_commit" = "$version" ] || fail "the pinned commit $commit is version $at_commit, not $version"
     echo "   Yocto: $recipe pins ${commit:0:12} (version $at_commit)"
 
