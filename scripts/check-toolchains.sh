@@ -50,5 +50,8 @@ while read -r version system; do
         echo "check-toolchains: Rust $version ($system) does NOT build the locked tree" >&2
         failures=$((failures + 1))
     fi
+    # ~1.1 GiB each: removed once checked, so that CI's disk peak stays low (keep them with
+    # KEEP_TOOLCHAIN_TARGETS=1 for faster re-runs).
+    [ "${KEEP_TOOLCHAIN_TARGETS:-0}" = 1 ] || rm -rf "target/toolchain-$version"
 done <<<"$table"
 [ "$failures" -eq 0 ]

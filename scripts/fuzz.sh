@@ -17,8 +17,11 @@ if [ "$target" = front_end ]; then
     cargo run -q -p parsec-bench --bin parsec-seeds --locked -- "$corpus"
 fi
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo "+$toolchain" fuzz run "$target" "$corpus" -- \
+# The front_end target keeps its service's key store under $TMPDIR: one scratch directory
+# per run, removed with the log.
+scratch=$(mktemp -d)
+trap 'rm -rf "$log" "$scratch"' EXIT
+TMPDIR="$scratch" cargo "+$toolchain" fuzz run "$target" "$corpus" -- \
     -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=256 -timeout=20 \
     -print_final_stats=1 2>&1 | tee "$log" | grep -E "^#[0-9]+ +(INITED|DONE|pulse)|ERROR|panicked|SUMMARY" || true
 status=${PIPESTATUS[0]}
