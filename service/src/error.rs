@@ -7,7 +7,7 @@
 use parsec_interface::requests::ResponseStatus;
 use std::fmt;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct OpError {
     /// The most precise status the client can be given.
     pub status: ResponseStatus,

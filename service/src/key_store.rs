@@ -476,67 +476,84 @@ pub struct Committed {
     unlinked: Vec<KeyTriple>,
 }
 
-/// Makes every change of a batch durable, sharing the syncs: the new files' contents first,
-/// then their names and the removals, then the directories. Touches only the files, never
-/// the store's maps: it runs on the store's writer thread while the event loop serves on.
+/// Makes every change of a batch durable (`durable_all` of one batch).
 pub fn durable(batch: Batch) -> Committed {
-    let Batch {
-        inserts, removes, ..
-    } = &batch;
+    durable_all(vec![batch])
+        .pop()
+        .expect("one committed batch per batch")
+}
+
+/// Makes every change of several batches durable, sharing the syncs (group commit): the new
+/// files' contents first, then their names and the removals, batch by batch in the order
+/// given, then the directories. A set of several changes syncs the file system once per
+/// phase (`sync_file_systems`) instead of each file and directory, however many batches
+/// they came in. Touches only the files, never the store's maps: it runs on the store's
+/// writer thread while the event loop serves on. A batch whose rename fails fails alone; a
+/// failed sync fails every batch (none of their new entries is kept).
+pub fn durable_all(batches: Vec<Batch>) -> Vec<Committed> {
+    let changes: usize = batches
+        .iter()
+        .map(|b| b.inserts.len() + b.removes.len())
+        .sum();
+    let group = changes > 1;
+    let inserts = || batches.iter().flat_map(|b| b.inserts.iter());
+    // Phase 1: the new files' contents.
+    let mut shared: Result<(), OpError> = Ok(());
+    if group {
+        if inserts().next().is_some() {
+            if let Err(e) = sync_file_systems(inserts().filter_map(|s| s.tmp.parent())) {
+                shared = Err(OpError::storage("syncing the key store", &e));
+            }
+        }
+    } else if let Some(staged) = inserts().next() {
+        if let Err(e) = File::open(&staged.tmp).and_then(|f| f.sync_all()) {
+            shared = Err(OpError::storage(
+                &format!("syncing {}", staged.tmp.display()),
+                &e,
+            ));
+        }
+    }
+    // Phase 2, batch by batch: renames, then removals (a removal is done whatever the
+    // outcome: `apply` forgets what was unlinked).
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut outcome = Ok(());
-    // The new files' contents first, then their names and the removals, then each
-    // directory once. A batch of several changes syncs the file system once per phase
-    // instead of each file and directory (`sync_fs`).
-    let group = inserts.len() + removes.len() > 1;
-    if group && !inserts.is_empty() {
-        let tmp_dirs = inserts.iter().filter_map(|s| s.tmp.parent());
-        if let Err(e) = sync_file_systems(tmp_dirs) {
-            outcome = Err(OpError::storage("syncing the key store", &e));
-        }
-    } else {
-        for staged in inserts {
-            if let Err(e) = File::open(&staged.tmp).and_then(|f| f.sync_all()) {
-                outcome = Err(OpError::storage(
-                    &format!("syncing {}", staged.tmp.display()),
-                    &e,
-                ));
-                break;
-            }
-        }
-    }
-    let mut renamed = 0;
-    if outcome.is_ok() {
-        for staged in inserts {
-            if let Err(e) = fs::rename(&staged.tmp, &staged.path) {
-                outcome = Err(OpError::storage(
-                    &format!("writing {}", staged.path.display()),
-                    &e,
-                ));
-                break;
-            }
-            renamed += 1;
-            dirs.extend(staged.path.parent().map(Path::to_path_buf));
-        }
-    }
-    let mut unlinked = Vec::new();
-    for (key, path) in removes {
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                if outcome.is_ok() {
+    let mut outcomes = Vec::with_capacity(batches.len());
+    for batch in &batches {
+        let mut outcome = shared.clone();
+        let mut renamed = 0;
+        if outcome.is_ok() {
+            for staged in &batch.inserts {
+                if let Err(e) = fs::rename(&staged.tmp, &staged.path) {
                     outcome = Err(OpError::storage(
-                        &format!("removing {}", path.display()),
+                        &format!("writing {}", staged.path.display()),
                         &e,
                     ));
+                    break;
                 }
-                continue;
+                renamed += 1;
+                dirs.extend(staged.path.parent().map(Path::to_path_buf));
             }
         }
-        unlinked.push(key.clone());
-        dirs.extend(path.parent().map(Path::to_path_buf));
+        let mut unlinked = Vec::new();
+        for (key, path) in &batch.removes {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(OpError::storage(
+                            &format!("removing {}", path.display()),
+                            &e,
+                        ));
+                    }
+                    continue;
+                }
+            }
+            unlinked.push(key.clone());
+            dirs.extend(path.parent().map(Path::to_path_buf));
+        }
+        outcomes.push((outcome, renamed, unlinked));
     }
+    // Phase 3: the directories, once.
     let synced = if group {
         sync_file_systems(dirs.iter().map(PathBuf::as_path))
             .map_err(|e| ("the key store".to_string(), e))
@@ -544,25 +561,30 @@ pub fn durable(batch: Batch) -> Committed {
         dirs.iter()
             .try_for_each(|dir| sync_dir(dir).map_err(|e| (dir.display().to_string(), e)))
     };
-    if let Err((what, e)) = synced {
-        if outcome.is_ok() {
-            outcome = Err(OpError::storage(&format!("syncing {what}"), &e));
-        }
-    }
-    if outcome.is_err() {
-        for (i, staged) in inserts.iter().enumerate() {
-            let _ = fs::remove_file(if i < renamed {
-                &staged.path
-            } else {
-                &staged.tmp
-            });
-        }
-    }
-    Committed {
-        outcome,
-        unlinked,
-        batch,
-    }
+    let synced = synced.map_err(|(what, e)| OpError::storage(&format!("syncing {what}"), &e));
+    batches
+        .into_iter()
+        .zip(outcomes)
+        .map(|(batch, (mut outcome, renamed, unlinked))| {
+            if let (Ok(()), Err(e)) = (&outcome, &synced) {
+                outcome = Err(e.clone());
+            }
+            if outcome.is_err() {
+                for (i, staged) in batch.inserts.iter().enumerate() {
+                    let _ = fs::remove_file(if i < renamed {
+                        &staged.path
+                    } else {
+                        &staged.tmp
+                    });
+                }
+            }
+            Committed {
+                outcome,
+                unlinked,
+                batch,
+            }
+        })
+        .collect()
 }
 
 /// Writes an entry's temporary file beside its final name (not synced) and returns its path.
@@ -754,6 +776,62 @@ mod tests {
             assert_eq!(store.get(key), Some(&entry(i as u8)));
         }
         assert!(!store.contains(&old) && !store.contains(&extra));
+        let leftovers: Vec<_> = walk(&dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn batches_committed_together_share_a_group_and_fail_alone() {
+        let dir = temp_dir("group");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
+        store.insert(old.clone(), entry(9)).unwrap();
+        // Three batches, as three turns of the loop hand them to the writer: one removes a
+        // key, one adds two, one adds a key whose rename will fail.
+        let mut batches = vec![Batch::default(), Batch::default(), Batch::default()];
+        store.stage_remove(&mut batches[0], &old).unwrap();
+        let new: Vec<KeyTriple> = (0..2)
+            .map(|i| KeyTriple::new("b", ProviderId::MbedCrypto, &format!("k{i}")))
+            .collect();
+        for (i, key) in new.iter().enumerate() {
+            store
+                .stage_insert(&mut batches[1], key.clone(), entry(i as u8))
+                .unwrap();
+        }
+        let doomed = KeyTriple::new("c", ProviderId::MbedCrypto, "k");
+        store
+            .stage_insert(&mut batches[2], doomed.clone(), entry(7))
+            .unwrap();
+        // Its final name is taken by a directory: the rename cannot replace it.
+        let in_the_way = store.path_of(&doomed).unwrap();
+        fs::create_dir(&in_the_way).unwrap();
+        fs::write(in_the_way.join("x"), b"x").unwrap();
+        for batch in &batches {
+            store.hold(batch);
+        }
+        let done = durable_all(batches);
+        assert_eq!(done.len(), 3);
+        let outcomes: Vec<Result<(), OpError>> = done.into_iter().map(|c| store.apply(c)).collect();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+        assert_eq!(
+            outcomes[2].as_ref().unwrap_err().status,
+            ResponseStatus::PsaErrorStorageFailure
+        );
+        assert!(!store.contains(&old) && !store.contains(&doomed));
+        assert!(new.iter().all(|k| store.contains(k)));
+        fs::remove_dir_all(&in_the_way).unwrap();
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert!(damaged.is_empty(), "{damaged:?}");
+        assert!(!store.contains(&old) && !store.contains(&doomed));
+        for (i, key) in new.iter().enumerate() {
+            assert_eq!(store.get(key), Some(&entry(i as u8)));
+        }
         let leftovers: Vec<_> = walk(&dir)
             .into_iter()
             .filter(|p| p.to_string_lossy().ends_with(".tmp"))

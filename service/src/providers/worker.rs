@@ -165,6 +165,10 @@ impl Inbox {
 }
 
 /// The thread that makes the key store's group commits durable (`key_store::durable`).
+/// The most batches one group commit of the store's writer takes (the rest wait for the
+/// next): bounds the work, and the latency, of one round of syncs.
+const GROUP_LIMIT: usize = 256;
+
 pub struct StoreWriter {
     sender: Option<mpsc::Sender<(u64, Batch)>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -178,10 +182,24 @@ impl StoreWriter {
             // File system calls only.
             .stack_size(64 * 1024)
             .spawn(move || {
-                // Ends when the dispatcher drops its handle, after the commit in hand.
-                while let Ok((id, batch)) = receiver.recv() {
-                    let done = crate::key_store::durable(batch);
-                    outbox.deliver([Event::Committed(id, done)]);
+                // Ends when the dispatcher drops its handle, after the commits in hand.
+                // Every batch that arrived while the last group was syncing goes into the
+                // next one: they share its syncs (group commit across turns of the loop).
+                while let Ok(first) = receiver.recv() {
+                    let mut group = vec![first];
+                    while group.len() < GROUP_LIMIT {
+                        match receiver.try_recv() {
+                            Ok(next) => group.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let (ids, batches): (Vec<u64>, Vec<Batch>) = group.into_iter().unzip();
+                    let done = crate::key_store::durable_all(batches);
+                    outbox.deliver(
+                        ids.into_iter()
+                            .zip(done)
+                            .map(|(id, committed)| Event::Committed(id, committed)),
+                    );
                 }
             })
             .map_err(|e| format!("cannot start the key store's writer thread: {e}"))?;
