@@ -735,11 +735,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_invisible_until_committed_then_durable_together() {
-        let dir = temp_dir("batch");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
-        store.insert(old.clone(), entry(9)).unwrap();
+        let (dir, roots, mut store, old) = store_with_one_key("batch");
         let mut batch = Batch::default();
         let keys: Vec<KeyTriple> = (0..8)
             .map(|i| KeyTriple::new(&format!("app{i}"), ProviderId::MbedCrypto, "k"))
@@ -776,21 +772,13 @@ mod tests {
             assert_eq!(store.get(key), Some(&entry(i as u8)));
         }
         assert!(!store.contains(&old) && !store.contains(&extra));
-        let leftovers: Vec<_> = walk(&dir)
-            .into_iter()
-            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        assert_no_temporary_files(&dir);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn batches_committed_together_share_a_group_and_fail_alone() {
-        let dir = temp_dir("group");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
-        store.insert(old.clone(), entry(9)).unwrap();
+        let (dir, roots, mut store, old) = store_with_one_key("group");
         // Three batches, as three turns of the loop hand them to the writer: one removes a
         // key, one adds two, one adds a key whose rename will fail.
         let mut batches = vec![Batch::default(), Batch::default(), Batch::default()];
@@ -832,12 +820,28 @@ mod tests {
         for (i, key) in new.iter().enumerate() {
             assert_eq!(store.get(key), Some(&entry(i as u8)));
         }
-        let leftovers: Vec<_> = walk(&dir)
+        assert_no_temporary_files(&dir);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A new store in its own directory holding one key, `a`/`old` (entry 9).
+    fn store_with_one_key(
+        name: &str,
+    ) -> (PathBuf, [(ProviderId, PathBuf); 1], KeyStore, KeyTriple) {
+        let dir = temp_dir(name);
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
+        store.insert(old.clone(), entry(9)).unwrap();
+        (dir, roots, store, old)
+    }
+
+    fn assert_no_temporary_files(dir: &Path) {
+        let leftovers: Vec<_> = walk(dir)
             .into_iter()
             .filter(|p| p.to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {
