@@ -256,19 +256,7 @@ fn aead_hash_random_agreement_and_capabilities() {
     );
     // Raw ECDH between two keys gives the same secret both ways.
     let ecdh = RawKeyAgreement::Ecdh;
-    let mut derive = UsageFlags::default();
-    derive.set_derive();
-    let agreement = Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::SecpR1,
-        },
-        bits: 256,
-        policy: Policy {
-            usage_flags: derive,
-            permitted_algorithms: KeyAgreement::Raw(ecdh).into(),
-        },
-    };
+    let agreement = common::attributes(common::ecc(), 256, KeyAgreement::Raw(ecdh));
     client.psa_generate_key("alice", agreement).unwrap();
     client.psa_generate_key("bob", agreement).unwrap();
     let alice_public = client.psa_export_public_key("alice").unwrap();
@@ -576,21 +564,14 @@ fn raw_key_agreement_on_every_curve_matches_openssl() {
             (EccFamily::BrainpoolPR1, 512, "brainpoolP512r1"),
         ],
     );
-    let ecdh = RawKeyAgreement::Ecdh;
-    let mut derive = UsageFlags::default();
-    derive.set_derive();
     // Curve448 is not in this Mbed TLS: CanDoCrypto says so rather than Ok.
-    let x448 = Attributes {
-        lifetime: Lifetime::Persistent,
-        key_type: Type::EccKeyPair {
+    let x448 = common::attributes(
+        Type::EccKeyPair {
             curve_family: EccFamily::Montgomery,
         },
-        bits: 448,
-        policy: Policy {
-            usage_flags: derive,
-            permitted_algorithms: KeyAgreement::Raw(ecdh).into(),
-        },
-    };
+        448,
+        KeyAgreement::Raw(RawKeyAgreement::Ecdh),
+    );
     assert_eq!(
         service_error(client.can_do_crypto(CheckType::Generate, x448)),
         ResponseStatus::PsaErrorNotSupported
@@ -616,19 +597,16 @@ fn brainpool_p256_agreement_matches_rfc_7027() {
     let z = hex("89AFC39D41D3B327814B80940B042590F96556EC91E6AE7939BCE31F3A18BF2B");
     let daemon = Daemon::start("ecdh-rfc7027");
     let client = daemon.client("alice");
-    let mut derive = UsageFlags::default();
-    derive.set_derive();
     // As upstream's own e2e client asks: size 0 (taken from the data), volatile.
     let attributes = Attributes {
         lifetime: Lifetime::Volatile,
-        key_type: Type::EccKeyPair {
-            curve_family: EccFamily::BrainpoolPR1,
-        },
-        bits: 0,
-        policy: Policy {
-            usage_flags: derive,
-            permitted_algorithms: KeyAgreement::Raw(RawKeyAgreement::Ecdh).into(),
-        },
+        ..common::attributes(
+            Type::EccKeyPair {
+                curve_family: EccFamily::BrainpoolPR1,
+            },
+            0,
+            KeyAgreement::Raw(RawKeyAgreement::Ecdh),
+        )
     };
     client
         .psa_import_key("a", &d_a, attributes)

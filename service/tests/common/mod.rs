@@ -670,12 +670,13 @@ pub fn service_error(
 }
 
 /// A persistent key of this type for this algorithm, with the usage flags the algorithm needs
-/// (encrypt and decrypt, or sign and verify hashes).
+/// (encrypt and decrypt, derive for a key agreement, or sign and verify hashes).
 pub fn attributes(key_type: Type, bits: usize, alg: impl Into<Algorithm>) -> Attributes {
     let alg = alg.into();
     let mut usage_flags = UsageFlags::default();
     match alg {
         Algorithm::AsymmetricEncryption(_) => usage_flags.set_encrypt().set_decrypt(),
+        Algorithm::KeyAgreement(_) => usage_flags.set_derive(),
         _ => usage_flags.set_sign_hash().set_verify_hash(),
     };
     Attributes {
@@ -1021,22 +1022,16 @@ pub fn assert_raw_ecdh_matches_openssl(
     };
     let dir = &daemon.dir;
     let ecdh = RawKeyAgreement::Ecdh;
-    let mut derive = UsageFlags::default();
-    derive.set_derive();
     let sh = |script: String| shell(dir, &script);
     let mut failures = Vec::new();
     for &(family, bits, curve) in curves {
-        let agreement = Attributes {
-            lifetime: Lifetime::Persistent,
-            key_type: Type::EccKeyPair {
+        let agreement = attributes(
+            Type::EccKeyPair {
                 curve_family: family,
             },
             bits,
-            policy: Policy {
-                usage_flags: derive,
-                permitted_algorithms: KeyAgreement::Raw(ecdh).into(),
-            },
-        };
+            KeyAgreement::Raw(ecdh),
+        );
         let name = format!("ecdh-{curve}");
         if let Err(e) = client.psa_generate_key(&name, agreement) {
             failures.push(format!("{curve}: generate: {e:?}"));
