@@ -134,53 +134,76 @@ impl KeyStore {
     /// in the config and enabling it again loses nothing.
     pub fn open(roots: &[(ProviderId, PathBuf)]) -> io::Result<(KeyStore, Vec<DamagedEntry>)> {
         let mut store = KeyStore {
-            roots: roots
-                .iter()
-                .map(|(p, dir)| (*p as u8, dir.clone()))
-                .collect(),
+            roots: BTreeMap::new(),
             entries: BTreeMap::new(),
             mounted: BTreeSet::new(),
             damaged: BTreeMap::new(),
             held: BTreeSet::new(),
         };
         let mut damaged = Vec::new();
-        for (provider, root) in store.roots.clone() {
-            create_private_dir(&root)?;
-            for app_dir in read_dir_sorted(&root)? {
-                let provider_dir = app_dir.join(provider.to_string());
-                if !provider_dir.is_dir() {
+        for (provider, root) in roots {
+            damaged.extend(store.load(*provider, root)?);
+        }
+        Ok((store, damaged))
+    }
+
+    /// Reads one provider's entries from `root` (its key store directory), in place of any
+    /// it had in memory (a reload that starts a new instance of the provider: what is on
+    /// disk is exactly what was committed, as its previous instance has drained).
+    pub fn load(&mut self, provider: ProviderId, root: &Path) -> io::Result<Vec<DamagedEntry>> {
+        let provider = provider as u8;
+        create_private_dir(root)?;
+        let mut entries = Vec::new();
+        let mut damaged = Vec::new();
+        for app_dir in read_dir_sorted(root)? {
+            let provider_dir = app_dir.join(provider.to_string());
+            if !provider_dir.is_dir() {
+                continue;
+            }
+            for path in read_dir_sorted(&provider_dir)? {
+                let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if file_name.ends_with(".tmp") {
+                    log::warn!(
+                        "key store: removing {}, left by a write that did not finish",
+                        path.display()
+                    );
+                    let _ = fs::remove_file(&path);
                     continue;
                 }
-                for path in read_dir_sorted(&provider_dir)? {
-                    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    if file_name.ends_with(".tmp") {
-                        log::warn!(
-                            "key store: removing {}, left by a write that did not finish",
-                            path.display()
-                        );
-                        let _ = fs::remove_file(&path);
-                        continue;
-                    }
-                    match read_entry(&path, provider) {
-                        Ok(stored) => {
-                            store.entries.insert(
-                                KeyTriple {
-                                    app: stored.app,
-                                    provider,
-                                    name: stored.name,
-                                },
-                                stored.entry,
-                            );
-                        }
-                        Err(reason) => {
-                            *store.damaged.entry(provider).or_default() += 1;
-                            damaged.push(DamagedEntry { path, reason });
-                        }
-                    }
+                match read_entry(&path, provider) {
+                    Ok(stored) => entries.push((
+                        KeyTriple {
+                            app: stored.app,
+                            provider,
+                            name: stored.name,
+                        },
+                        stored.entry,
+                    )),
+                    Err(reason) => damaged.push(DamagedEntry { path, reason }),
                 }
             }
         }
-        Ok((store, damaged))
+        self.forget_provider(provider);
+        self.roots.insert(provider, root.to_path_buf());
+        self.entries.extend(entries);
+        if !damaged.is_empty() {
+            self.damaged.insert(provider, damaged.len());
+        }
+        Ok(damaged)
+    }
+
+    /// Drops one provider's entries from memory (a reload removed it); its files stay on
+    /// disk untouched, so enabling it again loses nothing.
+    pub fn unload(&mut self, provider: ProviderId) {
+        let provider = provider as u8;
+        self.forget_provider(provider);
+        self.roots.remove(&provider);
+    }
+
+    fn forget_provider(&mut self, provider: u8) {
+        self.entries.retain(|k, _| k.provider != provider);
+        self.mounted.retain(|k| k.provider != provider);
+        self.damaged.remove(&provider);
     }
 
     /// How many entries of a provider could not be read at start-up.
@@ -194,6 +217,11 @@ impl KeyStore {
 
     pub fn contains(&self, key: &KeyTriple) -> bool {
         self.entries.contains_key(key)
+    }
+
+    /// Whether a name is taken: stored, or in a batch being made durable.
+    pub fn is_taken(&self, key: &KeyTriple) -> bool {
+        self.entries.contains_key(key) || self.held.contains(key)
     }
 
     /// Stores a new entry durably; it is only visible once it is on disk.
@@ -364,15 +392,8 @@ impl KeyStore {
     }
 
     fn path_of(&self, key: &KeyTriple) -> Result<PathBuf, OpError> {
-        for (what, name) in [("application name", &key.app), ("key name", &key.name)] {
-            if name.is_empty() || name.len() > MAX_NAME_LEN {
-                return Err(OpError::new(
-                    ResponseStatus::PsaErrorInvalidArgument,
-                    format!("{what} of {} bytes", name.len()),
-                    "names must be 1 to 120 bytes of UTF-8",
-                ));
-            }
-        }
+        check_name("application name", &key.app)?;
+        check_name("key name", &key.name)?;
         let root = self.roots.get(&key.provider).ok_or_else(|| {
             OpError::new(
                 ResponseStatus::ProviderNotRegistered,
@@ -385,6 +406,18 @@ impl KeyStore {
             .join(key.provider.to_string())
             .join(format!("{}.key", hex(&key.name))))
     }
+}
+
+/// Refuses a name the store cannot hold (checked before any device or file is touched).
+pub fn check_name(what: &str, name: &str) -> Result<(), OpError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(OpError::new(
+            ResponseStatus::PsaErrorInvalidArgument,
+            format!("{what} of {} bytes", name.len()),
+            "names must be 1 to 120 bytes of UTF-8",
+        ));
+    }
+    Ok(())
 }
 
 fn read_dir_sorted(dir: &Path) -> io::Result<Vec<PathBuf>> {

@@ -22,11 +22,25 @@ pub mod rate_limit;
 /// Test builds only (cargo feature `crash-points`, never in a package): the process dies here,
 /// with no clean-up (as a `kill -9` would), when `PARSEC_CRASH_AT` names this point. The
 /// crash-safety tests stop the service at each step of a key's creation and destruction.
+///
+/// When `PARSEC_HOLD_AT` names this point (a comma-separated list), the thread that reaches
+/// it waits `PARSEC_HOLD_MS` milliseconds (default 1500) there instead: the reload tests
+/// send SIGHUP while a worker is held in the middle of a create or a destroy.
 #[inline]
 pub fn crash_point(name: &str) {
     #[cfg(feature = "crash-points")]
-    if std::env::var("PARSEC_CRASH_AT").is_ok_and(|at| at == name) {
-        std::process::abort();
+    {
+        if std::env::var("PARSEC_CRASH_AT").is_ok_and(|at| at == name) {
+            std::process::abort();
+        }
+        if std::env::var("PARSEC_HOLD_AT").is_ok_and(|at| at.split(',').any(|p| p == name)) {
+            let ms = std::env::var("PARSEC_HOLD_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1500);
+            log::debug!("held at {name} for {ms} ms (PARSEC_HOLD_AT)");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
     }
     #[cfg(not(feature = "crash-points"))]
     let _ = name;

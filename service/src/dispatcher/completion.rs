@@ -1,7 +1,8 @@
 //! The other half of a worker's request: its result comes back (`completed`), its key
 //! changes are stored (one group commit for everything that came back in the same turn of the
 //! loop), then the client is answered; large random requests are put back in the queue chunk
-//! by chunk; on reload, a new dispatcher `adopt`s the requests in hand.
+//! by chunk. Everything is matched by provider instance: a result, a staged change and a
+//! commit belong to the instance that made them, serving or retiring (`reload.rs`).
 
 use super::*;
 use crate::key_store::Batch;
@@ -12,7 +13,7 @@ pub(super) struct Settling {
     header: RequestHeader,
     app: String,
     /// The provider instance that made the changes.
-    instance: Option<crate::providers::worker::Instance>,
+    pub(super) instance: Instance,
     result: NativeResult,
     created: Vec<crate::key_store::KeyEntry>,
     /// Removed entries whose material the provider destroys once the removal is durable.
@@ -20,68 +21,6 @@ pub(super) struct Settling {
 }
 
 impl Dispatcher {
-    /// Takes over from the dispatcher this one succeeds (`successor`): its inbox, the
-    /// requests running on its workers (their results are matched by ticket, and their key
-    /// changes stored here if a provider of the same kind is still configured), and the
-    /// requests still waiting in its queues, which move to this dispatcher's provider of the
-    /// same kind or are answered with an error. Returns the responses to send at once.
-    pub fn adopt(&mut self, old: &mut Dispatcher) -> Vec<(u64, Dispatched)> {
-        std::mem::swap(&mut self.inbox, &mut old.inbox);
-        self.tickets.extend(old.tickets.drain());
-        self.next_ticket = self.next_ticket.max(old.next_ticket);
-        let mut answers = Vec::new();
-        let waiting: Vec<Waiting> = old
-            .slots
-            .iter_mut()
-            .flat_map(|slot| slot.queue.drain(..))
-            .collect();
-        for waiting in waiting {
-            let ticket = waiting.ticket;
-            let Some(provider) = self.tickets.get(&ticket).map(|t| t.header.provider) else {
-                continue;
-            };
-            let index = self.slots.iter().position(|s| s.id == provider);
-            let queued = match index {
-                Some(i) => self.slots[i].admit(waiting).map(|()| i),
-                None => Err(removed_by_reload(provider, "before the request ran")),
-            };
-            match queued {
-                Ok(index) => self.pump(index),
-                Err(error) => {
-                    if let Some(t) = self.tickets.remove(&ticket) {
-                        let response = self.respond(t.header, Some(&t.app), Err(error));
-                        answers.push((ticket, Dispatched::Done(response)));
-                    }
-                }
-            }
-        }
-        // The inherited software provider's queue, held while the old one drained.
-        self.pump_all();
-        answers
-    }
-
-    /// Before a reload opens the key store again: no new batches, and every group commit in
-    /// flight finished (waited for, here), so that the disk is what the store says. Returns
-    /// the responses to send. `resume` undoes it if the reload is abandoned.
-    pub fn finish_commits(&mut self) -> Vec<(u64, Dispatched)> {
-        self.draining = true;
-        let mut answers = Vec::new();
-        while !self.committing.is_empty() {
-            let Some(event) = self.inbox.wait(Duration::from_secs(60)) else {
-                log::error!("SIGHUP: the key store's writer did not report back in 60 s");
-                break;
-            };
-            answers.extend(self.handle(vec![event]));
-        }
-        answers
-    }
-
-    /// The reload did not happen: batches go on.
-    pub fn resume(&mut self) {
-        self.draining = false;
-        self.pump_all();
-    }
-
     /// What became of every request a worker has finished since the last call, by ticket: a
     /// response, or a request now running in a child process. The key changes of all of them
     /// are stored first, together: a client hears of a key only once it is in the store.
@@ -114,11 +53,14 @@ impl Dispatcher {
                         answers.extend(self.answer_settled(settling, result));
                     }
                 }
+                Event::Stopped(instance) => answers.extend(self.stopped(instance)),
             }
         }
         if !done.is_empty() {
             answers.extend(self.settle(done));
         }
+        // Retiring instances that have drained stop; providers waiting for them start.
+        answers.extend(self.advance());
         answers
     }
 
@@ -138,10 +80,10 @@ impl Dispatcher {
         loop {
             match answers.into_iter().find(|(t, _)| *t == ticket) {
                 Some((_, Dispatched::Done(response))) => return response,
-                Some((_, Dispatched::Deferred(pending))) => {
-                    if let Dispatched::Done(response) =
-                        crate::front_end::finish_blocking(self, pending)
-                    {
+                Some((_, Dispatched::Deferred(mut pending))) => {
+                    let mut output = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut pending.job.output, &mut output);
+                    if let Dispatched::Done(response) = self.complete(pending, output) {
                         return response;
                     }
                 }
@@ -168,15 +110,15 @@ impl Dispatcher {
         let mut settling = Vec::new();
         let mut freed = Vec::new();
         for d in done {
-            let index = self.slots.iter().position(|s| s.instance() == d.instance);
-            if let Some(i) = index {
-                let remote = &mut self.slots[i];
-                remote.in_flight = remote.in_flight.saturating_sub(1);
-                if !remote.busy() {
+            if let Some(running) = self.running_mut(d.instance) {
+                running.in_flight = running.in_flight.saturating_sub(1);
+            }
+            if let Some(i) = self.serving(d.instance) {
+                if !self.slots[i].running().is_some_and(Running::busy) {
                     freed.push(i);
                 }
             }
-            if let Some(answer) = self.take(d, index, &mut batch, &mut settling) {
+            if let Some(answer) = self.take(d, &mut batch, &mut settling) {
                 answers.push(answer);
             }
         }
@@ -187,6 +129,9 @@ impl Dispatcher {
         // order is a correct one (the store refuses a name taken twice).
         for i in freed {
             self.pump(i);
+        }
+        for r in 0..self.retiring.len() {
+            self.pump_retiring(r);
         }
         if batch.is_empty() {
             answers.extend(self.answer_settled(settling, Ok(())));
@@ -227,32 +172,36 @@ impl Dispatcher {
         }
         for s in settling {
             let changed = !s.created.is_empty() || !s.to_destroy.is_empty();
-            // A reload may have replaced the provider meanwhile: by identity.
-            let index = s.instance.and_then(|instance| {
-                self.slots
-                    .iter()
-                    .position(|slot| slot.instance() == instance)
-            });
-            let outcome = match &committed {
-                Err(error) if changed => {
-                    for entry in s.created {
-                        if let Some(i) = index {
-                            self.slots[i].destroy_material(entry);
+            // The instance that made the changes is alive (serving or retiring): an
+            // instance stops only once none of its commits is in flight.
+            let running = self.running_mut(s.instance);
+            let outcome = match (&committed, running) {
+                (Err(error), running) if changed => {
+                    if let Some(running) = running {
+                        for entry in s.created {
+                            running.destroy_material(entry);
                         }
                     }
                     Err(OpError::new(error.status, error.cause.clone(), error.hint))
                 }
-                _ => {
-                    if let Some(i) = index {
-                        for entry in s.created {
-                            self.slots[i].committed(entry);
-                        }
-                        for entry in s.to_destroy {
-                            self.slots[i].destroy_material(entry);
-                        }
+                (_, Some(running)) => {
+                    for entry in s.created {
+                        running.committed(entry);
+                    }
+                    for entry in s.to_destroy {
+                        running.destroy_material(entry);
                     }
                     Ok(s.result)
                 }
+                (_, None) if changed => {
+                    log::error!(
+                        "provider instance {} stopped before its commit was answered: key material of {} removed keys not destroyed (resolved at the next start); report this as a bug",
+                        s.instance,
+                        s.to_destroy.len()
+                    );
+                    Ok(s.result)
+                }
+                (_, None) => Ok(s.result),
             };
             let response = self.respond(s.header, Some(&s.app), outcome);
             answers.push((s.ticket, Dispatched::Done(response)));
@@ -265,18 +214,26 @@ impl Dispatcher {
     fn take(
         &mut self,
         done: Done,
-        index: Option<usize>,
         batch: &mut Batch,
         settling: &mut Vec<Settling>,
     ) -> Option<(u64, Dispatched)> {
-        let mut ticket = self.tickets.remove(&done.ticket)?;
+        let Some(mut ticket) = self.tickets.remove(&done.ticket) else {
+            // Nobody to answer (cannot happen): what the request made must not stay.
+            self.undo_created(done.instance, done.changes);
+            return None;
+        };
         let result = match done.outcome {
             Outcome::Deferred(job) => {
-                // Its child runs; the ticket stays until `complete` hands the result back.
+                // Its child runs; the ticket stays until `complete` hands the result back
+                // to this same instance, which waits for it before it may stop.
                 self.tickets.insert(done.ticket, ticket);
+                if let Some(running) = self.running_mut(done.instance) {
+                    running.deferred += 1;
+                }
                 let pending = PendingRequest {
                     ticket: done.ticket,
                     provider: done.provider,
+                    instance: done.instance,
                     job,
                 };
                 return Some((done.ticket, Dispatched::Deferred(pending)));
@@ -284,7 +241,8 @@ impl Dispatcher {
             Outcome::Finished(result) => result,
         };
         // One chunk of a large random request: collect it; the next goes to the back of the
-        // queue, behind whatever other clients asked meanwhile.
+        // queue (any instance of the provider may serve it), behind whatever other clients
+        // asked meanwhile.
         if let (Some(parts), Ok(NativeResult::PsaGenerateRandom(chunk))) =
             (ticket.random.as_mut(), &result)
         {
@@ -292,8 +250,8 @@ impl Dispatcher {
             if parts.remaining > 0 {
                 let size = parts.remaining.min(RANDOM_CHUNK);
                 parts.remaining -= size;
-                if let Some(i) = index {
-                    self.slots[i].queue.push_back(Waiting {
+                if let Some(slot) = self.slots.iter_mut().find(|s| s.id == done.provider) {
+                    slot.queue.push_back(Waiting {
                         ticket: done.ticket,
                         app: ticket.app.clone(),
                         work: Work::Op(random_chunk(size)),
@@ -314,23 +272,32 @@ impl Dispatcher {
             }
             _ => result,
         };
-        let staged = result.and_then(|result| {
-            let mark = batch.mark();
-            match self.stage_changes(&done.app, done.provider, done.changes, index, batch) {
-                Ok((created, to_destroy)) => Ok((result, created, to_destroy)),
-                Err(error) => {
-                    batch.discard_from(mark);
-                    Err(error)
+        let staged = match result {
+            Ok(result) => {
+                let mark = batch.mark();
+                match self.stage_changes(
+                    done.instance,
+                    &done.app,
+                    done.provider,
+                    &done.changes,
+                    batch,
+                ) {
+                    Ok((created, to_destroy)) => Ok((result, created, to_destroy)),
+                    Err(error) => {
+                        batch.discard_from(mark);
+                        Err(error)
+                    }
                 }
             }
-        });
+            Err(error) => Err(error),
+        };
         match staged {
             Ok((result, created, to_destroy)) => {
                 settling.push(Settling {
                     ticket: done.ticket,
                     header: ticket.header,
                     app: ticket.app,
-                    instance: index.map(|i| self.slots[i].instance()),
+                    instance: done.instance,
                     result,
                     created,
                     to_destroy,
@@ -344,18 +311,17 @@ impl Dispatcher {
         }
     }
 
-    /// Stages what a worker's operation changed. A request that ran on a provider a reload
-    /// has since removed has nowhere to store a new key: it fails (a TPM key's material is
-    /// only its blob, which is dropped; a token object or a key file is destroyed when the
-    /// provider is still there to do it, and resolved at its next start otherwise). A key
-    /// that cannot be staged has its material destroyed.
+    /// Stages what a worker's operation changed. A key made by an instance whose provider a
+    /// reload removed has nobody to serve it: it is undone by that same instance (still
+    /// alive: it stops only once drained) and the request fails. A key that cannot be staged
+    /// has its material destroyed, and so has every key the request made before it.
     #[allow(clippy::type_complexity)]
     fn stage_changes(
         &mut self,
+        instance: Instance,
         app: &str,
         provider: ProviderId,
-        changes: Vec<Change>,
-        index: Option<usize>,
+        changes: &[Change],
         batch: &mut Batch,
     ) -> Result<
         (
@@ -364,39 +330,64 @@ impl Dispatcher {
         ),
         OpError,
     > {
-        let configured = self.slots.iter().any(|s| s.id == provider);
+        let removed = self.is_removed(instance);
         let (mut created, mut to_destroy) = (Vec::new(), Vec::new());
+        let mut failure = None;
         for change in changes {
             match change {
                 Change::Create(name, entry) => {
-                    if !configured {
+                    created.push(entry.clone());
+                    if removed {
                         log::warn!(
-                            "{provider:?}: key \"{}\" of \"{}\" was made by a provider a reload removed; it is not stored",
-                            crate::error::escape(&name),
+                            "{provider:?}: key \"{}\" of \"{}\" was made by a provider a reload removed; it is undone",
+                            crate::error::escape(name),
                             crate::error::escape(app)
                         );
-                        return Err(removed_by_reload(provider, "while the request ran"));
+                        failure = Some(removed_by_reload(provider, "while the request ran"));
+                        break;
                     }
-                    let triple = KeyTriple::new(app, provider, &name);
+                    let triple = KeyTriple::new(app, provider, name);
                     if let Err(error) = self.store.stage_insert(batch, triple, entry.clone()) {
-                        if let Some(i) = index {
-                            self.slots[i].destroy_material(entry);
-                        }
-                        return Err(error);
+                        failure = Some(error);
+                        break;
                     }
-                    created.push(entry);
                 }
                 Change::Remove { name, then_destroy } => {
-                    let triple = KeyTriple::new(app, provider, &name);
+                    let triple = KeyTriple::new(app, provider, name);
                     if self.store.contains(&triple) {
-                        let entry = self.store.stage_remove(batch, &triple)?;
-                        if then_destroy {
-                            to_destroy.push(entry);
+                        match self.store.stage_remove(batch, &triple) {
+                            Ok(entry) if *then_destroy => to_destroy.push(entry),
+                            Ok(_) => {}
+                            Err(error) => {
+                                failure = Some(error);
+                                break;
+                            }
                         }
                     }
                 }
             }
         }
-        Ok((created, to_destroy))
+        match failure {
+            None => Ok((created, to_destroy)),
+            Some(error) => {
+                if let Some(running) = self.running_mut(instance) {
+                    for entry in created {
+                        running.destroy_material(entry);
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Destroys what a request that nobody can be answered for created.
+    fn undo_created(&mut self, instance: Instance, changes: Vec<Change>) {
+        if let Some(running) = self.running_mut(instance) {
+            for change in changes {
+                if let Change::Create(_, entry) = change {
+                    running.destroy_material(entry);
+                }
+            }
+        }
     }
 }

@@ -46,8 +46,11 @@ impl Dispatcher {
                 wire_protocol_version_min: 0,
             })),
             NativeOperation::ListProviders(_) => {
-                let mut providers: Vec<ProviderInfo> =
-                    self.slots.iter().map(|p| p.info().clone()).collect();
+                let mut providers: Vec<ProviderInfo> = self
+                    .slots
+                    .iter()
+                    .filter_map(|p| p.listed().map(|(info, _)| info.clone()))
+                    .collect();
                 providers.push(core_info());
                 Ok(NativeResult::ListProviders(list_providers::Result {
                     providers,
@@ -59,8 +62,8 @@ impl Dispatcher {
                 } else {
                     self.slots
                         .iter()
-                        .find(|p| p.id() == op.provider_id)
-                        .map(|p| p.opcodes())
+                        .filter(|p| p.id == op.provider_id)
+                        .find_map(|p| p.listed().map(|(_, opcodes)| *opcodes))
                         .ok_or_else(|| {
                             OpError::new(
                                 ResponseStatus::ProviderNotRegistered,
@@ -83,7 +86,12 @@ impl Dispatcher {
             )),
             NativeOperation::ListKeys(_) => {
                 let app = app.ok_or_else(|| OpError::status(ResponseStatus::NotAuthenticated))?;
-                let enabled: Vec<u8> = self.slots.iter().map(|p| p.id() as u8).collect();
+                let enabled: Vec<u8> = self
+                    .slots
+                    .iter()
+                    .filter(|p| p.listed().is_some())
+                    .map(|p| p.id as u8)
+                    .collect();
                 let keys = self
                     .store
                     .keys_of(&app.name)
@@ -116,31 +124,51 @@ impl Dispatcher {
         }
     }
 
-    /// Destroys every key of one application in every enabled provider.
+    /// Destroys every key of one application in every enabled provider. Refused whole,
+    /// before anything is forgotten, while a provider holding some of its keys is being
+    /// replaced by a reload or is down: its keys' material could not be destroyed.
     pub(super) fn delete_client(&mut self, client: &str) -> Result<(), OpError> {
         let triples: Vec<_> = self
             .store
             .keys_of(client)
             .map(|(k, _)| k.clone())
-            .filter(|k| self.slots.iter().any(|p| p.id() as u8 == k.provider))
+            .filter(|k| self.slots.iter().any(|p| p.id as u8 == k.provider))
             .collect();
-        for triple in triples {
-            let slot = self
-                .slots
-                .iter_mut()
-                .find(|p| p.id() as u8 == triple.provider);
-            if let (Some(slot), Some(entry)) = (slot, self.store.get(&triple)) {
-                // A tombstone first: a crash after the entry's removal still destroys the key.
-                slot.before_forget(entry)?;
+        for triple in &triples {
+            let Some(slot) = self.slots.iter().find(|p| p.id as u8 == triple.provider) else {
+                continue;
+            };
+            if !self.settled(slot.id) {
+                return Err(OpError::new(
+                    ResponseStatus::PsaErrorCommunicationFailure,
+                    format!(
+                        "provider \"{}\" is being restarted by a reload or is down",
+                        slot.name()
+                    ),
+                    "nothing was deleted: send DeleteClient again in a moment",
+                ));
             }
-            let entry = self.store.remove(&triple)?;
-            if let Some(slot) = self
+        }
+        for triple in triples {
+            let running = self
                 .slots
                 .iter_mut()
-                .find(|p| p.id() as u8 == triple.provider)
+                .find(|p| p.id as u8 == triple.provider)
+                .and_then(|s| s.running_mut());
+            let (Some(running), Some(entry)) = (running, self.store.get(&triple)) else {
+                continue;
+            };
+            // A tombstone first: a crash after the entry's removal still destroys the key.
+            running.before_forget(entry)?;
+            let entry = self.store.remove(&triple)?;
+            if let Some(running) = self
+                .slots
+                .iter_mut()
+                .find(|p| p.id as u8 == triple.provider)
+                .and_then(|s| s.running_mut())
             {
                 // Its worker logs a failure; the tombstone makes the next start finish it.
-                slot.destroy_material(entry);
+                running.destroy_material(entry);
             }
         }
         log::info!(

@@ -11,6 +11,7 @@
 
 mod completion;
 mod core;
+mod reload;
 mod slots;
 
 pub use self::core::is_cheap_opcode;
@@ -19,17 +20,15 @@ use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::{KeyStore, KeyTriple};
-use crate::providers::worker::{
-    Done, Event, Inbox, Job, Outbox, Outcome, StoreWriter, Work, Worker,
-};
+use crate::providers::worker::{Done, Event, Inbox, Instance, Job, Outcome, StoreWriter, Work};
 use crate::providers::{self, Change, Deferred, Limits, Snapshot};
 use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::{psa_generate_random, Convert, NativeOperation, NativeResult};
 use parsec_interface::operations_protobuf::ProtobufConverter;
 use parsec_interface::requests::request::RequestHeader;
 use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
-use slots::{Remote, Slot, Waiting};
-use std::collections::{HashMap, VecDeque};
+use slots::{Retiring, Running, Slot, State, Waiting};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// What became of a request.
@@ -45,8 +44,10 @@ pub enum Dispatched {
 
 pub struct PendingRequest {
     pub ticket: u64,
-    /// By identity: a reload may remove or reorder providers meanwhile.
     provider: ProviderId,
+    /// The instance that started it, and the only one that may finish it (a reload may
+    /// replace or remove the provider meanwhile; that instance waits for it).
+    instance: Instance,
     pub job: Deferred,
 }
 
@@ -83,15 +84,19 @@ struct RandomParts {
 /// Everything that answers requests: the authenticator, the providers and the key store.
 pub struct Dispatcher {
     authenticator: Authenticator,
+    /// The configured providers, in config order.
     slots: Vec<Slot>,
+    /// Instances a reload took out of service, finishing what they have in hand.
+    retiring: Vec<Retiring>,
     store: KeyStore,
     converter: ProtobufConverter,
     limiter: Option<RateLimiter>,
-    /// Results of the workers; handed from one dispatcher to the next on reload.
+    /// Results of the workers and the store's writer, for the whole run.
     inbox: Inbox,
     tickets: HashMap<u64, Ticket>,
     next_ticket: u64,
-    /// Tickets that could not be handed to their worker, answered by `completed`.
+    /// Tickets answered without their worker (refused before it ran, or the worker is
+    /// gone), answered by `completed`.
     failed: Vec<(u64, OpError)>,
     limits: Limits,
     /// Makes the key store's group commits durable, off the loop.
@@ -99,137 +104,31 @@ pub struct Dispatcher {
     /// Finished requests waiting for their group commit, by commit number.
     committing: HashMap<u64, Vec<completion::Settling>>,
     next_commit: u64,
-    /// A reload is about to open the key store again: no new batches until it is done.
-    draining: bool,
-    /// Where the software provider was before `successor` lent it out.
-    lent: Option<usize>,
 }
 
 impl Dispatcher {
-    /// Opens the key store and starts every configured provider, in config order.
+    /// Opens the key store and starts every configured provider, in config order. A
+    /// provider that cannot start stops the service here (at a reload it fails alone).
     pub fn new(config: &Config) -> Result<Dispatcher, String> {
         let inbox = Inbox::new();
         let outbox = inbox.outbox();
-        Self::build(config, inbox, outbox, &mut None)
-    }
-
-    /// A dispatcher for a new configuration whose workers report to this one's inbox, so
-    /// that `adopt` can hand it the requests still in hand. The software provider is not
-    /// built again: Mbed TLS must never run on two threads at once, so the running one (its
-    /// worker, its queue, its batch in hand) moves to the successor; it stays here if the
-    /// successor cannot be built.
-    pub fn successor(&mut self, config: &Config) -> Result<Dispatcher, String> {
-        let keeps_software = config.providers.iter().any(|p| p.kind.is_software());
-        let position = self
-            .slots
-            .iter()
-            .position(|s| s.id == ProviderId::MbedCrypto)
-            .filter(|_| keeps_software);
-        let mut inherited = position.map(|i| self.slots.remove(i));
-        let built = Self::build(config, Inbox::new(), self.inbox.outbox(), &mut inherited);
-        if let (Some(slot), Some(i)) = (inherited, position) {
-            self.slots.insert(i, slot);
-        } else {
-            self.lent = position;
-        }
-        built
-    }
-
-    /// A successor that will not be used after all (the reload failed after it was built):
-    /// the software provider it inherited comes back here.
-    pub fn give_back(&mut self, mut successor: Dispatcher) {
-        let Some(at) = self.lent.take() else {
-            return;
-        };
-        if let Some(i) = successor
-            .slots
-            .iter()
-            .position(|s| s.id == ProviderId::MbedCrypto)
-        {
-            self.slots
-                .insert(at.min(self.slots.len()), successor.slots.remove(i));
-        }
-    }
-
-    fn build(
-        config: &Config,
-        inbox: Inbox,
-        outbox: Outbox,
-        inherited: &mut Option<Slot>,
-    ) -> Result<Dispatcher, String> {
         let roots: Vec<(ProviderId, std::path::PathBuf)> = config
             .providers
             .iter()
             .map(|p| (providers::id_of(&p.kind), p.key_store_dir.clone()))
             .collect();
-        let (mut store, damaged) =
+        let (store, damaged) =
             KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
-        for entry in &damaged {
-            log::error!(
-                "key store: skipping damaged entry {}: {}; its key material is kept (never swept): restore the file from a backup and the key works again",
-                entry.path.display(),
-                entry.reason
-            );
-        }
+        log_damaged(&damaged);
         let limits = Limits {
             buffer_size_limit: config.buffer_size_limit,
             max_keygen_processes: config.max_keygen_processes,
         };
-        let mut slots: Vec<Option<Slot>> = Vec::new();
-        for settings in &config.providers {
-            if settings.kind.is_software() && inherited.is_some() {
-                // Filled in below, once nothing else can fail.
-                slots.push(None);
-                continue;
-            }
-            let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
-            let Some(provider) = providers::build(settings, &mut store, limits).map_err(failed)?
-            else {
-                continue;
-            };
-            let (id, info, opcodes) = (provider.id(), provider.info(), provider.opcodes());
-            let worker = Worker::spawn(
-                &settings.name,
-                slots::next_instance(),
-                provider,
-                outbox.clone(),
-            )
-            .map_err(failed)?;
-            slots.push(Some(Box::new(Remote {
-                worker,
-                name: settings.name.clone(),
-                id,
-                info,
-                opcodes,
-                in_flight: 0,
-                batch_limit: providers::batch_limit(&settings.kind),
-                queue: VecDeque::new(),
-                // A device's queue is bounded by provider_queue_limit; the software
-                // provider answers in well under a millisecond per request, so its queue is
-                // bounded by the connections alone (one request in hand per connection),
-                // as it was when it ran on the event loop.
-                queue_limit: if settings.kind.is_software() {
-                    config.max_connections.max(config.provider_queue_limit)
-                } else {
-                    config.provider_queue_limit
-                },
-            })));
-        }
-        let slots: Vec<Slot> = slots
-            .into_iter()
-            .map(|slot| slot.or_else(|| inherited.take()))
-            .collect::<Option<_>>()
-            .expect("an inherited slot fills its place");
-        let workers = slots.len();
-        let writer = StoreWriter::spawn(outbox.clone())?;
-        log::info!(
-            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {workers} provider workers",
-            store.len(),
-            damaged.len()
-        );
-        Ok(Dispatcher {
+        let writer = StoreWriter::spawn(outbox)?;
+        let mut dispatcher = Dispatcher {
             authenticator: Authenticator::new(config.authenticator, config.admins.clone()),
-            slots,
+            slots: Vec::new(),
+            retiring: Vec::new(),
             store,
             converter: ProtobufConverter {},
             limiter: RateLimiter::new(config.client_rate_limit, config.client_rate_burst),
@@ -241,9 +140,54 @@ impl Dispatcher {
             writer,
             committing: HashMap::new(),
             next_commit: 1,
-            draining: false,
-            lent: None,
-        })
+        };
+        for settings in &config.providers {
+            let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
+            let Some(running) = dispatcher
+                .start_instance(settings, limits)
+                .map_err(failed)?
+            else {
+                continue;
+            };
+            let mut slot = reload::new_slot(config, settings, limits);
+            slot.known = Some((running.info.clone(), running.opcodes));
+            slot.state = State::Serving(running);
+            dispatcher.slots.push(slot);
+        }
+        log::info!(
+            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {} provider workers",
+            dispatcher.store.len(),
+            damaged.len(),
+            dispatcher.slots.len()
+        );
+        Ok(dispatcher)
+    }
+
+    /// Builds one instance of a provider and moves it onto its worker thread. `None`: its
+    /// hardware is absent and its config says to start without it.
+    fn start_instance(
+        &mut self,
+        settings: &crate::config::ProviderSettings,
+        limits: Limits,
+    ) -> Result<Option<Running>, String> {
+        let Some(provider) = providers::build(settings, &mut self.store, limits)? else {
+            return Ok(None);
+        };
+        let (info, opcodes) = (provider.info(), provider.opcodes());
+        let worker = crate::providers::worker::Worker::spawn(
+            &settings.name,
+            slots::next_instance(),
+            provider,
+            self.inbox.outbox(),
+        )?;
+        Ok(Some(Running {
+            worker,
+            info,
+            opcodes,
+            in_flight: 0,
+            deferred: 0,
+            pinned: Default::default(),
+        }))
     }
 
     /// The waker the workers wake when a result is ready (the event loop's).
@@ -263,10 +207,20 @@ impl Dispatcher {
     /// the main thread while the worker's `C_Finalize` and `dlclose` run them too, and the
     /// main thread then waits forever on a lock in unmapped code (seen: one stop in ten).
     pub fn stop(&mut self, timeout: Duration) {
-        let mut threads: Vec<(String, std::thread::JoinHandle<()>)> = self
-            .slots
-            .drain(..)
-            .map(|slot| (format!("provider \"{}\"", slot.name), slot.worker.stop()))
+        let mut workers = Vec::new();
+        for slot in self.slots.drain(..) {
+            let name = format!("provider \"{}\"", slot.settings.name);
+            if let State::Serving(running) = slot.state {
+                workers.push((name, running.worker));
+            }
+        }
+        for retiring in self.retiring.drain(..) {
+            let name = format!("provider \"{}\" (retiring)", retiring.name);
+            workers.push((name, retiring.running.worker));
+        }
+        let mut threads: Vec<(String, std::thread::JoinHandle<()>)> = workers
+            .into_iter()
+            .map(|(name, worker)| (name, worker.stop()))
             .collect();
         threads.extend(
             self.writer
@@ -286,13 +240,6 @@ impl Dispatcher {
                     timeout.as_secs()
                 );
             }
-        }
-    }
-
-    /// Lets every provider close its device connection (before a reload builds new ones).
-    pub fn release_devices(&mut self) {
-        for slot in &mut self.slots {
-            slot.release_device();
         }
     }
 
@@ -341,7 +288,11 @@ impl Dispatcher {
         app: String,
         operation: NativeOperation,
     ) -> Result<Step, OpError> {
-        let remote = &mut self.slots[index];
+        // What the client chose is checked before any device or file is touched.
+        if let Some(name) = slots::name_created_by(&operation) {
+            crate::key_store::check_name("application name", &app)?;
+            crate::key_store::check_name("key name", name)?;
+        }
         let ticket = self.next_ticket;
         let (operation, random) = match operation {
             NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {
@@ -354,7 +305,7 @@ impl Dispatcher {
             }
             operation => (operation, None),
         };
-        remote.admit(Waiting {
+        self.slots[index].admit(Waiting {
             ticket,
             app: app.clone(),
             work: Work::Op(operation),
@@ -372,36 +323,83 @@ impl Dispatcher {
         Ok(Step::Queued(ticket))
     }
 
-    fn pump_all(&mut self) {
-        for i in 0..self.slots.len() {
-            self.pump(i);
+    /// Hands an idle serving instance its next batch: the jobs pinned to it first, then
+    /// from its slot's queue.
+    fn pump(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let limit = slot.batch_limit;
+        let State::Serving(running) = &mut slot.state else {
+            return;
+        };
+        if running.busy() {
+            return;
         }
+        let mut batch = slots::next_batch(&mut running.pinned, limit);
+        if batch.is_empty() {
+            batch = slots::next_batch(&mut slot.queue, limit);
+        }
+        let id = slot.id;
+        self.hand_over(Some(index), None, id, batch);
     }
 
-    /// Hands an idle worker the next batch of its queue, each request with a snapshot of its
-    /// application's keys taken now (after every change the requests before it made).
-    fn pump(&mut self, index: usize) {
-        let remote = &mut self.slots[index];
-        if remote.busy() || self.draining {
+    /// Runs a retiring instance's pinned jobs (the completions of its deferred requests).
+    fn pump_retiring(&mut self, at: usize) {
+        let retiring = &mut self.retiring[at];
+        if retiring.running.busy() {
             return;
         }
-        let batch = remote.next_batch();
-        if batch.is_empty() {
-            return;
-        }
-        let tickets: Vec<u64> = batch.iter().map(|w| w.ticket).collect();
-        let jobs = batch
-            .into_iter()
-            .map(|waiting| Job {
-                snapshot: Snapshot::of(&self.store, &waiting.app, remote.id),
+        let batch = slots::next_batch(&mut retiring.running.pinned, usize::MAX);
+        let id = retiring.id;
+        self.hand_over(None, Some(at), id, batch);
+    }
+
+    /// Sends a batch to the worker of a slot's (or a retiring) instance, each request with a
+    /// snapshot of its application's keys taken now (after every change the requests before
+    /// it made). A request creating a name that is already taken (stored, or in a commit in
+    /// flight) is refused here, before the device does any work.
+    fn hand_over(
+        &mut self,
+        slot: Option<usize>,
+        retiring: Option<usize>,
+        id: ProviderId,
+        batch: Vec<Waiting>,
+    ) {
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut refused = false;
+        for waiting in batch {
+            if let Some(name) = slots::created_name(&waiting.work) {
+                if self.store.is_taken(&KeyTriple::new(&waiting.app, id, name)) {
+                    self.failed
+                        .push((waiting.ticket, providers::name_taken(name)));
+                    refused = true;
+                    continue;
+                }
+            }
+            jobs.push(Job {
+                snapshot: Snapshot::of(&self.store, &waiting.app, id),
                 ticket: waiting.ticket,
                 app: waiting.app,
                 work: waiting.work,
-            })
-            .collect::<Vec<_>>();
+            });
+        }
+        if refused {
+            self.inbox.wake();
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let tickets: Vec<u64> = jobs.iter().map(|j| j.ticket).collect();
         let count = jobs.len();
-        match remote.worker.run(jobs) {
-            Ok(()) => remote.in_flight = count,
+        let running = match (slot, retiring) {
+            (Some(i), _) => self.slots[i].running_mut(),
+            (None, Some(r)) => Some(&mut self.retiring[r].running),
+            (None, None) => None,
+        };
+        let Some(running) = running else {
+            return;
+        };
+        match running.worker.run(jobs) {
+            Ok(()) => running.in_flight = count,
             // The worker is gone: answered with the next results.
             Err(error) => {
                 for ticket in tickets {
@@ -410,16 +408,18 @@ impl Dispatcher {
                         OpError::new(error.status, error.cause.clone(), error.hint),
                     ));
                 }
+                self.inbox.wake();
             }
         }
     }
 
     /// Finishes a request whose child process is done, with everything it wrote: the
-    /// provider's worker completes it (its response comes out of `completed`).
+    /// instance that started it completes it (its response comes out of `completed`).
     pub fn complete(&mut self, pending: PendingRequest, output: Vec<u8>) -> Dispatched {
         let PendingRequest {
             ticket,
             provider,
+            instance,
             job,
         } = pending;
         // The child has closed its end of the pipe: collect it.
@@ -435,26 +435,39 @@ impl Dispatcher {
             crate::error::escape(&t.app),
             job.child
         );
-        let app = t.app.clone();
-        let admitted = match self.slots.iter().position(|s| s.id == provider) {
-            Some(index) => {
-                // The child's slot is given back once the result is in the provider's hands.
-                let Deferred { state, .. } = job;
-                // Ahead of the requests waiting: this one has waited for its child already.
-                self.slots[index].queue.push_front(Waiting {
-                    ticket,
-                    app,
-                    work: Work::Complete(state, output),
-                });
-                self.pump(index);
-                Ok(())
-            }
-            None => Err(removed_by_reload(provider, "while the request ran")),
+        let waiting = Waiting {
+            ticket,
+            app: t.app.clone(),
+            // The child's slot is given back once the result is in the provider's hands.
+            work: Work::Complete(job.state, output),
         };
-        match admitted {
-            Ok(()) => Dispatched::Queued(ticket),
-            Err(error) => {
+        let serving = self
+            .slots
+            .iter()
+            .position(|s| s.running().is_some_and(|r| r.instance() == instance));
+        let retiring = self
+            .retiring
+            .iter()
+            .position(|r| r.running.instance() == instance);
+        match (serving, retiring) {
+            (Some(i), _) => {
+                let running = self.slots[i].running_mut().expect("found serving above");
+                running.deferred = running.deferred.saturating_sub(1);
+                running.pinned.push_back(waiting);
+                self.pump(i);
+                Dispatched::Queued(ticket)
+            }
+            (None, Some(r)) => {
+                let running = &mut self.retiring[r].running;
+                running.deferred = running.deferred.saturating_sub(1);
+                running.pinned.push_back(waiting);
+                self.pump_retiring(r);
+                Dispatched::Queued(ticket)
+            }
+            (None, None) => {
+                // Cannot happen: an instance waits for its deferred requests before it stops.
                 let t = self.tickets.remove(&ticket).expect("looked up above");
+                let error = removed_by_reload(provider, "while the request ran");
                 Dispatched::Done(self.respond(t.header, Some(&t.app), Err(error)))
             }
         }
@@ -559,7 +572,7 @@ impl Dispatcher {
             Some(
                 self.slots
                     .iter()
-                    .position(|p| p.id() == header.provider)
+                    .position(|p| p.id == header.provider)
                     .ok_or_else(|| {
                         OpError::new(
                             ResponseStatus::ProviderNotRegistered,
@@ -589,7 +602,13 @@ impl Dispatcher {
         let Some(index) = index else {
             return Ok(Route::Core);
         };
-        if !self.slots[index].opcodes().contains(&opcode) {
+        if let Some(error) = self.slots[index].refusal() {
+            return Err(error);
+        }
+        let serves = self.slots[index]
+            .listed()
+            .is_some_and(|(_, opcodes)| opcodes.contains(&opcode));
+        if !serves {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,
                 format!("{:?} does not implement {opcode:?}", header.provider),
@@ -597,6 +616,16 @@ impl Dispatcher {
             ));
         }
         Ok(Route::Provider(index))
+    }
+}
+
+fn log_damaged(damaged: &[crate::key_store::DamagedEntry]) {
+    for entry in damaged {
+        log::error!(
+            "key store: skipping damaged entry {}: {}; its key material is kept (never swept): restore the file from a backup and the key works again",
+            entry.path.display(),
+            entry.reason
+        );
     }
 }
 

@@ -1,15 +1,28 @@
-//! The providers as the dispatcher holds them: each behind its worker thread, with a bounded
-//! queue of waiting requests.
+//! The providers as the dispatcher holds them.
+//!
+//! A [`Slot`] is a provider the configuration names: its settings, its bounded queue of
+//! waiting requests and its state. A [`Running`] is one *instance* of a provider: its worker
+//! thread (which owns the provider object: the Mbed TLS key files, the TPM connection, the
+//! PKCS#11 session and module), the jobs it has in hand and the jobs that only it may finish.
+//!
+//! A slot is `Serving` with its running instance, `Waiting` for the previous instance of its
+//! provider to stop (a reload replaced it: see `reload.rs`), or `Down` after its instance
+//! failed to start (retried with backoff). A reload never has two instances of one provider
+//! alive at once: the old one drains and stops first, so the successor's start-up recovery
+//! and id choice see everything the old one did, and a PKCS#11 module is never initialised
+//! twice or finalised under a worker that still uses it.
 
+use crate::config::ProviderSettings;
 use crate::error::OpError;
 use crate::key_store::KeyEntry;
 use crate::providers::worker::{Instance, Work, Worker};
+use crate::providers::Limits;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::NativeOperation;
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Instances are numbered across the whole run, reloads included.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
@@ -25,36 +38,21 @@ pub(super) struct Waiting {
     pub work: Work,
 }
 
-pub(super) struct Remote {
+/// One live instance of a provider, on its worker thread.
+pub(super) struct Running {
     pub worker: Worker,
-    pub name: String,
-    pub id: ProviderId,
     pub info: ProviderInfo,
     pub opcodes: &'static [Opcode],
-    /// Requests with the worker (one batch at a time).
+    /// Jobs handed to the worker whose results have not come back yet.
     pub in_flight: usize,
-    /// The most requests one batch may hold (`providers::batch_limit`).
-    pub batch_limit: usize,
-    pub queue: VecDeque<Waiting>,
-    pub queue_limit: usize,
+    /// Its requests running in child processes: only this instance may finish them.
+    pub deferred: usize,
+    /// Jobs only this instance may run (a deferred request's completion), ahead of the
+    /// slot's queue.
+    pub pinned: VecDeque<Waiting>,
 }
 
-/// One provider, behind its worker.
-pub(super) type Slot = Box<Remote>;
-
-impl Remote {
-    pub fn id(&self) -> ProviderId {
-        self.id
-    }
-
-    pub fn info(&self) -> &ProviderInfo {
-        &self.info
-    }
-
-    pub fn opcodes(&self) -> &'static [Opcode] {
-        self.opcodes
-    }
-
+impl Running {
     pub fn instance(&self) -> Instance {
         self.worker.instance
     }
@@ -74,25 +72,96 @@ impl Remote {
         self.worker.destroy(entry);
     }
 
-    /// A key the provider made is durable in the store now.
+    /// A key the instance made is durable in the store now.
     pub fn committed(&mut self, entry: KeyEntry) {
         self.worker.committed(entry);
     }
+}
 
-    pub fn release_device(&mut self) {
-        // A busy worker holds its device until its job ends; the new provider may then fail
-        // to open a device that takes one client (a simulator), and the reload is refused
-        // with that reason.
-        if self.busy() {
-            log::warn!(
-                "SIGHUP: provider \"{}\" is busy with a request: its device stays open",
-                self.name
-            );
-        } else if !self.worker.release(Duration::from_secs(2)) {
-            log::warn!(
-                "SIGHUP: provider \"{}\" did not release its device",
-                self.name
-            );
+/// What a configured provider is doing.
+pub(super) enum State {
+    Serving(Running),
+    /// A reload replaced its instance: the previous one is draining (`Retiring`); this
+    /// one starts when it has stopped. Requests queue meanwhile.
+    Waiting,
+    /// Its instance failed to start; it is tried again at `retry_at`.
+    Down {
+        error: String,
+        retry_at: Instant,
+        backoff: Duration,
+    },
+}
+
+/// A provider the configuration names.
+pub(super) struct Slot {
+    pub settings: ProviderSettings,
+    pub limits: Limits,
+    pub id: ProviderId,
+    pub state: State,
+    /// What ListProviders and ListOpcodes say of it: from its last instance (kept while a
+    /// successor waits), none before any has run.
+    pub known: Option<(ProviderInfo, &'static [Opcode])>,
+    /// The most requests one batch may hold (`providers::batch_limit`).
+    pub batch_limit: usize,
+    pub queue: VecDeque<Waiting>,
+    pub queue_limit: usize,
+}
+
+/// An instance a reload took out of service: it finishes what it has in hand (its results
+/// are stored, or undone when its provider was removed), then stops.
+pub(super) struct Retiring {
+    pub running: Running,
+    pub id: ProviderId,
+    pub name: String,
+    /// The reload removed its provider (rather than replacing it): keys it makes now are
+    /// undone, as nobody serves them.
+    pub removed: bool,
+    /// Told to stop; `Event::Stopped` comes when its thread has let its provider go.
+    pub stopping: bool,
+}
+
+impl Slot {
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    pub fn running(&self) -> Option<&Running> {
+        match &self.state {
+            State::Serving(running) => Some(running),
+            _ => None,
+        }
+    }
+
+    pub fn running_mut(&mut self) -> Option<&mut Running> {
+        match &mut self.state {
+            State::Serving(running) => Some(running),
+            _ => None,
+        }
+    }
+
+    /// Serving or about to (requests are taken): what ListProviders lists.
+    pub fn listed(&self) -> Option<&(ProviderInfo, &'static [Opcode])> {
+        match self.state {
+            State::Down { .. } => None,
+            _ => self.known.as_ref(),
+        }
+    }
+
+    /// Why requests cannot be taken, if they cannot.
+    pub fn refusal(&self) -> Option<OpError> {
+        match &self.state {
+            State::Down {
+                error, retry_at, ..
+            } => Some(OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                format!(
+                    "provider \"{}\" failed to start: {error}; retried in {} s",
+                    self.name(),
+                    retry_at.saturating_duration_since(Instant::now()).as_secs()
+                ),
+                "see the service's log for the cause; fix it and send SIGHUP, or wait for the retry",
+            )),
+            _ => None,
         }
     }
 
@@ -103,7 +172,7 @@ impl Remote {
                 ResponseStatus::PsaErrorInsufficientMemory,
                 format!(
                     "provider \"{}\" has {} requests waiting (core_settings.provider_queue_limit = {})",
-                    self.name,
+                    self.name(),
                     self.queue.len(),
                     self.queue_limit
                 ),
@@ -113,30 +182,30 @@ impl Remote {
         self.queue.push_back(waiting);
         Ok(())
     }
+}
 
-    /// The next batch: from the front of the queue, in order, up to `batch_limit` requests
-    /// that touch different keys (a second request on a key of the batch waits for the next
-    /// one, so that it sees what the first did).
-    pub fn next_batch(&mut self) -> Vec<Waiting> {
-        let mut batch = Vec::new();
-        let mut keys: HashSet<(String, String)> = HashSet::new();
-        while batch.len() < self.batch_limit {
-            let Some(front) = self.queue.front() else {
+/// The next batch: from the front of the queue, in order, up to `limit` requests that touch
+/// different keys (a second request on a key of the batch waits for the next one, so that it
+/// sees what the first did).
+pub(super) fn next_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Waiting> {
+    let mut batch = Vec::new();
+    let mut keys: HashSet<(String, String)> = HashSet::new();
+    while batch.len() < limit {
+        let Some(front) = queue.front() else {
+            break;
+        };
+        if let Some(name) = key_name(&front.work) {
+            if !keys.insert((front.app.clone(), name.to_string())) {
                 break;
-            };
-            if let Some(name) = key_name(&front.work) {
-                if !keys.insert((front.app.clone(), name.to_string())) {
-                    break;
-                }
             }
-            batch.extend(self.queue.pop_front());
         }
-        batch
+        batch.extend(queue.pop_front());
     }
+    batch
 }
 
 /// The key a request names, if any.
-fn key_name(work: &Work) -> Option<&str> {
+pub(super) fn key_name(work: &Work) -> Option<&str> {
     use NativeOperation as Op;
     let Work::Op(op) = work else {
         // A deferred generation's completion names its key in its state; should another
@@ -162,4 +231,20 @@ fn key_name(work: &Work) -> Option<&str> {
         Op::PsaRawKeyAgreement(o) => &o.private_key_name,
         _ => return None,
     })
+}
+
+/// The name a request creates a key under, if it creates one.
+pub(super) fn created_name(work: &Work) -> Option<&str> {
+    match work {
+        Work::Op(op) => name_created_by(op),
+        Work::Complete(..) => None,
+    }
+}
+
+pub(super) fn name_created_by(op: &NativeOperation) -> Option<&str> {
+    match op {
+        NativeOperation::PsaGenerateKey(o) => Some(&o.key_name),
+        NativeOperation::PsaImportKey(o) => Some(&o.key_name),
+        _ => None,
+    }
 }

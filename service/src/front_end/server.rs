@@ -200,8 +200,12 @@ impl Server {
         let mut events = Events::with_capacity(256);
         loop {
             let timeout = if self.ready_cheap.is_empty() && self.ready_heavy.is_empty() {
-                self.next_deadline()
-                    .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+                let retry = self.dispatcher.next_wakeup();
+                let next = match (self.next_deadline(), retry) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                next.map(|at| at.saturating_duration_since(Instant::now()))
             } else {
                 // Requests are waiting: only look for new events, then answer the next one.
                 Some(Duration::ZERO)
@@ -234,6 +238,14 @@ impl Server {
                 }
             }
             self.expire();
+            if self
+                .dispatcher
+                .next_wakeup()
+                .is_some_and(|at| at <= Instant::now())
+            {
+                let answers = self.dispatcher.tick();
+                self.deliver(answers);
+            }
             if stop {
                 self.shutdown();
                 return Ok(());
@@ -602,20 +614,6 @@ impl Server {
             log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
             return;
         }
-        // The new dispatcher opens the key store again: the commits in flight finish first.
-        let answers = self.dispatcher.finish_commits();
-        self.deliver(answers);
-        // A device that takes one client at a time (a TPM simulator) must be let go of
-        // before the new providers open it; the old ones reopen it if they stay in service.
-        self.dispatcher.release_devices();
-        let mut dispatcher = match self.dispatcher.successor(&config) {
-            Ok(dispatcher) => dispatcher,
-            Err(e) => {
-                log::error!("SIGHUP: {e}; keeping the running configuration");
-                self.dispatcher.resume();
-                return;
-            }
-        };
         if config.socket_path != self.socket_path && self.activated {
             log::warn!("SIGHUP: listener.socket_path is ignored under socket activation: change the .socket unit instead");
         } else if config.socket_path != self.socket_path {
@@ -628,8 +626,6 @@ impl Server {
                     {
                         log::error!("SIGHUP: cannot watch the new socket: {e}; keeping the running configuration");
                         let _ = std::fs::remove_file(&config.socket_path);
-                        self.dispatcher.give_back(dispatcher);
-                        self.dispatcher.resume();
                         return;
                     }
                     let _ = self.poll.registry().deregister(&mut self.listener);
@@ -639,20 +635,20 @@ impl Server {
                 }
                 Err(e) => {
                     log::error!("SIGHUP: {e}; keeping the running configuration");
-                    self.dispatcher.give_back(dispatcher);
-                    self.dispatcher.resume();
                     return;
                 }
             }
         }
+        // Providers whose settings are unchanged keep running untouched; the others drain
+        // and stop before their successors start (never waited for here). Requests in hand
+        // are finished, moved or failed, never lost.
+        let answers = self.dispatcher.reload(&config);
+        self.deliver(answers);
         if config.log_target != self.config.log_target {
             log::warn!("SIGHUP: core_settings.log_target changes take effect at the next start");
         }
         crate::logging::set_level(config.log_level);
-        // Requests in the old providers' hands are finished, moved or failed, never lost.
-        let answers = dispatcher.adopt(&mut self.dispatcher);
-        self.dispatcher = dispatcher;
-        self.deliver(answers);
+        self.budget.limit = config.connection_buffer_budget;
         self.config = config;
         log::info!(
             "SIGHUP: {source} reloaded, listening on {}",

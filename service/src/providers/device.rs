@@ -47,10 +47,6 @@ impl<C: Link> Device<C> {
         self.conn.as_mut()
     }
 
-    pub fn release(&mut self) {
-        self.conn = None;
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }

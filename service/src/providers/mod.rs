@@ -37,7 +37,7 @@ pub mod tpm;
 pub mod worker;
 
 /// Limits every provider applies to what it produces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Largest output buffer one operation may produce, in bytes.
     pub buffer_size_limit: usize,
@@ -155,10 +155,6 @@ pub trait Provider {
     fn flush(&mut self) -> Result<(), OpError> {
         Ok(())
     }
-
-    /// Closes the provider's connection to its device, if it holds one, so that a reload can
-    /// open it afresh; the provider reopens it when next used.
-    fn release_device(&mut self) {}
 
     /// The entry of a key this provider made (on its worker) is now durable in the store: a
     /// create record kept for it can go.
@@ -310,7 +306,7 @@ fn no_such_key(name: &str) -> OpError {
     )
 }
 
-fn name_taken(name: &str) -> OpError {
+pub(crate) fn name_taken(name: &str) -> OpError {
     OpError::new(
         ResponseStatus::PsaErrorAlreadyExists,
         format!("a key named \"{name}\" exists already"),

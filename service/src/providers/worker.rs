@@ -73,8 +73,6 @@ enum Message {
     BeforeForget(KeyEntry, mpsc::Sender<Result<(), OpError>>),
     /// A key this worker made is now durable in the store.
     Committed(KeyEntry),
-    /// Close the device connection (a reload is about to open it again); reopened on use.
-    Release(mpsc::Sender<()>),
 }
 
 /// What comes back to the event loop.
@@ -83,6 +81,9 @@ pub enum Event {
     Done(Done),
     /// A group commit (by its number) is durable, or failed.
     Committed(u64, Committed),
+    /// A worker told to stop has finished everything it was sent and let its provider go
+    /// (closed its device, finalised its module): a successor may start now.
+    Stopped(Instance),
 }
 
 /// Where workers send results: a channel the event loop drains when its waker fires. It
@@ -152,6 +153,11 @@ impl Inbox {
     /// caller waits with `wait`.
     pub fn set_waker(&self, waker: mio::Waker) {
         let _ = self.outbox.waker.set(waker);
+    }
+
+    /// Wakes the loop (for answers the dispatcher has ready without a worker).
+    pub fn wake(&self) {
+        self.outbox.wake();
     }
 
     pub fn try_next(&self) -> Option<Event> {
@@ -226,7 +232,8 @@ impl StoreWriter {
 
 /// The event loop's handle on one worker thread.
 pub struct Worker {
-    sender: mpsc::Sender<Message>,
+    /// None once told to stop.
+    sender: Option<mpsc::Sender<Message>>,
     thread: std::thread::JoinHandle<()>,
     pub instance: Instance,
     name: String,
@@ -260,7 +267,7 @@ impl Worker {
             .spawn(move || run(instance, provider, receiver, outbox))
             .map_err(|e| format!("cannot start its worker thread: {e}"))?;
         Ok(Worker {
-            sender,
+            sender: Some(sender),
             thread,
             instance,
             name: name.to_string(),
@@ -270,7 +277,7 @@ impl Worker {
 
     /// Hands the worker a batch of jobs. Fails only if the thread is gone.
     pub fn run(&self, jobs: Vec<Job>) -> Result<(), OpError> {
-        self.sender.send(Message::Run(jobs)).map_err(|_| {
+        self.send(Message::Run(jobs)).map_err(|_| {
             OpError::new(
                 ResponseStatus::PsaErrorCommunicationFailure,
                 format!("the worker of provider \"{}\" has stopped", self.name),
@@ -279,8 +286,20 @@ impl Worker {
         })
     }
 
+    fn send(&self, message: Message) -> Result<(), ()> {
+        match &self.sender {
+            Some(sender) => sender.send(message).map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+
     pub fn destroy(&self, entry: KeyEntry) {
-        let _ = self.sender.send(Message::Destroy(entry));
+        if self.send(Message::Destroy(entry)).is_err() {
+            log::error!(
+                "provider \"{}\": a key's material could not be handed to its stopped worker for destruction (resolved at the next start)",
+                self.name
+            );
+        }
     }
 
     /// A tombstone for a key about to be forgotten (DeleteClient), durable when this returns
@@ -301,8 +320,7 @@ impl Worker {
             )
         };
         let (ack, acked) = mpsc::channel();
-        self.sender
-            .send(Message::BeforeForget(entry, ack))
+        self.send(Message::BeforeForget(entry, ack))
             .map_err(|_| gone())?;
         acked
             .recv_timeout(Duration::from_secs(10))
@@ -310,22 +328,25 @@ impl Worker {
     }
 
     pub fn committed(&self, entry: KeyEntry) {
-        let _ = self.sender.send(Message::Committed(entry));
+        let _ = self.send(Message::Committed(entry));
     }
 
-    /// Lets the thread end after the batch in hand (it then drops the provider, which closes
-    /// the device or finalizes the module); its handle, to wait for that.
-    pub fn stop(self) -> std::thread::JoinHandle<()> {
+    /// Tells the thread to end once it has done everything already sent (it then drops the
+    /// provider, which closes the device or finalizes the module, and reports
+    /// `Event::Stopped`). Nothing more can be sent to it.
+    pub fn close(&mut self) {
+        self.sender = None;
+    }
+
+    /// Whether its thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// As `close`; its handle, to wait for the end.
+    pub fn stop(mut self) -> std::thread::JoinHandle<()> {
+        self.close();
         self.thread
-    }
-
-    /// Asks an idle worker to close its device and waits (briefly) until it has.
-    pub fn release(&self, timeout: Duration) -> bool {
-        let (ack, acked) = mpsc::channel();
-        if self.sender.send(Message::Release(ack)).is_err() {
-            return false;
-        }
-        acked.recv_timeout(timeout).is_ok()
     }
 }
 
@@ -366,12 +387,12 @@ fn run(
                 let _ = ack.send(provider.before_forget(&entry));
             }
             Message::Committed(entry) => provider.committed(&entry),
-            Message::Release(ack) => {
-                provider.release_device();
-                let _ = ack.send(());
-            }
         }
     }
+    // The provider goes here, on this thread: its device closes, its module is finalised,
+    // after every job it was sent. Only then may a successor open the same device.
+    drop(provider);
+    outbox.deliver([Event::Stopped(instance)]);
 }
 
 fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Job) -> Done {

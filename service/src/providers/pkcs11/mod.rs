@@ -624,10 +624,6 @@ impl Provider for Pkcs11Provider {
         self.run(&op, &mut keys)
     }
 
-    fn release_device(&mut self) {
-        self.conn.release();
-    }
-
     fn committed(&mut self, entry: &KeyEntry) {
         if let Some(id) = KeyRef::decode(&entry.key_id).ok().and_then(|k| k.id) {
             self.journal

@@ -541,10 +541,6 @@ impl Provider for TpmProvider {
         self.run(&op, &mut keys)
     }
 
-    fn release_device(&mut self) {
-        self.conn.release();
-    }
-
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         // The TPM holds nothing of a key but while it is loaded: the blob was the key.
         self.forget_loaded(entry);
