@@ -306,3 +306,76 @@ fn other_clients_are_answered_while_a_token_generates_rsa_4096() {
     );
     eprintln!("{answered} pings + signs answered during the token's RSA-4096 generation");
 }
+
+/// The client of `a_client_queued_behind_a_busy_device_cannot_take_the_whole_budget`, run
+/// by it as a process of its own (another application): 8 requests of 400 KB each to the TPM
+/// provider, which queue behind the slow Create and hold their bytes until answered. Does
+/// nothing when run as a test.
+#[test]
+#[ignore]
+fn budget_hog() {
+    let Ok(socket) = std::env::var("PARSEC_TEST_HOG_SOCKET") else {
+        return;
+    };
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut client = common::naked_client_on(std::path::Path::new(&socket));
+                client.set_auth_data(parsec_client::auth::Authentication::Direct("hog".into()));
+                client.set_implicit_provider(ProviderId::Tpm);
+                let _ = client.psa_verify_hash(
+                    "none",
+                    &[0; 32],
+                    ecdsa(Hash::Sha256),
+                    &vec![0; 400_000],
+                );
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// One application's requests queue behind a busy device (the TPM's 2.5 s Create) and would
+/// fill the 2 MB request budget; it may hold half of it, so another application's large
+/// request to the idle software provider, and its pings, are answered while the device is
+/// still busy. Before, the other application waited for the device: the budget was full.
+#[test]
+fn a_client_queued_behind_a_busy_device_cannot_take_the_whole_budget() {
+    let tpm = Swtpm::start("isolation-budget");
+    let slow = SlowTpm::start(tpm.port, SLOW_CREATE, 0);
+    let daemon = slow_daemon(
+        "isolation-budget",
+        &tpm,
+        &slow,
+        "connection_buffer_budget = 2000000\n",
+    );
+    let tpm_client = client_of(&daemon, "alice", ProviderId::Tpm);
+    let generation = std::thread::spawn(move || tpm_client.psa_generate_key("rsa", rsa_2048()));
+    wait_until("the TPM holds the Create", || slow.slow_in_flight());
+    let mut hog = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["budget_hog", "--exact", "--ignored", "--test-threads", "1"])
+        .env("PARSEC_TEST_HOG_SOCKET", &daemon.socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the hog's requests are held", || {
+        daemon.log_text().contains("holding")
+    });
+
+    let other = client_of(&daemon, "bob", ProviderId::MbedCrypto);
+    other.ping().unwrap();
+    let digest = other
+        .psa_hash_compute(Hash::Sha256, &vec![7; 400_000])
+        .unwrap();
+    assert_eq!(digest, common::sha(Hash::Sha256, &vec![7; 400_000]));
+    other.ping().unwrap();
+    assert!(
+        slow.slow_in_flight() && slow.slow_done() == 0,
+        "the other application was answered only once the device was done: it waited for the budget"
+    );
+    generation.join().unwrap().unwrap();
+    assert!(hog.wait().unwrap().success());
+}

@@ -7,6 +7,7 @@ use super::framing::{self, HEADER_LEN};
 use crate::authenticators::PeerCredentials;
 use mio::net::UnixStream;
 use parsec_interface::requests::ResponseStatus;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
@@ -15,35 +16,67 @@ const CHUNK: usize = 16 * 1024;
 
 /// The bytes of requests the service may hold across all its connections
 /// (`core_settings.connection_buffer_budget`). A connection reserves its whole payload when
-/// its header is in, before reading any of it; when the budget cannot take it, the
-/// connection waits (nothing more is read from it) until others close. One request is
-/// always admitted when nothing else is held, so a full-size request is never stuck.
+/// its header is in, before reading any of it, and holds it until its response is sent;
+/// when the budget cannot take it, the connection waits (nothing more is read from it)
+/// until others give theirs back. The rules, so that no client can stall another:
+/// - a payload of at most [`SMALL_PAYLOAD`] bytes (a ping, a listing, a sign, most requests)
+///   is always admitted: the budget bounds the large ones (and small ones add at most
+///   `max_connections` x `SMALL_PAYLOAD`);
+/// - one client (a process, by its peer credentials) may hold at most half the budget, so
+///   that a client whose requests queue behind a busy device leaves room for the others; its
+///   first request is admitted whatever its size if the budget has room for it;
+/// - one request is always admitted when nothing else is held, so a full-size request is
+///   never stuck.
 #[derive(Debug)]
 pub struct Budget {
     pub limit: usize,
     pub used: usize,
+    /// Bytes held, by client.
+    held: HashMap<u64, usize>,
 }
+
+/// Payloads this small never wait for the budget.
+pub const SMALL_PAYLOAD: usize = 4096;
 
 impl Budget {
     pub fn new(limit: usize) -> Budget {
-        Budget { limit, used: 0 }
+        Budget {
+            limit,
+            used: 0,
+            held: HashMap::new(),
+        }
     }
 
     pub fn unlimited() -> Budget {
         Budget::new(usize::MAX)
     }
 
-    fn try_reserve(&mut self, bytes: usize) -> bool {
-        if self.used == 0 || self.used.saturating_add(bytes) <= self.limit {
-            self.used += bytes;
+    /// The most one client may hold.
+    pub fn share(&self) -> usize {
+        self.limit / 2
+    }
+
+    fn try_reserve(&mut self, client: u64, bytes: usize) -> bool {
+        let mine = self.held.get(&client).copied().unwrap_or(0);
+        let fits = self.used.saturating_add(bytes) <= self.limit;
+        let within_share = mine == 0 || mine.saturating_add(bytes) <= self.share();
+        if bytes <= SMALL_PAYLOAD || self.used == 0 || (fits && within_share) {
+            self.used = self.used.saturating_add(bytes);
+            *self.held.entry(client).or_default() += bytes;
             true
         } else {
             false
         }
     }
 
-    pub fn release(&mut self, bytes: usize) {
+    pub fn release(&mut self, client: u64, bytes: usize) {
         self.used = self.used.saturating_sub(bytes);
+        if let Some(mine) = self.held.get_mut(&client) {
+            *mine = mine.saturating_sub(bytes);
+            if *mine == 0 {
+                self.held.remove(&client);
+            }
+        }
     }
 }
 
@@ -113,6 +146,16 @@ impl<S: Read + Write> Connection<S> {
         matches!(self.state, State::Writing { .. })
     }
 
+    /// Who the budget counts this connection's bytes against: its process (by peer
+    /// credentials), or its user when the pid is unknown.
+    pub fn client(&self) -> u64 {
+        match self.peer {
+            Some(peer) if peer.pid > 0 => peer.pid as u64,
+            Some(peer) => (1 << 32) | u64::from(peer.uid),
+            None => 1 << 33,
+        }
+    }
+
     /// True while the connection waits for room in the buffer budget.
     pub fn is_stalled(&self) -> bool {
         matches!(self.state, State::Stalled { .. })
@@ -130,6 +173,7 @@ impl<S: Read + Write> Connection<S> {
 
     /// Reads what the socket has, up to the end of the request.
     pub fn read(&mut self, body_len_limit: usize, budget: &mut Budget) -> io::Result<Progress> {
+        let client = self.client();
         loop {
             match &mut self.state {
                 State::Header { buf, filled } => {
@@ -153,7 +197,7 @@ impl<S: Read + Write> Connection<S> {
                 }
                 State::Stalled { header, total } => {
                     let payload = *total - HEADER_LEN;
-                    if !budget.try_reserve(payload) {
+                    if !budget.try_reserve(client, payload) {
                         return Ok(Progress::Stalled);
                     }
                     self.reserved = payload;
@@ -224,5 +268,39 @@ fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<Option<usize>
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_payloads_are_admitted_when_the_budget_is_full() {
+        let mut budget = Budget::new(10_000);
+        assert!(budget.try_reserve(1, 9_000));
+        assert!(!budget.try_reserve(2, 5_000), "a large one waits");
+        assert!(budget.try_reserve(2, SMALL_PAYLOAD), "a small one never waits");
+    }
+
+    #[test]
+    fn one_client_holds_at_most_half_and_others_get_the_rest() {
+        let mut budget = Budget::new(10_000);
+        assert!(budget.try_reserve(1, 4_500));
+        assert!(!budget.try_reserve(1, 4_500), "over its share");
+        assert!(budget.try_reserve(2, 4_500), "another client's room");
+        assert!(!budget.try_reserve(3, 4_500), "the budget is full");
+        budget.release(1, 4_500);
+        assert!(budget.try_reserve(3, 4_500));
+        assert_eq!(budget.used, 9_000);
+    }
+
+    #[test]
+    fn one_request_of_any_size_is_admitted_when_nothing_is_held() {
+        let mut budget = Budget::new(10_000);
+        assert!(budget.try_reserve(1, 50_000));
+        budget.release(1, 50_000);
+        assert_eq!(budget.used, 0);
+        assert!(budget.held.is_empty());
     }
 }

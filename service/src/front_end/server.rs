@@ -500,7 +500,8 @@ impl Server {
         // Dropping the stream closes its only descriptor, which also removes it from the
         // epoll set: no deregister call (one system call fewer per request).
         if let Some(connection) = self.connections.remove(&token) {
-            self.budget.release(connection.reserved);
+            self.budget
+                .release(connection.client(), connection.reserved);
         }
     }
 
@@ -508,6 +509,7 @@ impl Server {
     /// while there is room (their data is in the socket already: no event will come).
     fn resume_stalled(&mut self) {
         for _ in 0..self.stalled.len() {
+            // Nothing large fits in a full budget (small requests never stall).
             if self.budget.used >= self.budget.limit {
                 return;
             }

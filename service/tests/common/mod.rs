@@ -266,18 +266,7 @@ impl Daemon {
     }
 
     pub fn naked_client(&self) -> BasicClient {
-        let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        std::env::set_var(
-            "PARSEC_SERVICE_ENDPOINT",
-            format!("unix:{}", self.socket.display()),
-        );
-        let mut client = BasicClient::new_naked().expect("client");
-        drop(guard);
-        client.set_ipc_handler(Box::new(
-            Handler::new(self.socket.clone(), Some(Duration::from_secs(30)))
-                .expect("socket exists"),
-        ));
-        client
+        naked_client_on(&self.socket)
     }
 
     /// Sends raw bytes and returns the raw response (until the service closes).
@@ -291,6 +280,21 @@ impl Daemon {
         let _ = stream.read_to_end(&mut response);
         response
     }
+}
+
+/// A parsec-client on a socket, with no authentication or provider set.
+pub fn naked_client_on(socket: &Path) -> BasicClient {
+    let guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var(
+        "PARSEC_SERVICE_ENDPOINT",
+        format!("unix:{}", socket.display()),
+    );
+    let mut client = BasicClient::new_naked().expect("client");
+    drop(guard);
+    client.set_ipc_handler(Box::new(
+        Handler::new(socket.to_path_buf(), Some(Duration::from_secs(30))).expect("socket exists"),
+    ));
+    client
 }
 
 impl Drop for Daemon {
