@@ -219,6 +219,11 @@ impl KeyStore {
         self.entries.contains_key(key)
     }
 
+    /// Whether a key is in a batch being made durable.
+    pub fn is_held(&self, key: &KeyTriple) -> bool {
+        self.held.contains(key)
+    }
+
     /// Whether a name is taken: stored, or in a batch being made durable.
     pub fn is_taken(&self, key: &KeyTriple) -> bool {
         self.entries.contains_key(key) || self.held.contains(key)

@@ -37,7 +37,7 @@ impl Dispatcher {
             events.push(event);
         }
         answers.extend(self.handle(events));
-        answers
+        self.fold_chunks(answers)
     }
 
     /// Finished requests go into one group commit; finished commits answer their requests.
@@ -95,7 +95,8 @@ impl Dispatcher {
             answers = self.completed();
             if answers.iter().all(|(t, _)| *t != ticket) && self.in_hand(ticket) {
                 if let Some(event) = self.inbox.wait(Duration::from_secs(600)) {
-                    answers.extend(self.handle(vec![event]));
+                    let handled = self.handle(vec![event]);
+                    answers.extend(self.fold_chunks(handled));
                 }
             }
         }

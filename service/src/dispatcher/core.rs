@@ -7,8 +7,8 @@ use crate::error::OpError;
 use parsec_interface::operations::list_keys::KeyInfo;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{
-    delete_client, list_authenticators, list_clients, list_keys, list_opcodes, list_providers,
-    ping, NativeOperation, NativeResult,
+    list_authenticators, list_clients, list_keys, list_opcodes, list_providers, ping,
+    NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 use std::collections::HashSet;
@@ -112,70 +112,12 @@ impl Dispatcher {
                     clients: self.store.applications(),
                 }))
             }
-            NativeOperation::DeleteClient(op) => {
-                self.delete_client(&op.client)?;
-                Ok(NativeResult::DeleteClient(delete_client::Result {}))
-            }
             other => Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,
                 format!("{:?} is not a core operation", other.opcode()),
                 "send it to a crypto provider",
             )),
         }
-    }
-
-    /// Destroys every key of one application in every enabled provider. Refused whole,
-    /// before anything is forgotten, while a provider holding some of its keys is being
-    /// replaced by a reload or is down: its keys' material could not be destroyed.
-    pub(super) fn delete_client(&mut self, client: &str) -> Result<(), OpError> {
-        let triples: Vec<_> = self
-            .store
-            .keys_of(client)
-            .map(|(k, _)| k.clone())
-            .filter(|k| self.slots.iter().any(|p| p.id as u8 == k.provider))
-            .collect();
-        for triple in &triples {
-            let Some(slot) = self.slots.iter().find(|p| p.id as u8 == triple.provider) else {
-                continue;
-            };
-            if !self.settled(slot.id) {
-                return Err(OpError::new(
-                    ResponseStatus::PsaErrorCommunicationFailure,
-                    format!(
-                        "provider \"{}\" is being restarted by a reload or is down",
-                        slot.name()
-                    ),
-                    "nothing was deleted: send DeleteClient again in a moment",
-                ));
-            }
-        }
-        for triple in triples {
-            let running = self
-                .slots
-                .iter_mut()
-                .find(|p| p.id as u8 == triple.provider)
-                .and_then(|s| s.running_mut());
-            let (Some(running), Some(entry)) = (running, self.store.get(&triple)) else {
-                continue;
-            };
-            // A tombstone first: a crash after the entry's removal still destroys the key.
-            running.before_forget(entry)?;
-            let entry = self.store.remove(&triple)?;
-            if let Some(running) = self
-                .slots
-                .iter_mut()
-                .find(|p| p.id as u8 == triple.provider)
-                .and_then(|s| s.running_mut())
-            {
-                // Its worker logs a failure; the tombstone makes the next start finish it.
-                running.destroy_material(entry);
-            }
-        }
-        log::info!(
-            "DeleteClient: every key of \"{}\" destroyed",
-            crate::error::escape(client)
-        );
-        Ok(())
     }
 }
 

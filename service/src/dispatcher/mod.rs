@@ -11,6 +11,7 @@
 
 mod completion;
 mod core;
+mod delete_client;
 mod reload;
 mod slots;
 
@@ -104,6 +105,8 @@ pub struct Dispatcher {
     /// Finished requests waiting for their group commit, by commit number.
     committing: HashMap<u64, Vec<completion::Settling>>,
     next_commit: u64,
+    /// DeleteClient requests in progress, by ticket.
+    deletions: HashMap<u64, delete_client::Deletion>,
 }
 
 impl Dispatcher {
@@ -140,6 +143,7 @@ impl Dispatcher {
             writer,
             committing: HashMap::new(),
             next_commit: 1,
+            deletions: HashMap::new(),
         };
         for settings in &config.providers {
             let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
@@ -263,6 +267,14 @@ impl Dispatcher {
                     )
                 })?;
             match (route, app) {
+                (Route::Core, Some(admin)) if header.opcode == Opcode::DeleteClient => {
+                    match operation {
+                        NativeOperation::DeleteClient(op) => {
+                            self.start_delete_client(header, &admin, &op.client)
+                        }
+                        _ => Err(OpError::status(ResponseStatus::PsaErrorGenericError)),
+                    }
+                }
                 (Route::Core, app) => Ok(Step::Result(self.execute_core(operation, app.as_ref())?)),
                 (Route::Provider(index), Some(app)) => {
                     self.run_on(index, header, app.name, operation)
@@ -375,11 +387,25 @@ impl Dispatcher {
                     continue;
                 }
             }
+            let work = match waiting.work {
+                // Keys in a commit in flight (being destroyed) are another request's.
+                Work::Forget(names) => Work::Forget(
+                    names
+                        .into_iter()
+                        .filter(|n| !self.store.is_held(&KeyTriple::new(&waiting.app, id, n)))
+                        .collect(),
+                ),
+                work => work,
+            };
+            let snapshot = match &work {
+                Work::Forget(names) => Snapshot::of_names(&self.store, &waiting.app, id, names),
+                _ => Snapshot::of(&self.store, &waiting.app, id),
+            };
             jobs.push(Job {
-                snapshot: Snapshot::of(&self.store, &waiting.app, id),
+                snapshot,
                 ticket: waiting.ticket,
                 app: waiting.app,
-                work: waiting.work,
+                work,
             });
         }
         if refused {

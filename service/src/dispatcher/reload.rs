@@ -124,7 +124,7 @@ impl Dispatcher {
             }
         }
         answers.extend(self.advance());
-        answers
+        self.fold_chunks(answers)
     }
 
     fn retire(&mut self, running: Running, id: ProviderId, name: &str, removed: bool) {
@@ -309,7 +309,7 @@ impl Dispatcher {
                 i += 1;
             }
         }
-        answers
+        self.fold_chunks(answers)
     }
 
     /// The live instance with this number, serving or retiring.

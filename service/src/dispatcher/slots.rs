@@ -61,12 +61,6 @@ impl Running {
         self.in_flight > 0
     }
 
-    /// Records that a key's material is about to be forgotten (a tombstone), queued like
-    /// any request, before the entry goes.
-    pub fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
-        self.worker.before_forget(entry.clone())
-    }
-
     /// Destroys a key's material, queued behind the worker's batch.
     pub fn destroy_material(&mut self, entry: KeyEntry) {
         self.worker.destroy(entry);
@@ -237,7 +231,7 @@ pub(super) fn key_name(work: &Work) -> Option<&str> {
 pub(super) fn created_name(work: &Work) -> Option<&str> {
     match work {
         Work::Op(op) => name_created_by(op),
-        Work::Complete(..) => None,
+        Work::Complete(..) | Work::Forget(_) => None,
     }
 }
 

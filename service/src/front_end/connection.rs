@@ -280,7 +280,10 @@ mod tests {
         let mut budget = Budget::new(10_000);
         assert!(budget.try_reserve(1, 9_000));
         assert!(!budget.try_reserve(2, 5_000), "a large one waits");
-        assert!(budget.try_reserve(2, SMALL_PAYLOAD), "a small one never waits");
+        assert!(
+            budget.try_reserve(2, SMALL_PAYLOAD),
+            "a small one never waits"
+        );
     }
 
     #[test]

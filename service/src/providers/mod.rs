@@ -10,7 +10,7 @@
 
 use crate::config::{ProviderKind, ProviderSettings};
 use crate::error::OpError;
-use crate::key_store::{KeyEntry, KeyStore};
+use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
@@ -160,9 +160,10 @@ pub trait Provider {
     /// create record kept for it can go.
     fn committed(&mut self, _entry: &KeyEntry) {}
 
-    /// Called before an entry leaves the key store for good (DeleteClient), so that the
-    /// provider can record that its material is to be destroyed (a tombstone): a crash after
-    /// the entry's removal then still lets the next start destroy it. An error keeps the key.
+    /// Called on the worker before an entry leaves the key store for good (DeleteClient), so
+    /// that the provider can record that its material is to be destroyed (a tombstone), made
+    /// durable by the batch's `flush`: a crash after the entry's removal then still lets the
+    /// next start destroy it. An error keeps the key.
     fn before_forget(&mut self, _entry: &KeyEntry) -> Result<(), OpError> {
         Ok(())
     }
@@ -279,6 +280,31 @@ pub enum Change {
 }
 
 impl Snapshot {
+    /// Only the named keys of one application (a DeleteClient chunk: not all its keys).
+    pub fn of_names(
+        store: &KeyStore,
+        app: &str,
+        provider: ProviderId,
+        names: &[String],
+    ) -> Snapshot {
+        let mut entries = std::collections::HashMap::new();
+        let mut mounted = std::collections::HashSet::new();
+        for name in names {
+            let triple = KeyTriple::new(app, provider, name);
+            if let Some(entry) = store.get(&triple) {
+                if store.is_mounted(&triple) {
+                    mounted.insert(name.clone());
+                }
+                entries.insert(name.clone(), entry.clone());
+            }
+        }
+        Snapshot {
+            entries,
+            mounted,
+            changes: Vec::new(),
+        }
+    }
+
     pub fn of(store: &KeyStore, app: &str, provider: ProviderId) -> Snapshot {
         let mut entries = std::collections::HashMap::new();
         let mut mounted = std::collections::HashSet::new();

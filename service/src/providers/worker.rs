@@ -36,6 +36,10 @@ pub enum Work {
     Op(NativeOperation),
     /// Finish a deferred operation with what its child process wrote (`Provider::complete`).
     Complete(Box<dyn std::any::Any + Send>, Vec<u8>),
+    /// Forget these keys of the job's application, their material to be destroyed once the
+    /// entries' removal is durable (one chunk of a DeleteClient): a tombstone for each
+    /// (`Provider::before_forget`), made durable with the batch, then the removals.
+    Forget(Vec<String>),
 }
 
 /// A request handed to a worker.
@@ -69,8 +73,6 @@ enum Message {
     /// Destroy the material of a key whose entry is gone (durably), or that the store could
     /// not record (its entry never existed).
     Destroy(KeyEntry),
-    /// Record that a key's entry is about to go (a tombstone), and say when that is durable.
-    BeforeForget(KeyEntry, mpsc::Sender<Result<(), OpError>>),
     /// A key this worker made is now durable in the store.
     Committed(KeyEntry),
 }
@@ -237,8 +239,6 @@ pub struct Worker {
     thread: std::thread::JoinHandle<()>,
     pub instance: Instance,
     name: String,
-    /// The provider records tombstones before an entry goes (the software provider).
-    tombstones: bool,
 }
 
 impl Worker {
@@ -256,7 +256,6 @@ impl Worker {
         } else {
             256 * 1024
         };
-        let tombstones = provider.id() == ProviderId::MbedCrypto;
         let (sender, receiver) = mpsc::channel::<Message>();
         let thread = std::thread::Builder::new()
             .name(format!(
@@ -271,7 +270,6 @@ impl Worker {
             thread,
             instance,
             name: name.to_string(),
-            tombstones,
         })
     }
 
@@ -300,31 +298,6 @@ impl Worker {
                 self.name
             );
         }
-    }
-
-    /// A tombstone for a key about to be forgotten (DeleteClient), durable when this returns
-    /// Ok. The event loop waits for it behind the worker's batch (milliseconds: only the
-    /// software provider records them). An error keeps the key.
-    pub fn before_forget(&self, entry: KeyEntry) -> Result<(), OpError> {
-        if !self.tombstones {
-            return Ok(());
-        }
-        let gone = || {
-            OpError::new(
-                ResponseStatus::PsaErrorCommunicationFailure,
-                format!(
-                    "the worker of provider \"{}\" did not record the tombstone",
-                    self.name
-                ),
-                "retry; if it persists, restart the service",
-            )
-        };
-        let (ack, acked) = mpsc::channel();
-        self.send(Message::BeforeForget(entry, ack))
-            .map_err(|_| gone())?;
-        acked
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| gone())?
     }
 
     pub fn committed(&self, entry: KeyEntry) {
@@ -383,9 +356,6 @@ fn run(
                     );
                 }
             }
-            Message::BeforeForget(entry, ack) => {
-                let _ = ack.send(provider.before_forget(&entry));
-            }
             Message::Committed(entry) => provider.committed(&entry),
         }
     }
@@ -408,6 +378,7 @@ fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Jo
             Err(error) => Outcome::Finished(Err(error)),
         },
         Work::Complete(state, output) => Outcome::Finished(provider.complete(state, output, keys)),
+        Work::Forget(names) => Outcome::Finished(forget(provider, keys, &names)),
     };
     // A failed or deferred operation changes nothing (yet).
     let changes = match outcome {
@@ -422,6 +393,25 @@ fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Jo
         outcome,
         changes,
     }
+}
+
+/// One chunk of a DeleteClient: a tombstone for each key (durable with the batch's `flush`,
+/// before the results leave), then its entry's removal. Keys already gone are skipped.
+fn forget(
+    provider: &mut (dyn Provider + Send),
+    mut keys: AppKeys<'_>,
+    names: &[String],
+) -> Result<NativeResult, OpError> {
+    for name in names {
+        let Ok(entry) = keys.get(name).cloned() else {
+            continue;
+        };
+        provider.before_forget(&entry)?;
+        keys.remove_then_destroy(name)?;
+    }
+    Ok(NativeResult::DeleteClient(
+        parsec_interface::operations::delete_client::Result {},
+    ))
 }
 
 /// The batch could not be made durable: a request that changed a key fails, and the keys it

@@ -737,9 +737,10 @@ impl Provider for MbedCryptoProvider {
 
     fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
+        // Durable with the batch (`flush`), before its results leave the worker.
         let record = self
             .journal
-            .begin(journal::Kind::Destroy, &format!("{id:08x}"))?;
+            .begin_unsynced(journal::Kind::Destroy, &format!("{id:08x}"))?;
         self.tombstones.push((id, record));
         Ok(())
     }
