@@ -91,6 +91,20 @@ impl Daemon {
         max_connections: usize,
         providers: &str,
     ) -> (Daemon, Duration) {
+        let listener = format!("timeout = {timeout_ms}\nmax_connections = {max_connections}\n");
+        Daemon::start_with_config(bin, dir, "", &listener, "", providers)
+    }
+
+    /// As `start_with_providers`, with extra lines for `[core_settings]`, `[listener]` and
+    /// `[authenticator]` (admins, say).
+    pub fn start_with_config(
+        bin: &Path,
+        dir: &Path,
+        core: &str,
+        listener: &str,
+        authenticator: &str,
+        providers: &str,
+    ) -> (Daemon, Duration) {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("parsec.sock");
@@ -98,9 +112,9 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[core_settings]\nlog_level = \"error\"\nallow_root = true\n\
-                 [listener]\nlistener_type = \"DomainSocket\"\ntimeout = {timeout_ms}\nmax_connections = {max_connections}\nsocket_path = \"{}\"\n\
-                 [authenticator]\nauth_type = \"Direct\"\n\
+                "[core_settings]\nlog_level = \"error\"\nallow_root = true\n{core}\
+                 [listener]\nlistener_type = \"DomainSocket\"\n{listener}socket_path = \"{}\"\n\
+                 [authenticator]\nauth_type = \"Direct\"\n{authenticator}\
                  [[key_manager]]\nname = \"m\"\nmanager_type = \"OnDisk\"\nstore_path = \"{}\"\n{providers}",
                 socket.display(),
                 dir.join("store").display()
@@ -134,17 +148,7 @@ impl Daemon {
     }
 
     pub fn client(&self, app: &str) -> BasicClient {
-        std::env::set_var(
-            "PARSEC_SERVICE_ENDPOINT",
-            format!("unix:{}", self.socket.display()),
-        );
-        let mut client = BasicClient::new_naked().unwrap();
-        client.set_ipc_handler(Box::new(
-            Handler::new(self.socket.clone(), Some(Duration::from_secs(30))).unwrap(),
-        ));
-        client.set_auth_data(Authentication::Direct(app.into()));
-        client.set_default_provider().unwrap();
-        client
+        client_on(&self.socket, app)
     }
 
     pub fn pid(&self) -> u32 {
@@ -159,6 +163,22 @@ impl Daemon {
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     }
+}
+
+/// A client of the service on `socket`, as application `app` (Direct authentication), on
+/// the service's first provider.
+pub fn client_on(socket: &Path, app: &str) -> BasicClient {
+    std::env::set_var(
+        "PARSEC_SERVICE_ENDPOINT",
+        format!("unix:{}", socket.display()),
+    );
+    let mut client = BasicClient::new_naked().unwrap();
+    client.set_ipc_handler(Box::new(
+        Handler::new(socket.to_path_buf(), Some(Duration::from_secs(30))).unwrap(),
+    ));
+    client.set_auth_data(Authentication::Direct(app.into()));
+    client.set_default_provider().unwrap();
+    client
 }
 
 impl Drop for Daemon {
