@@ -166,11 +166,19 @@ for arch in "${arches[@]}"; do
             { tail -20 "$work/debootstrap-$arch.log"; exit 1; }
         tool=$work/parsec-tool-$arch/bin/parsec-tool
         if [ ! -x "$tool" ]; then
-            step "parsec-tool 0.7.0 for $arch (cargo install --target)"
-            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
-                CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+            step "parsec-tool 0.7.0 for $arch (cargo install --target, against cross/'s sysroot)"
+            # Debian's cross gcc has no libc of its own here (no libc6-dev-arm64-cross): ring's C
+            # code needs the sysroot cross/build.sh made, or its headers fall through to the
+            # build machine's /usr/include.
+            sysroot=$top/cross/.cache/sysroot/aarch64-unknown-linux-gnu
+            [ -f "$sysroot/.parsec-sysroot" ] ||
+                { echo "check-debs: no $sysroot (cross/build.sh aarch64-unknown-linux-gnu makes it)" >&2; exit 1; }
+            (
+                # shellcheck source=cross/env.sh
+                . "$top/cross/env.sh" aarch64-unknown-linux-gnu "$sysroot"
                 cargo install --quiet --locked parsec-tool --version 0.7.0 \
-                --target aarch64-unknown-linux-gnu --root "$work/parsec-tool-$arch"
+                    --target aarch64-unknown-linux-gnu --root "$work/parsec-tool-$arch"
+            )
         fi
     fi
     echo "   $(du -sh "$root" | cut -f1), $(chroot "$root" uname -m)"

@@ -153,6 +153,10 @@ fn pass_through(client: TcpStream, upstream: u16) -> std::io::Result<()> {
     let (mut from_client, mut to_tpm) = (client.try_clone()?, tpm.try_clone()?);
     let up = std::thread::spawn(move || {
         let _ = std::io::copy(&mut from_client, &mut to_tpm);
+        // swtpm serves one control connection at a time and does not close it when the
+        // client half-closes: close it here, or the next client's control connection (a
+        // provider instance started after a reload) waits forever.
+        let _ = to_tpm.shutdown(std::net::Shutdown::Both);
     });
     let (mut from_tpm, mut to_client) = (tpm, client);
     let _ = std::io::copy(&mut from_tpm, &mut to_client);

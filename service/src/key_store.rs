@@ -192,6 +192,29 @@ impl KeyStore {
         Ok(damaged)
     }
 
+    /// Takes one provider's entries from a store that holds that provider alone (read and
+    /// recovered by the provider's worker as it started), in place of any this one had.
+    pub fn adopt(&mut self, provider: ProviderId, mut other: KeyStore) {
+        let id = provider as u8;
+        self.forget_provider(id);
+        if let Some(root) = other.roots.remove(&id) {
+            self.roots.insert(id, root);
+        }
+        let entries = std::mem::take(&mut other.entries);
+        self.entries
+            .extend(entries.into_iter().filter(|(k, _)| k.provider == id));
+        self.mounted
+            .extend(other.mounted.into_iter().filter(|k| k.provider == id));
+        if let Some(count) = other.damaged.remove(&id) {
+            self.damaged.insert(id, count);
+        }
+    }
+
+    /// How many entries could not be read, over every provider.
+    pub fn damaged_total(&self) -> usize {
+        self.damaged.values().sum()
+    }
+
     /// Drops one provider's entries from memory (a reload removed it); its files stay on
     /// disk untouched, so enabling it again loses nothing.
     pub fn unload(&mut self, provider: ProviderId) {

@@ -379,3 +379,46 @@ fn a_client_queued_behind_a_busy_device_cannot_take_the_whole_budget() {
     generation.join().unwrap().unwrap();
     assert!(hog.wait().unwrap().success());
 }
+
+/// A reload that gives the TPM provider new settings, on a TPM that takes 2.5 s for the
+/// service's primary key: the successor is built on its worker, and other clients are
+/// answered meanwhile (before, the reload built it on the event loop: everyone waited for
+/// the TPM); the TPM's own requests queue and are served once it has started.
+#[test]
+fn a_reload_that_restarts_a_slow_tpm_does_not_hold_the_loop() {
+    const SLOW_PRIMARY: &[(u32, u64)] = &[(TPM2_CC_CREATE_PRIMARY, 2500)];
+    let tpm = Swtpm::start("isolation-restart");
+    let slow = SlowTpm::start(tpm.port, SLOW_PRIMARY, 0);
+    let daemon = slow_daemon("isolation-restart", &tpm, &slow, "");
+    let software = client_of(&daemon, "bob", ProviderId::MbedCrypto);
+    software.psa_generate_key("sw", p256_signing()).unwrap();
+    let before = slow.count(TPM2_CC_CREATE_PRIMARY);
+    let text = std::fs::read_to_string(&daemon.config).unwrap();
+    let renamed = text.replacen(
+        "provider_type = \"Tpm\"\n",
+        "provider_type = \"Tpm\"\nname = \"tpm-b\"\n",
+        1,
+    );
+    assert_ne!(text, renamed);
+    std::fs::write(&daemon.config, renamed).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the successor makes its primary key", || {
+        slow.count(TPM2_CC_CREATE_PRIMARY) > before && slow.slow_in_flight()
+    });
+    let tpm_client = client_of(&daemon, "alice", ProviderId::Tpm);
+    let queued = std::thread::spawn(move || tpm_client.psa_generate_random(8));
+    let mut answered = 0;
+    while slow.slow_in_flight() && answered < 20 {
+        software.ping().unwrap();
+        software
+            .psa_sign_hash("sw", &[7; 32], ecdsa(Hash::Sha256))
+            .unwrap();
+        answered += 1;
+    }
+    assert!(
+        answered >= 20,
+        "only {answered} pings and signs were answered while the TPM started"
+    );
+    assert_eq!(queued.join().unwrap().unwrap().len(), 8);
+    assert!(daemon.log_text().contains("provider \"tpm-b\" started"));
+}

@@ -234,6 +234,10 @@ mod pkcs11 {
     use common::{pkcs11_provider_table, with_provider_first, SoftHsm};
 
     fn hsm_daemon(name: &str, hsm: &SoftHsm) -> Daemon {
+        hsm_daemon_held(name, hsm, "pkcs11:after-objects")
+    }
+
+    fn hsm_daemon_held(name: &str, hsm: &SoftHsm, points: &str) -> Daemon {
         let table = pkcs11_provider_table(hsm, "");
         let (key, value) = hsm.env();
         Daemon::start_in_env(
@@ -243,10 +247,80 @@ mod pkcs11 {
             |text| with_provider_first(text, &table),
             &[
                 (key, &value),
-                ("PARSEC_HOLD_AT", "pkcs11:after-objects"),
+                ("PARSEC_HOLD_AT", points),
                 ("PARSEC_HOLD_MS", "1500"),
             ],
         )
+    }
+
+    fn renamed(text: &str, name: &str) -> String {
+        let renamed = text.replacen(
+            "provider_type = \"Pkcs11\"\n",
+            &format!("provider_type = \"Pkcs11\"\nname = \"{name}\"\n"),
+            1,
+        );
+        assert_ne!(text, renamed);
+        renamed
+    }
+
+    /// The number in "provider \"NAME\": starting instance N".
+    fn instance_started(log: &str, name: &str) -> u64 {
+        let marker = format!("provider \"{name}\": starting instance ");
+        let at = log.find(&marker).expect(&marker) + marker.len();
+        log[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A second reload while the first one's successor is still starting (its worker inside
+    /// the module's C_Initialize and login, held here after it): that instance is stopped
+    /// once it has started, unused, and only then does the next one start. Before, the
+    /// starting instance was dropped and the next one started beside it: two instances
+    /// initialising one module in one process (the crash a reload storm found).
+    #[test]
+    fn a_reload_while_the_successor_starts_waits_for_it_to_stop() {
+        let hsm = SoftHsm::new("reload-p11-starting");
+        let daemon = hsm_daemon_held("reload-p11-starting", &hsm, "start:built");
+        let text = std::fs::read_to_string(&daemon.config).unwrap();
+        let alice = daemon.client("alice");
+        alice.psa_generate_key("k", p256_signing()).unwrap();
+        held(&daemon, "start:built", 2); // the software provider and the token, at start-up
+        reload(&daemon, &renamed(&text, "token-b"));
+        wait_until("the first successor is starting", || {
+            daemon
+                .log_text()
+                .contains("provider \"token-b\": starting instance")
+        });
+        held(&daemon, "start:built", 3);
+        reload(&daemon, &renamed(&text, "token-c"));
+        let bob = daemon.client("bob");
+        let queued = bob.psa_generate_random(16).unwrap();
+        assert_eq!(queued.len(), 16);
+        wait_until("the last successor starts", || {
+            daemon.log_text().contains("provider \"token-c\" started")
+        });
+        let log = daemon.log_text();
+        let abandoned = instance_started(&log, "token-b");
+        assert!(
+            log.contains(&format!(
+                "instance {abandoned} is still starting; it stops unused"
+            )),
+            "{log}"
+        );
+        let stopped = log
+            .find(&format!(": instance {abandoned} stopped"))
+            .unwrap_or_else(|| panic!("instance {abandoned} never stopped:\n{log}"));
+        let next = log.find("provider \"token-c\": starting instance").unwrap();
+        assert!(
+            stopped < next,
+            "the next instance started while instance {abandoned} was alive:\n{log}"
+        );
+        assert!(!log.contains("ALREADY_INITIALIZED"), "{log}");
+        let alice = daemon.client("alice");
+        signs(&alice, "k");
     }
 
     /// SIGHUP with nothing changed while the PKCS#11 worker is in the middle of a create:

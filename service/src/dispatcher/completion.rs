@@ -54,6 +54,9 @@ impl Dispatcher {
                     }
                 }
                 Event::Stopped(instance) => answers.extend(self.stopped(instance)),
+                Event::Started(instance, outcome) => {
+                    answers.extend(self.started(instance, outcome));
+                }
             }
         }
         if !done.is_empty() {

@@ -89,7 +89,9 @@ impl Dispatcher {
                 let enabled: Vec<u8> = self
                     .slots
                     .iter()
-                    .filter(|p| p.listed().is_some())
+                    // Serving, or starting (after a reload): its entries are in memory;
+                    // not a provider that failed to start, as upstream lists none of those.
+                    .filter(|p| !p.is_down())
                     .map(|p| p.id as u8)
                     .collect();
                 let keys = self

@@ -21,14 +21,16 @@ use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
 use crate::key_store::{KeyStore, KeyTriple};
-use crate::providers::worker::{Done, Event, Inbox, Instance, Job, Outcome, StoreWriter, Work};
+use crate::providers::worker::{
+    Built, Done, Event, Inbox, Instance, Job, Outcome, StoreWriter, Work, Worker,
+};
 use crate::providers::{self, Change, Deferred, Limits, Snapshot};
 use crate::rate_limit::RateLimiter;
 use parsec_interface::operations::{psa_generate_random, Convert, NativeOperation, NativeResult};
 use parsec_interface::operations_protobuf::ProtobufConverter;
 use parsec_interface::requests::request::RequestHeader;
 use parsec_interface::requests::{AuthType, Opcode, ProviderId, Request, Response, ResponseStatus};
-use slots::{Retiring, Running, Slot, State, Waiting};
+use slots::{Abandoned, Retiring, Running, Slot, State, Waiting};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -89,6 +91,8 @@ pub struct Dispatcher {
     slots: Vec<Slot>,
     /// Instances a reload took out of service, finishing what they have in hand.
     retiring: Vec<Retiring>,
+    /// Instances a reload replaced or removed before they had started.
+    abandoned: Vec<Abandoned>,
     store: KeyStore,
     converter: ProtobufConverter,
     limiter: Option<RateLimiter>,
@@ -110,19 +114,16 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Opens the key store and starts every configured provider, in config order. A
-    /// provider that cannot start stops the service here (at a reload it fails alone).
+    /// Starts every configured provider, in config order, each on its worker (which reads
+    /// its entries and builds it), and waits for each. A provider that cannot start stops
+    /// the service here, as upstream's does (at a reload it fails alone).
     pub fn new(config: &Config) -> Result<Dispatcher, String> {
+        #[cfg(feature = "tpm-provider")]
+        providers::tpm::quiet_tss_logs();
         let inbox = Inbox::new();
         let outbox = inbox.outbox();
-        let roots: Vec<(ProviderId, std::path::PathBuf)> = config
-            .providers
-            .iter()
-            .map(|p| (providers::id_of(&p.kind), p.key_store_dir.clone()))
-            .collect();
-        let (store, damaged) =
-            KeyStore::open(&roots).map_err(|e| format!("cannot open the key store: {e}"))?;
-        log_damaged(&damaged);
+        let (store, _) =
+            KeyStore::open(&[]).map_err(|e| format!("cannot open the key store: {e}"))?;
         let limits = Limits {
             buffer_size_limit: config.buffer_size_limit,
             max_keygen_processes: config.max_keygen_processes,
@@ -132,6 +133,7 @@ impl Dispatcher {
             authenticator: Authenticator::new(config.authenticator, config.admins.clone()),
             slots: Vec::new(),
             retiring: Vec::new(),
+            abandoned: Vec::new(),
             store,
             converter: ProtobufConverter {},
             limiter: RateLimiter::new(config.client_rate_limit, config.client_rate_burst),
@@ -147,51 +149,45 @@ impl Dispatcher {
         };
         for settings in &config.providers {
             let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
-            let Some(running) = dispatcher
-                .start_instance(settings, limits)
-                .map_err(failed)?
-            else {
+            let instance = slots::next_instance();
+            let worker = Worker::start(settings, instance, limits, dispatcher.inbox.outbox())
+                .map_err(failed)?;
+            // Nothing else runs yet: the only event to come is this worker's.
+            let outcome = loop {
+                match dispatcher.inbox.wait(Duration::from_secs(3600)) {
+                    Some(Event::Started(i, outcome)) if i == instance => break outcome,
+                    Some(_) => continue,
+                    None => break Err("it did not report back within an hour".to_string()),
+                }
+            };
+            let Some(built) = outcome.map_err(failed)? else {
                 continue;
             };
             let mut slot = reload::new_slot(config, settings, limits);
-            slot.known = Some((running.info.clone(), running.opcodes));
-            slot.state = State::Serving(running);
+            slot.state = State::Serving(dispatcher.adopt(slot.id, worker, built));
+            slot.known = slot.running().map(|r| (r.info.clone(), r.opcodes));
             dispatcher.slots.push(slot);
         }
         log::info!(
             "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {} provider workers",
             dispatcher.store.len(),
-            damaged.len(),
+            dispatcher.store.damaged_total(),
             dispatcher.slots.len()
         );
         Ok(dispatcher)
     }
 
-    /// Builds one instance of a provider and moves it onto its worker thread. `None`: its
-    /// hardware is absent and its config says to start without it.
-    fn start_instance(
-        &mut self,
-        settings: &crate::config::ProviderSettings,
-        limits: Limits,
-    ) -> Result<Option<Running>, String> {
-        let Some(provider) = providers::build(settings, &mut self.store, limits)? else {
-            return Ok(None);
-        };
-        let (info, opcodes) = (provider.info(), provider.opcodes());
-        let worker = crate::providers::worker::Worker::spawn(
-            &settings.name,
-            slots::next_instance(),
-            provider,
-            self.inbox.outbox(),
-        )?;
-        Ok(Some(Running {
+    /// A worker has built its provider: its entries join the store, and it serves.
+    fn adopt(&mut self, id: ProviderId, worker: Worker, built: Built) -> Running {
+        self.store.adopt(id, built.store);
+        Running {
             worker,
-            info,
-            opcodes,
+            info: built.info,
+            opcodes: built.opcodes,
             in_flight: 0,
             deferred: 0,
             pinned: Default::default(),
-        }))
+        }
     }
 
     /// The waker the workers wake when a result is ready (the event loop's).
@@ -214,9 +210,15 @@ impl Dispatcher {
         let mut workers = Vec::new();
         for slot in self.slots.drain(..) {
             let name = format!("provider \"{}\"", slot.settings.name);
-            if let State::Serving(running) = slot.state {
-                workers.push((name, running.worker));
+            match slot.state {
+                State::Serving(running) => workers.push((name, running.worker)),
+                State::Starting(worker) => workers.push((name, worker)),
+                State::Waiting | State::Down { .. } => {}
             }
+        }
+        for abandoned in self.abandoned.drain(..) {
+            let name = format!("provider \"{}\" (replaced while starting)", abandoned.name);
+            workers.push((name, abandoned.worker));
         }
         for retiring in self.retiring.drain(..) {
             let name = format!("provider \"{}\" (retiring)", retiring.name);
@@ -631,9 +633,10 @@ impl Dispatcher {
         if let Some(error) = self.slots[index].refusal() {
             return Err(error);
         }
-        let serves = self.slots[index]
-            .listed()
-            .is_some_and(|(_, opcodes)| opcodes.contains(&opcode));
+        // From the provider's capability table, not from a running instance: a provider
+        // that is starting (or waiting for its predecessor to stop) takes requests into its
+        // queue.
+        let serves = providers::opcodes_of(&self.slots[index].settings.kind).contains(&opcode);
         if !serves {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,
@@ -642,16 +645,6 @@ impl Dispatcher {
             ));
         }
         Ok(Route::Provider(index))
-    }
-}
-
-fn log_damaged(damaged: &[crate::key_store::DamagedEntry]) {
-    for entry in damaged {
-        log::error!(
-            "key store: skipping damaged entry {}: {}; its key material is kept (never swept): restore the file from a backup and the key works again",
-            entry.path.display(),
-            entry.reason
-        );
     }
 }
 

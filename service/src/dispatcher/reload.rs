@@ -20,6 +20,22 @@
 
 use super::*;
 
+/// Whether a start-up failure may be retried without the operator: not a refused PIN or
+/// authorisation (the decoded cause names it), as every try counts against a lockout.
+fn retry_is_safe(error: &str) -> bool {
+    const REFUSED: &[&str] = &[
+        "CKR_PIN_INCORRECT",
+        "CKR_PIN_LOCKED",
+        "CKR_PIN_EXPIRED",
+        "CKR_PIN_INVALID",
+        "CKR_PIN_LEN_RANGE",
+        "TPM_RC_BAD_AUTH",
+        "TPM_RC_AUTH_FAIL",
+        "TPM_RC_LOCKOUT",
+    ];
+    !REFUSED.iter().any(|code| error.contains(code))
+}
+
 /// The longest wait between two tries at starting a provider that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -90,7 +106,7 @@ impl Dispatcher {
             if slot.settings == *settings && slot.limits == limits {
                 if let State::Down { retry_at, .. } = &mut slot.state {
                     // Asked again: try again now.
-                    *retry_at = Instant::now();
+                    *retry_at = Some(Instant::now());
                 }
                 self.slots.push(slot);
                 continue;
@@ -102,8 +118,10 @@ impl Dispatcher {
             slot.settings = settings.clone();
             slot.limits = limits;
             slot.batch_limit = providers::batch_limit(&settings.kind);
-            if let State::Serving(running) = std::mem::replace(&mut slot.state, State::Waiting) {
-                self.retire(running, id, &settings.name, false);
+            match std::mem::replace(&mut slot.state, State::Waiting) {
+                State::Serving(running) => self.retire(running, id, &settings.name, false),
+                State::Starting(worker) => self.abandon(worker, id, &settings.name),
+                State::Waiting | State::Down { .. } => {}
             }
             self.slots.push(slot);
         }
@@ -117,10 +135,10 @@ impl Dispatcher {
                 answers.extend(self.answer_now(waiting.ticket, error));
             }
             let name = slot.settings.name.clone();
-            if let State::Serving(running) = slot.state {
-                self.retire(running, slot.id, &name, true);
-            } else if !self.retiring.iter().any(|r| r.id == slot.id) {
-                self.store.unload(slot.id);
+            match slot.state {
+                State::Serving(running) => self.retire(running, slot.id, &name, true),
+                State::Starting(worker) => self.abandon(worker, slot.id, &name),
+                State::Waiting | State::Down { .. } => {}
             }
         }
         answers.extend(self.advance());
@@ -135,6 +153,26 @@ impl Dispatcher {
             removed,
             stopping: false,
         });
+    }
+
+    /// A reload replaced or removed an instance still being built: it is stopped as soon as
+    /// it has started (`started`), and its provider's next instance waits for that.
+    fn abandon(&mut self, worker: Worker, id: ProviderId, name: &str) {
+        log::info!(
+            "provider \"{name}\": instance {} is still starting; it stops unused when it has started",
+            worker.instance
+        );
+        self.abandoned.push(Abandoned {
+            worker,
+            id,
+            name: name.to_string(),
+        });
+    }
+
+    /// Whether an instance of this provider is still alive out of service: retiring, or
+    /// replaced while starting.
+    fn instance_alive(&self, id: ProviderId) -> bool {
+        self.retiring.iter().any(|r| r.id == id) || self.abandoned.iter().any(|a| a.id == id)
     }
 
     /// Answers a request that never reached a worker.
@@ -164,7 +202,7 @@ impl Dispatcher {
         for i in 0..self.slots.len() {
             let id = self.slots[i].id;
             let waiting = matches!(self.slots[i].state, State::Waiting);
-            if waiting && !self.retiring.iter().any(|r| r.id == id) {
+            if waiting && !self.instance_alive(id) {
                 answers.extend(self.start_slot(i));
             }
         }
@@ -188,56 +226,72 @@ impl Dispatcher {
 
     /// A retiring instance's thread has let its provider go.
     pub(super) fn stopped(&mut self, instance: Instance) -> Vec<(u64, Dispatched)> {
-        let Some(at) = self
+        let name = if let Some(at) = self
             .retiring
             .iter()
             .position(|r| r.running.instance() == instance)
-        else {
+        {
+            self.retiring.remove(at).name
+        } else if let Some(at) = self
+            .abandoned
+            .iter()
+            .position(|a| a.worker.instance == instance)
+        {
+            self.abandoned.remove(at).name
+        } else {
             return Vec::new();
         };
-        let retiring = self.retiring.remove(at);
-        log::info!(
-            "provider \"{}\": instance {instance} stopped",
-            retiring.name
-        );
-        // Its thread has sent its last event and returns (dropped, it is detached).
-        let id = retiring.id;
-        let configured = self.slots.iter().any(|s| s.id == id);
-        if !configured && !self.retiring.iter().any(|r| r.id == id) {
-            // Removed for good: its entries stay on disk for when it comes back.
-            self.store.unload(id);
-        }
+        log::info!("provider \"{name}\": instance {instance} stopped");
+        // Its thread has sent its last event and returns (dropped, it is detached). A
+        // removed provider's entries stay in memory (not listed while it is not configured):
+        // when a reload enables it again, ListKeys lists its keys at once, while its new
+        // instance starts.
         self.advance()
     }
 
-    /// Starts a waiting (or down) provider's instance: its entries are read from its key
-    /// store directory again, then it is built and its queue served. A failure leaves it
-    /// down, its waiting requests answered with the cause.
+    /// Starts a waiting (or down) provider's instance on its worker, which reads the
+    /// provider's entries from its key store directory and builds it off the loop; requests
+    /// queue until it reports `Event::Started` (`started`).
     fn start_slot(&mut self, i: usize) -> Vec<(u64, Dispatched)> {
-        let settings = self.slots[i].settings.clone();
-        let (id, limits) = (self.slots[i].id, self.slots[i].limits);
-        let started = self
-            .store
-            .load(id, &settings.key_store_dir)
-            .map_err(|e| {
-                format!(
-                    "cannot read its key store directory {}: {e}",
-                    settings.key_store_dir.display()
-                )
-            })
-            .and_then(|damaged| {
-                log_damaged(&damaged);
-                self.start_instance(&settings, limits)
-            });
-        match started {
-            Ok(Some(running)) => {
-                log::info!(
-                    "provider \"{}\" started (instance {}), {} requests waiting",
-                    settings.name,
-                    running.instance(),
-                    self.slots[i].queue.len()
-                );
+        let slot = &mut self.slots[i];
+        let instance = slots::next_instance();
+        match Worker::start(&slot.settings, instance, slot.limits, self.inbox.outbox()) {
+            Ok(worker) => {
+                log::info!("provider \"{}\": starting instance {instance}", slot.name());
+                slot.state = State::Starting(worker);
+                Vec::new()
+            }
+            Err(error) => self.failed_to_start(i, error),
+        }
+    }
+
+    /// A worker has built its provider, or could not.
+    pub(super) fn started(
+        &mut self,
+        instance: Instance,
+        outcome: Result<Option<Built>, String>,
+    ) -> Vec<(u64, Dispatched)> {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| matches!(&s.state, State::Starting(w) if w.instance == instance))
+        else {
+            return self.abandoned_started(instance, outcome);
+        };
+        let id = self.slots[i].id;
+        let State::Starting(worker) = std::mem::replace(&mut self.slots[i].state, State::Waiting)
+        else {
+            unreachable!("matched above");
+        };
+        match outcome {
+            Ok(Some(built)) => {
+                let running = self.adopt(id, worker, built);
                 let slot = &mut self.slots[i];
+                log::info!(
+                    "provider \"{}\" started (instance {instance}), {} requests waiting",
+                    slot.name(),
+                    slot.queue.len()
+                );
                 slot.known = Some((running.info.clone(), running.opcodes));
                 slot.state = State::Serving(running);
                 self.pump(i);
@@ -254,31 +308,81 @@ impl Dispatcher {
                 }
                 answers
             }
-            Err(error) => {
-                let backoff = match &self.slots[i].state {
-                    State::Down { backoff, .. } => (*backoff * 2).min(MAX_BACKOFF),
-                    _ => Duration::from_secs(1),
-                };
-                log::error!(
-                    "provider \"{}\" failed to start: {error}; the other providers serve on, and it is tried again in {} s (or at the next SIGHUP)",
-                    settings.name,
-                    backoff.as_secs()
+            Err(error) => self.failed_to_start(i, error),
+        }
+    }
+
+    /// An instance replaced while it was starting has started (it stops now, unused: its
+    /// entries were read for it alone and are dropped) or could not (its thread has ended).
+    fn abandoned_started(
+        &mut self,
+        instance: Instance,
+        outcome: Result<Option<Built>, String>,
+    ) -> Vec<(u64, Dispatched)> {
+        let Some(at) = self
+            .abandoned
+            .iter()
+            .position(|a| a.worker.instance == instance)
+        else {
+            return Vec::new();
+        };
+        match outcome {
+            Ok(Some(_)) => {
+                log::info!(
+                    "provider \"{}\": instance {instance} started after a reload replaced it: it stops unused",
+                    self.abandoned[at].name
                 );
-                self.slots[i].state = State::Down {
-                    error,
-                    retry_at: Instant::now() + backoff,
-                    backoff,
-                };
-                let queue = std::mem::take(&mut self.slots[i].queue);
-                let mut answers = Vec::new();
-                for waiting in queue {
-                    if let Some(error) = self.slots[i].refusal() {
-                        answers.extend(self.answer_now(waiting.ticket, error));
-                    }
+                // `Event::Stopped` follows when its thread has let the provider go.
+                self.abandoned[at].worker.close();
+                Vec::new()
+            }
+            Ok(None) | Err(_) => {
+                let abandoned = self.abandoned.remove(at);
+                if let Err(error) = outcome {
+                    log::info!(
+                        "provider \"{}\": instance {instance}, replaced while it started, did not start: {error}",
+                        abandoned.name
+                    );
                 }
-                answers
+                self.advance()
             }
         }
+    }
+
+    /// Leaves a provider down, its waiting requests answered with the cause. It is tried
+    /// again with backoff unless the cause is a refused PIN or authorisation, which is
+    /// never retried unasked (each try would count against the token's or the TPM's
+    /// lockout): then it waits for the next SIGHUP.
+    fn failed_to_start(&mut self, i: usize, error: String) -> Vec<(u64, Dispatched)> {
+        let name = self.slots[i].name().to_string();
+        let backoff = match &self.slots[i].state {
+            State::Down { backoff, .. } => (*backoff * 2).min(MAX_BACKOFF),
+            _ => Duration::from_secs(1),
+        };
+        let retry = retry_is_safe(&error);
+        if retry {
+            log::error!(
+                "provider \"{name}\" failed to start: {error}; the other providers serve on, and it is tried again in {} s (or at the next SIGHUP)",
+                backoff.as_secs()
+            );
+        } else {
+            log::error!(
+                "provider \"{name}\" failed to start: {error}; the other providers serve on; a refused PIN or authorisation is not retried: correct the config and send SIGHUP"
+            );
+        }
+        self.slots[i].state = State::Down {
+            error,
+            retry_at: retry.then(|| Instant::now() + backoff),
+            backoff,
+        };
+        let queue = std::mem::take(&mut self.slots[i].queue);
+        let mut answers = Vec::new();
+        for waiting in queue {
+            if let Some(error) = self.slots[i].refusal() {
+                answers.extend(self.answer_now(waiting.ticket, error));
+            }
+        }
+        answers
     }
 
     /// When a provider that failed to start is next tried.
@@ -286,7 +390,7 @@ impl Dispatcher {
         self.slots
             .iter()
             .filter_map(|s| match s.state {
-                State::Down { retry_at, .. } => Some(retry_at),
+                State::Down { retry_at, .. } => retry_at,
                 _ => None,
             })
             .min()
@@ -298,8 +402,10 @@ impl Dispatcher {
         let mut answers = Vec::new();
         let mut i = 0;
         while i < self.slots.len() {
-            let due =
-                matches!(self.slots[i].state, State::Down { retry_at, .. } if retry_at <= now);
+            let due = matches!(
+                self.slots[i].state,
+                State::Down { retry_at: Some(at), .. } if at <= now
+            );
             let count = self.slots.len();
             if due {
                 answers.extend(self.start_slot(i));
@@ -349,7 +455,7 @@ impl Dispatcher {
 
     /// Whether every instance of this provider is serving (none starting, down or retiring).
     pub(super) fn settled(&self, id: ProviderId) -> bool {
-        !self.retiring.iter().any(|r| r.id == id)
+        !self.instance_alive(id)
             && self
                 .slots
                 .iter()

@@ -5,9 +5,9 @@
 //! thread (which owns the provider object: the Mbed TLS key files, the TPM connection, the
 //! PKCS#11 session and module), the jobs it has in hand and the jobs that only it may finish.
 //!
-//! A slot is `Serving` with its running instance, `Waiting` for the previous instance of its
-//! provider to stop (a reload replaced it: see `reload.rs`), or `Down` after its instance
-//! failed to start (retried with backoff). A reload never has two instances of one provider
+//! A slot is `Starting` while its worker builds the provider (off the loop), `Serving` with
+//! its running instance, `Waiting` for the previous instance of its provider to stop (a
+//! reload replaced it: see `reload.rs`), or `Down` after its instance failed to start. A reload never has two instances of one provider
 //! alive at once: the old one drains and stops first, so the successor's start-up recovery
 //! and id choice see everything the old one did, and a PKCS#11 module is never initialised
 //! twice or finalised under a worker that still uses it.
@@ -74,14 +74,17 @@ impl Running {
 
 /// What a configured provider is doing.
 pub(super) enum State {
+    /// Its worker is building it (`Worker::start`); requests queue meanwhile.
+    Starting(Worker),
     Serving(Running),
     /// A reload replaced its instance: the previous one is draining (`Retiring`); this
     /// one starts when it has stopped. Requests queue meanwhile.
     Waiting,
-    /// Its instance failed to start; it is tried again at `retry_at`.
+    /// Its instance failed to start; it is tried again at `retry_at` (never unasked when
+    /// `None`: a refused PIN).
     Down {
         error: String,
-        retry_at: Instant,
+        retry_at: Option<Instant>,
         backoff: Duration,
     },
 }
@@ -114,6 +117,15 @@ pub(super) struct Retiring {
     pub stopping: bool,
 }
 
+/// An instance a reload replaced or removed while its worker was still building it: when
+/// it has started it is stopped unused (it never served), and its provider's next instance
+/// waits for that, so that no two instances of a provider are ever alive at once.
+pub(super) struct Abandoned {
+    pub worker: Worker,
+    pub id: ProviderId,
+    pub name: String,
+}
+
 impl Slot {
     pub fn name(&self) -> &str {
         &self.settings.name
@@ -133,6 +145,11 @@ impl Slot {
         }
     }
 
+    /// Its instance failed to start (requests are refused).
+    pub fn is_down(&self) -> bool {
+        matches!(self.state, State::Down { .. })
+    }
+
     /// Serving or about to (requests are taken): what ListProviders lists.
     pub fn listed(&self) -> Option<&(ProviderInfo, &'static [Opcode])> {
         match self.state {
@@ -149,9 +166,15 @@ impl Slot {
             } => Some(OpError::new(
                 ResponseStatus::PsaErrorCommunicationFailure,
                 format!(
-                    "provider \"{}\" failed to start: {error}; retried in {} s",
+                    "provider \"{}\" failed to start: {error}; {}",
                     self.name(),
-                    retry_at.saturating_duration_since(Instant::now()).as_secs()
+                    match retry_at {
+                        Some(at) => format!(
+                            "tried again in {} s",
+                            at.saturating_duration_since(Instant::now()).as_secs()
+                        ),
+                        None => "not tried again until the next SIGHUP".to_string(),
+                    }
                 ),
                 "see the service's log for the cause; fix it and send SIGHUP, or wait for the retry",
             )),

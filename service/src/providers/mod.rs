@@ -243,6 +243,22 @@ pub fn refuse_public_key_generation(
     Ok(())
 }
 
+/// The operations a configured provider serves, known before it is built (each provider's
+/// capability table): requests are taken while it starts, and routed by this.
+pub fn opcodes_of(kind: &ProviderKind) -> &'static [Opcode] {
+    match kind {
+        #[cfg(feature = "mbed-crypto-provider")]
+        ProviderKind::MbedCrypto { .. } => mbed_crypto::capabilities::OPCODES,
+        #[cfg(feature = "pkcs11-provider")]
+        ProviderKind::Pkcs11(_) => pkcs11::capabilities::OPCODES,
+        #[cfg(feature = "tpm-provider")]
+        ProviderKind::Tpm(_) => tpm::capabilities::OPCODES,
+        // Config checking never yields a provider that is not built in.
+        #[allow(unreachable_patterns)]
+        _ => &[],
+    }
+}
+
 /// The wire id of a configured provider, known before it is built.
 pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {

@@ -18,10 +18,13 @@
 //!
 //! Threads: the event loop, the store's writer, plus one per provider configured.
 
-use super::{AppKeys, Change, Deferred, Provider, Snapshot, Start};
+use super::{AppKeys, Change, Deferred, Limits, Provider, Snapshot, Start};
+use crate::config::ProviderSettings;
 use crate::error::OpError;
-use crate::key_store::{Batch, Committed, KeyEntry};
+use crate::key_store::{Batch, Committed, KeyEntry, KeyStore};
+use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
+use parsec_interface::requests::Opcode;
 use parsec_interface::requests::{ProviderId, ResponseStatus};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -86,6 +89,60 @@ pub enum Event {
     /// A worker told to stop has finished everything it was sent and let its provider go
     /// (closed its device, finalised its module): a successor may start now.
     Stopped(Instance),
+    /// A worker built its provider (`Worker::start`): it serves now, with these entries of
+    /// the key store; or its hardware is absent and its config says to run without it
+    /// (`None`); or it could not start, and its thread has ended.
+    Started(Instance, Result<Option<Built>, String>),
+}
+
+/// What a worker that built its provider reports.
+pub struct Built {
+    pub info: ProviderInfo,
+    pub opcodes: &'static [Opcode],
+    /// The provider's entries, read from its key store directory on the worker (and the
+    /// in-memory ones it mounted from its config).
+    pub store: KeyStore,
+}
+
+/// A provider as built, with its entries of the key store.
+type BuiltProvider = (Box<dyn Provider + Send>, KeyStore);
+
+/// Building a provider runs code the service does not control (a PKCS#11 module's
+/// C_Initialize, tpm2-tss's TCTI loader, Mbed TLS's init) and needs more stack than serving
+/// does: it runs on a short-lived thread with a large stack, and the provider moves to the
+/// worker's thread when built.
+fn build_on_a_large_stack(
+    settings: &ProviderSettings,
+    limits: Limits,
+) -> Result<Option<BuiltProvider>, String> {
+    std::thread::scope(|scope| {
+        let builder = std::thread::Builder::new()
+            .name("parsec-start".into())
+            .stack_size(4 << 20)
+            .spawn_scoped(scope, || {
+                let id = super::id_of(&settings.kind);
+                let root = &settings.key_store_dir;
+                let (mut store, damaged) = KeyStore::open(&[(id, root.clone())]).map_err(|e| {
+                    format!(
+                        "cannot read its key store directory {}: {e}",
+                        root.display()
+                    )
+                })?;
+                for entry in &damaged {
+                    log::error!(
+                        "key store: skipping damaged entry {}: {}; its key material is kept (never swept): restore the file from a backup and the key works again",
+                        entry.path.display(),
+                        entry.reason
+                    );
+                }
+                let provider = super::build(settings, &mut store, limits)?;
+                Ok(provider.map(|p| (p, store)))
+            })
+            .map_err(|e| format!("cannot start a thread to build it: {e}"))?;
+        builder
+            .join()
+            .unwrap_or_else(|_| Err("building it panicked (a bug: report it)".to_string()))
+    })
 }
 
 /// Where workers send results: a channel the event loop drains when its waker fires. It
@@ -242,34 +299,56 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Moves the provider onto a thread of its own.
-    pub fn spawn(
-        name: &str,
+    /// Starts an instance of a provider on a thread of its own: the thread reads the
+    /// provider's entries from its key store directory, builds the provider there (opening
+    /// its device, initialising its module, its start-up recovery: nothing of it runs on the
+    /// event loop), reports `Event::Started`, then serves. Fails only if no thread can start.
+    pub fn start(
+        settings: &ProviderSettings,
         instance: Instance,
-        provider: Box<dyn Provider + Send>,
+        limits: Limits,
         outbox: Outbox,
     ) -> Result<Worker, String> {
+        let id = super::id_of(&settings.kind);
         // Provider calls need little stack; the default 2 MiB would be most of the RSS. Mbed
         // TLS's RSA and the key generation child (forked from this thread) get more.
-        let stack = if provider.id() == ProviderId::MbedCrypto {
+        let stack = if id == ProviderId::MbedCrypto {
             512 * 1024
         } else {
             256 * 1024
         };
         let (sender, receiver) = mpsc::channel::<Message>();
+        let name = settings.name.clone();
+        let settings = settings.clone();
         let thread = std::thread::Builder::new()
             .name(format!(
                 "parsec-{}",
                 name.chars().take(8).collect::<String>()
             ))
             .stack_size(stack)
-            .spawn(move || run(instance, provider, receiver, outbox))
+            .spawn(move || {
+                let built = build_on_a_large_stack(&settings, limits);
+                match built {
+                    Ok(Some((provider, store))) => {
+                        crate::crash_point("start:built");
+                        let started = Built {
+                            info: provider.info(),
+                            opcodes: provider.opcodes(),
+                            store,
+                        };
+                        outbox.deliver([Event::Started(instance, Ok(Some(started)))]);
+                        run(instance, provider, receiver, outbox);
+                    }
+                    Ok(None) => outbox.deliver([Event::Started(instance, Ok(None))]),
+                    Err(error) => outbox.deliver([Event::Started(instance, Err(error))]),
+                }
+            })
             .map_err(|e| format!("cannot start its worker thread: {e}"))?;
         Ok(Worker {
             sender: Some(sender),
             thread,
             instance,
-            name: name.to_string(),
+            name,
         })
     }
 

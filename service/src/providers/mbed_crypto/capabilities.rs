@@ -8,7 +8,7 @@ use parsec_interface::operations::psa_key_attributes::{Attributes, EccFamily, Ty
 use parsec_interface::requests::{Opcode, ResponseStatus};
 
 /// What ListOpcodes answers for this provider: the requests it serves.
-pub(super) const OPCODES: &[Opcode] = &[
+pub(crate) const OPCODES: &[Opcode] = &[
     Opcode::PsaGenerateKey,
     Opcode::PsaImportKey,
     Opcode::PsaExportKey,

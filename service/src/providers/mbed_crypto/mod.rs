@@ -19,7 +19,7 @@
 //! file made after it become durable in that order on a journalling file system; where they
 //! might not, a key file left without its record is only ever reported, never destroyed.)
 
-mod capabilities;
+pub(crate) mod capabilities;
 use capabilities::OPCODES;
 mod keygen;
 mod message;

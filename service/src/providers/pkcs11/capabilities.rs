@@ -4,7 +4,7 @@
 use super::*;
 
 /// What ListOpcodes answers for this provider: the requests it serves.
-pub(super) const OPCODES: &[Opcode] = &[
+pub(crate) const OPCODES: &[Opcode] = &[
     Opcode::PsaGenerateKey,
     Opcode::PsaImportKey,
     Opcode::PsaExportKey,

@@ -23,7 +23,7 @@
 //! (CKR_* names and statuses), this file (the operations).
 
 mod aead;
-mod capabilities;
+pub(crate) mod capabilities;
 mod ckr;
 mod connection;
 mod existing;

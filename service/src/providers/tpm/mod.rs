@@ -27,7 +27,7 @@
 
 mod attestation;
 mod blob;
-mod capabilities;
+pub(crate) mod capabilities;
 mod connection;
 mod keys;
 pub mod response_code;
@@ -85,6 +85,20 @@ pub struct TpmProvider {
     limits: Limits,
 }
 
+/// tpm2-tss logs its own view of every failure to stderr; the provider logs each one
+/// decoded, with the client and a hint. Keeps the library quiet unless asked for. Called
+/// once at start-up, before any other thread runs: the environment is not changed later.
+pub fn quiet_tss_logs() {
+    if std::env::var_os("TSS2_LOG").is_none() {
+        let level = if log::max_level() >= log::LevelFilter::Debug {
+            "all+warning"
+        } else {
+            "all+none"
+        };
+        std::env::set_var("TSS2_LOG", level);
+    }
+}
+
 impl TpmProvider {
     /// Connects to the TPM. `None`: there is none, and `skip_if_no_tpm` says to go on
     /// without this provider.
@@ -93,16 +107,6 @@ impl TpmProvider {
         store: &KeyStore,
         limits: Limits,
     ) -> Result<Option<TpmProvider>, String> {
-        // tpm2-tss logs its own view of every failure to stderr; the provider logs each one
-        // decoded, with the client and a hint. Keep the library quiet unless asked for.
-        if std::env::var_os("TSS2_LOG").is_none() {
-            let level = if log::max_level() >= log::LevelFilter::Debug {
-                "all+warning"
-            } else {
-                "all+none"
-            };
-            std::env::set_var("TSS2_LOG", level);
-        }
         let tcti = TctiNameConf::from_str(&settings.tcti).map_err(|e| {
             format!(
                 "tcti \"{}\" is not a TCTI this TSS knows: {e}",
