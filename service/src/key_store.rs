@@ -64,6 +64,50 @@ struct StoredEntry {
     entry: KeyEntry,
 }
 
+/// Two entries that name one key (the same provider key id) cannot both be right, and
+/// serving either could hand one application another's key (or let its DestroyKey destroy
+/// the other's material): every entry of such a group is set aside as damaged, so its key
+/// material is kept and never swept, and the operator is told which files to look at.
+fn quarantine_shared_ids(
+    entries: Vec<(KeyTriple, KeyEntry, PathBuf)>,
+    damaged: &mut Vec<DamagedEntry>,
+) -> Vec<(KeyTriple, KeyEntry)> {
+    let mut by_id: BTreeMap<&[u8], Vec<&Path>> = BTreeMap::new();
+    for (_, entry, path) in &entries {
+        by_id.entry(&entry.key_id).or_default().push(path);
+    }
+    let shared: BTreeMap<Vec<u8>, Vec<PathBuf>> = by_id
+        .into_iter()
+        .filter(|(_, paths)| paths.len() > 1)
+        .map(|(id, paths)| {
+            (
+                id.to_vec(),
+                paths.into_iter().map(Path::to_path_buf).collect(),
+            )
+        })
+        .collect();
+    let mut kept = Vec::with_capacity(entries.len());
+    for (key, entry, path) in entries {
+        let Some(paths) = shared.get(&entry.key_id) else {
+            kept.push((key, entry));
+            continue;
+        };
+        let others: Vec<String> = paths
+            .iter()
+            .filter(|p| **p != path)
+            .map(|p| p.display().to_string())
+            .collect();
+        damaged.push(DamagedEntry {
+            path,
+            reason: format!(
+                "it names the same key as {} (one file was copied or rewritten over another): none of them is served until the wrong ones are removed or restored from a backup",
+                others.join(", ")
+            ),
+        });
+    }
+    kept
+}
+
 /// An entry that could not be read at start-up.
 #[derive(Debug)]
 pub struct DamagedEntry {
@@ -178,11 +222,13 @@ impl KeyStore {
                             name: stored.name,
                         },
                         stored.entry,
+                        path,
                     )),
                     Err(reason) => damaged.push(DamagedEntry { path, reason }),
                 }
             }
         }
+        let entries = quarantine_shared_ids(entries, &mut damaged);
         self.forget_provider(provider);
         self.roots.insert(provider, root.to_path_buf());
         self.entries.extend(entries);
@@ -791,6 +837,31 @@ mod tests {
         assert_eq!(store.get(&a), Some(&entry(1)));
         assert!(!store.contains(&b));
         assert_eq!(store.applications(), vec!["app/with/slashes".to_string()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two entries naming one provider key (a file rewritten to another key's id): neither
+    /// is served, both are reported damaged (so recovery keeps the material), the others load.
+    #[test]
+    fn entries_that_share_a_key_id_are_all_set_aside() {
+        let dir = temp_dir("shared-id");
+        let roots = [(ProviderId::MbedCrypto, dir.clone())];
+        let (mut store, _) = KeyStore::open(&roots).unwrap();
+        let alice = KeyTriple::new("alice", ProviderId::MbedCrypto, "k");
+        let bob = KeyTriple::new("bob", ProviderId::MbedCrypto, "k");
+        let carol = KeyTriple::new("carol", ProviderId::MbedCrypto, "k");
+        store.insert(alice.clone(), entry(1)).unwrap();
+        store.insert(bob.clone(), entry(1)).unwrap();
+        store.insert(carol.clone(), entry(2)).unwrap();
+        drop(store);
+        let (store, damaged) = KeyStore::open(&roots).unwrap();
+        assert!(!store.contains(&alice) && !store.contains(&bob));
+        assert_eq!(store.get(&carol), Some(&entry(2)));
+        assert_eq!(damaged.len(), 2);
+        assert!(damaged
+            .iter()
+            .all(|d| d.reason.contains("names the same key as")));
+        assert_eq!(store.damaged_in(ProviderId::MbedCrypto), 2);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -142,7 +142,6 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         source.describe()
     );
-    raise_file_limit(config.max_connections);
     let dispatcher = match Dispatcher::new(&config) {
         Ok(dispatcher) => dispatcher,
         Err(e) => return fatal(target, &e.to_string()),
@@ -151,27 +150,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fatal(target, &e.to_string()),
-    }
-}
-
-/// Each connection is a file descriptor: lift the soft limit to the hard one so that
-/// `listener.max_connections` can be reached, and say so if it still cannot.
-// rlim_t is 32 bits on some targets (armv7): the cast is needed there.
-#[allow(clippy::unnecessary_cast)]
-fn raise_file_limit(max_connections: usize) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    if soft < hard {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-    // Descriptors beyond the connections: listener, epoll, signal pipe, key files, logs.
-    let needed = max_connections as u64 + 32;
-    if (hard as u64) < needed {
-        log::warn!(
-            "the file descriptor limit ({hard}) is below listener.max_connections + 32 ({needed}): raise LimitNOFILE or lower max_connections"
-        );
     }
 }
 

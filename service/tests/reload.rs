@@ -386,6 +386,84 @@ mod pkcs11 {
         );
         assert!(!log.contains("ALREADY_INITIALIZED"), "{log}");
     }
+
+    fn failures(daemon: &Daemon) -> usize {
+        count(daemon, "] provider \"pkcs11-provider\" failed to start")
+    }
+
+    /// A reload that gives the token a wrong PIN: the PKCS#11 provider is down alone (its
+    /// requests refused with the cause, the software provider serves on), the PIN is never
+    /// tried again unasked (each try counts against the token's lockout), and a reload with
+    /// the right PIN brings it and its keys back. Before, the wrong PIN was tried again with
+    /// each backoff retry, a lockout count each time.
+    #[test]
+    fn a_wrong_pin_at_a_reload_is_not_retried_and_the_rest_serves_on() {
+        let hsm = SoftHsm::new("reload-p11-pin");
+        let daemon = hsm_daemon_held("reload-p11-pin", &hsm, "none");
+        let text = std::fs::read_to_string(&daemon.config).unwrap();
+        let alice = daemon.client("alice");
+        alice.psa_generate_key("k", p256_signing()).unwrap();
+        let mut software = daemon.client("alice");
+        software.set_implicit_provider(ProviderId::MbedCrypto);
+        software.psa_generate_key("s", p256_signing()).unwrap();
+
+        let wrong = text.replacen(
+            &format!("user_pin = \"{}\"", common::USER_PIN),
+            "user_pin = \"999999\"",
+            1,
+        );
+        assert_ne!(text, wrong);
+        reload(&daemon, &wrong);
+        wait_until("the token refuses the PIN", || failures(&daemon) == 1);
+        assert!(daemon.log_text().contains("CKR_PIN_INCORRECT"));
+        signs(&software, "s");
+        let refused = alice
+            .psa_sign_hash("k", &[1; 32], ecdsa(Hash::Sha256))
+            .unwrap_err();
+        assert_eq!(
+            service_error(refused),
+            ResponseStatus::PsaErrorCommunicationFailure
+        );
+        // Longer than the first backoff (1 s): a PIN is not retried.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(failures(&daemon), 1, "the wrong PIN was tried again");
+
+        reload(&daemon, &text);
+        wait_until("the provider starts with the right PIN", || {
+            count(&daemon, "provider \"pkcs11-provider\" started") >= 1
+        });
+        signs(&alice, "k");
+        signs(&software, "s");
+    }
+
+    /// A reload naming a PKCS#11 module that is not there yet (a package still installing):
+    /// the provider is down, tried again with backoff, and serves by itself once the module
+    /// appears, its keys with it.
+    #[test]
+    fn a_module_missing_at_a_reload_is_retried_until_it_appears() {
+        let hsm = SoftHsm::new("reload-p11-late");
+        let daemon = hsm_daemon_held("reload-p11-late", &hsm, "none");
+        let text = std::fs::read_to_string(&daemon.config).unwrap();
+        let alice = daemon.client("alice");
+        alice.psa_generate_key("k", p256_signing()).unwrap();
+        let late = daemon.dir.join("late");
+        std::fs::create_dir_all(&late).unwrap();
+        let module = late.join("libsofthsm2.so");
+        let moved = text.replacen(
+            &format!("library_path = \"{}\"", common::SOFTHSM),
+            &format!("library_path = \"{}\"", module.display()),
+            1,
+        );
+        assert_ne!(text, moved);
+        reload(&daemon, &moved);
+        wait_until("the module is missed twice", || failures(&daemon) >= 2);
+        assert!(daemon.log_text().contains("tried again in"));
+        std::fs::copy(common::SOFTHSM, &module).unwrap();
+        wait_until("the provider starts by itself", || {
+            count(&daemon, "provider \"pkcs11-provider\" started") >= 1
+        });
+        signs(&alice, "k");
+    }
 }
 
 /// At least 100 SIGHUPs (providers removed, restored, renamed) during a load of 8 clients on

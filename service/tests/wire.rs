@@ -241,3 +241,60 @@ fn the_connection_cap_closes_extra_clients_at_once_and_recovers() {
     std::thread::sleep(Duration::from_millis(100));
     expect(&daemon, &ping_frame(), ResponseStatus::Success);
 }
+
+/// Under a descriptor limit too low for `listener.max_connections` (64 descriptors, 256
+/// connections configured), the service serves what fits, says so, and closes the clients
+/// beyond at once: each gets end-of-stream, none waits unanswered. Before, accept failed
+/// with EMFILE and every later client hung until its own timeout (31.9 s measured).
+#[test]
+fn a_descriptor_limit_below_max_connections_lowers_the_cap_and_answers_everyone() {
+    let mut daemon = Daemon::start("wire-nofile");
+    daemon.stop();
+    daemon.nofile = Some(64);
+    daemon.spawn();
+    let log = daemon.log_text();
+    assert!(
+        log.contains("leaves room for") && log.contains("not listener.max_connections = 256"),
+        "{log}"
+    );
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for _ in 0..80 {
+        let stream = UnixStream::connect(&daemon.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        held.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for stream in &mut held {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => closed += 1,
+            // Its deadline passed: answered (ConnectionError), not left waiting.
+            Ok(_) => {}
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "{e}"
+            ),
+        }
+    }
+    // The connections beyond the cap were closed; the others are open and served.
+    assert!(
+        closed >= 80 - 64,
+        "only {closed} of 80 connections were closed"
+    );
+    assert!(closed < 80, "every connection was closed");
+    for stream in held.iter_mut().take(4) {
+        let _ = stream.write_all(&ping_frame());
+    }
+    drop(held);
+    std::thread::sleep(Duration::from_millis(100));
+    expect(&daemon, &ping_frame(), ResponseStatus::Success);
+}

@@ -5,6 +5,7 @@
 //! writes the response back before the socket is closed.
 
 pub mod connection;
+pub mod fd_limit;
 pub mod framing;
 pub mod server;
 pub mod systemd;

@@ -7,7 +7,7 @@
 //! slow or silent client only ever holds its own connection.
 
 use super::connection::{Budget, Connection, Progress};
-use super::{framing, systemd};
+use super::{fd_limit, framing, systemd};
 use crate::authenticators::PeerCredentials;
 use crate::config::{Config, ConfigSource, ProviderKind};
 use crate::dispatcher::{Dispatched, Dispatcher, PendingRequest};
@@ -73,6 +73,10 @@ pub struct Server {
     source: ConfigSource,
     /// When a refused connection was last logged, to keep a flood out of the log.
     last_refusal_log: Option<Instant>,
+    /// Connections served at once: `listener.max_connections`, or fewer if the descriptor
+    /// limit cannot fit them (`fd_limit`).
+    max_connections: usize,
+    spare: fd_limit::Spare,
 }
 
 /// Binds the service's socket, refusing to steal it from a running service.
@@ -165,6 +169,8 @@ impl Server {
         let waker = mio::Waker::new(poll.registry(), WORKERS)
             .map_err(|e| format!("cannot create the workers' waker: {e}"))?;
         dispatcher.set_waker(waker);
+        let max_connections =
+            fd_limit::connection_cap(config.max_connections, config.max_keygen_processes);
         Ok(Server {
             poll,
             listener,
@@ -185,6 +191,8 @@ impl Server {
             config,
             source,
             last_refusal_log: None,
+            max_connections,
+            spare: fd_limit::Spare::reserve(),
         })
     }
 
@@ -194,7 +202,7 @@ impl Server {
             "listening on {} ({} providers, up to {} connections)",
             self.socket_path.display(),
             self.config.providers.len(),
-            self.config.max_connections
+            self.max_connections
         );
         systemd::notify("READY=1");
         let mut events = Events::with_capacity(256);
@@ -263,25 +271,31 @@ impl Server {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if fd_limit::out_of_descriptors(&e) => {
+                    // Never leave the client waiting unanswered: close it at once.
+                    let turned = self.spare.turn_away(&self.listener);
+                    self.log_refusal(&format!(
+                        "{e} with {} connections open: a client was closed at once; raise LimitNOFILE (or ulimit -n) or lower listener.max_connections",
+                        self.connections.len()
+                    ));
+                    if turned {
+                        continue;
+                    }
+                    return;
+                }
                 Err(e) => {
-                    log::error!("accept failed: {e} (is the file descriptor limit too low?)");
+                    log::error!("accept failed: {e}");
                     return;
                 }
             };
-            if self.connections.len() >= self.config.max_connections {
+            if self.connections.len() >= self.max_connections {
                 // Closed at once: the client sees the end of the stream, never a hang.
-                let now = Instant::now();
-                if self
-                    .last_refusal_log
-                    .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1))
-                {
-                    log::warn!(
-                        "refusing connections: {} open, listener.max_connections = {}",
-                        self.connections.len(),
-                        self.config.max_connections
-                    );
-                    self.last_refusal_log = Some(now);
-                }
+                self.log_refusal(&format!(
+                    "{} open, the most served at once is {} (listener.max_connections = {})",
+                    self.connections.len(),
+                    self.max_connections,
+                    self.config.max_connections
+                ));
                 continue;
             }
             let token = Token(self.next_token);
@@ -301,6 +315,18 @@ impl Server {
             self.deadlines.push_back((deadline, token));
             // The request may already be there.
             self.serve(token);
+        }
+    }
+
+    /// Logs a refused connection, at most once a second (a flood stays out of the log).
+    fn log_refusal(&mut self, why: &str) {
+        let now = Instant::now();
+        if self
+            .last_refusal_log
+            .map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            log::warn!("refusing connections: {why}");
+            self.last_refusal_log = Some(now);
         }
     }
 
@@ -651,6 +677,8 @@ impl Server {
         }
         crate::logging::set_level(config.log_level);
         self.budget.limit = config.connection_buffer_budget;
+        self.max_connections =
+            fd_limit::connection_cap(config.max_connections, config.max_keygen_processes);
         self.config = config;
         log::info!(
             "SIGHUP: {source} reloaded, listening on {}",

@@ -34,6 +34,8 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Start it in `dir` with `--config config.toml`, a relative path.
     pub relative_config: bool,
+    /// Start it under this descriptor limit (soft and hard), through util-linux's prlimit.
+    pub nofile: Option<u64>,
     child: Option<Child>,
 }
 
@@ -119,6 +121,7 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             relative_config: false,
+            nofile: None,
             child: None,
         };
         daemon.spawn();
@@ -133,7 +136,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = Command::new(BIN);
+        let mut command = match self.nofile {
+            // prlimit sets the limit and executes the daemon in its own process.
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command.arg(format!("--nofile={limit}:{limit}")).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
         if self.relative_config {
             command
                 .current_dir(&self.dir)
