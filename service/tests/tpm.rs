@@ -380,6 +380,40 @@ fn two_providers_exchange_public_keys_and_private_keys() {
 
 /// Keys are wrapped blobs in the key store: they survive the service restarting, and the
 /// TPM being reset (swtpm stopped and started on its state).
+/// `kill -9` twice while a key is loaded, on a TPM without a resource manager (swtpm, with
+/// libtpms's three transient object slots): each start flushes what the killed process left
+/// (its primary key, the loaded key, its session), so the service starts and signs after
+/// both. Before, one kill left every TPM sign failing for want of an object slot, and two
+/// left too few slots for the primary key: the service exited at start-up.
+#[test]
+fn a_killed_service_leaves_nothing_in_a_tpm_without_resource_manager() {
+    let tpm = Swtpm::start("leftovers");
+    let mut daemon = tpm_daemon("tpm-leftovers", &tpm);
+    let alg = ecdsa(Hash::Sha256);
+    tpm_client(&daemon, "erin")
+        .psa_generate_key("k", attributes(ecc(), 256, alg))
+        .unwrap();
+    for round in 0..2 {
+        let client = tpm_client(&daemon, "erin");
+        let hash = common::sha(Hash::Sha256, b"loaded");
+        let signature = client
+            .psa_sign_hash("k", &hash, alg)
+            .unwrap_or_else(|e| panic!("sign in round {round}: {e:?}"));
+        client.psa_verify_hash("k", &hash, alg, &signature).unwrap();
+        daemon.kill9();
+        daemon.spawn();
+        assert!(
+            daemon.log_text().contains("tpm: flushed"),
+            "round {round}: nothing flushed:\n{}",
+            daemon.log_text()
+        );
+    }
+    let client = tpm_client(&daemon, "erin");
+    let hash = common::sha(Hash::Sha256, b"after");
+    let signature = client.psa_sign_hash("k", &hash, alg).unwrap();
+    client.psa_verify_hash("k", &hash, alg, &signature).unwrap();
+}
+
 #[test]
 fn keys_survive_service_restart_and_tpm_reset() {
     let tpm = Swtpm::start("persist");

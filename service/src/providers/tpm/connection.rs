@@ -56,6 +56,72 @@ pub(super) fn connection_lost(err: &tss_esapi::Error) -> bool {
     })
 }
 
+/// Handle ranges of what a connection leaves in the TPM: transient objects, loaded sessions,
+/// saved sessions (TPM 2.0 Part 2, 7.2: TPM_HT_TRANSIENT, TPM_HT_LOADED_SESSION,
+/// TPM_HT_SAVED_SESSION).
+const LEFTOVER_RANGES: [(u32, &str); 3] = [
+    (0x8000_0000, "transient objects"),
+    (0x0200_0000, "loaded sessions"),
+    (0x0300_0000, "saved sessions"),
+];
+
+/// A TPM without a resource manager (swtpm, /dev/tpm0) keeps the transient objects and
+/// sessions of a process that was killed: with three object slots, one `kill -9` in the
+/// middle of a sign leaves too few for the next start. Nobody else can hold them (the raw
+/// device and swtpm take one connection at a time), so they are flushed before the primary
+/// key is made. Through a resource manager (tpmrm0, tabrmd) a new connection sees none of
+/// anyone's, and this finds nothing. Persistent handles are never touched.
+fn flush_leftovers(ctx: &mut Context, tcti: &str) {
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::handles::TpmHandle;
+    use tss_esapi::structures::CapabilityData;
+    let mut flushed = Vec::new();
+    for (first, what) in LEFTOVER_RANGES {
+        let handles = match ctx.get_capability(CapabilityType::Handles, first, 64) {
+            Ok((CapabilityData::Handles(list), _)) => list,
+            Ok(_) => continue,
+            Err(e) => {
+                log::warn!(
+                    "tpm: cannot list the {what} left in the TPM: {}",
+                    tpm_error("TPM2_GetCapability", e)
+                );
+                continue;
+            }
+        };
+        let mut count = 0;
+        for handle in handles.iter() {
+            let raw = u32::from(*handle);
+            // A list starting at `first` may run into the next range: keep to this one.
+            if raw >> 24 != first >> 24 {
+                continue;
+            }
+            let flushed_one = TpmHandle::try_from(raw)
+                .map_err(|e| e.to_string())
+                .and_then(|h| {
+                    ctx.tr_from_tpm_public(h)
+                        .map_err(|e| tpm_error("Esys_TR_FromTPMPublic", e).to_string())
+                })
+                .and_then(|object| {
+                    ctx.flush_context(object)
+                        .map_err(|e| tpm_error("TPM2_FlushContext", e).to_string())
+                });
+            match flushed_one {
+                Ok(()) => count += 1,
+                Err(e) => log::warn!("tpm: cannot flush {raw:#010x}, left in the TPM: {e}"),
+            }
+        }
+        if count > 0 {
+            flushed.push(format!("{count} {what}"));
+        }
+    }
+    if !flushed.is_empty() {
+        log::warn!(
+            "tpm: flushed {} left in the TPM by a process that ended without flushing them (\"{tcti}\" has no resource manager: device:/dev/tpmrm0 or tabrmd keep processes apart)",
+            flushed.join(", ")
+        );
+    }
+}
+
 /// The template of the primary key all client keys are wrapped with. It must never change:
 /// a different template is a different key, and every blob in the store would be lost.
 pub(super) fn primary_template() -> Result<Public, tss_esapi::Error> {
@@ -130,6 +196,7 @@ impl Connection {
                 ));
             }
         }
+        flush_leftovers(&mut ctx, &settings.tcti);
         let owner_auth = Auth::try_from(settings.owner_hierarchy_auth.bytes().to_vec())
             .map_err(|e| format!("owner_hierarchy_auth is too long for the TPM: {e}"))?;
         ctx.tr_set_auth(ObjectHandle::Owner, owner_auth)
