@@ -195,6 +195,58 @@ fn a_crash_during_a_create_leaves_nothing_unacknowledged_behind() {
         .unwrap();
 }
 
+/// A destroy cut short after its tombstone (never acknowledged), and then the key's entry
+/// damaged: the next start cannot tell this from an acknowledged destroy whose file removal
+/// was cut short, so it keeps the file (and the record); once the entry is restored, the
+/// key is back and signs. Before, the start destroyed the key file: a key lost though its
+/// client was never told it was destroyed.
+#[test]
+fn a_leftover_destroy_record_and_a_damaged_entry_keep_the_key() {
+    let mut daemon = Daemon::start("durable-tombstone-damaged");
+    daemon
+        .client("alice")
+        .psa_generate_key("d", p256_signing())
+        .unwrap();
+    let before = key_files(&storage(&daemon));
+    daemon.stop();
+    daemon.env = vec![("PARSEC_CRASH_AT".into(), "destroy:after-tombstone".into())];
+    daemon.spawn();
+    assert!(daemon.client("alice").psa_destroy_key("d").is_err());
+    assert!(!daemon.wait().success(), "the service should have aborted");
+    daemon.env.clear();
+    assert_eq!(
+        journal_records(&daemon).len(),
+        1,
+        "the destroy record is left"
+    );
+    let path = entry_path(&daemon, "alice", "d");
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x40;
+    std::fs::write(&path, &bad).unwrap();
+    daemon.spawn();
+    assert!(
+        !listed(&daemon, "alice", "d"),
+        "a damaged entry is not served"
+    );
+    daemon.stop();
+    assert_eq!(
+        key_files(&storage(&daemon)),
+        before,
+        "the key file was destroyed"
+    );
+    assert_eq!(journal_records(&daemon).len(), 1, "the record is kept");
+    std::fs::write(&path, &good).unwrap();
+    daemon.spawn();
+    assert!(listed(&daemon, "alice", "d"));
+    daemon
+        .client("alice")
+        .psa_sign_hash("d", &[9; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+    assert!(journal_records(&daemon).is_empty());
+}
+
 #[test]
 fn a_crash_during_a_destroy_keeps_or_destroys_the_key_entirely() {
     let mut daemon = Daemon::start("durable-destroy");

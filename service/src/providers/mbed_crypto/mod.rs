@@ -320,6 +320,18 @@ impl MbedCryptoProvider {
                     );
                     kept.insert(id);
                 }
+                (journal::Kind::Destroy, false) if damaged > 0 && file.exists() => {
+                    // The entry's removal may have been durable (an acknowledged destroy
+                    // whose file removal was cut short), or the entry may be among the
+                    // damaged ones (a destroy never acknowledged): nothing proves the key is
+                    // not needed. An acknowledged destroy's key has no entry, so keeping its
+                    // file serves it to nobody.
+                    log::error!(
+                        "mbed-crypto: key file {} has a destroy record and no readable entry, and {damaged} entries of this provider are damaged or unreadable: its destroy may never have been acknowledged, so the file is kept (and its record). Restore or remove the damaged entries and restart; a key whose DestroyKey was answered Success is then destroyed",
+                        file.display()
+                    );
+                    kept.insert(id);
+                }
                 (kind, false) => {
                     if file.exists() {
                         log::warn!(
