@@ -934,3 +934,64 @@ fn a_crash_after_the_token_objects_leaves_nothing_behind() {
         .psa_sign_hash("kept", &[2; 32], ecdsa(Hash::Sha256))
         .unwrap();
 }
+
+/// A DestroyKey cut short, at each step (the service aborts there, PARSEC_CRASH_AT): after
+/// its destroy record, before the entry's removal is durable, the key is whole (listed,
+/// signs, both objects on the token); after the removal, between the private and the public
+/// object, the key is gone and the next start destroys what is left of its objects. Before,
+/// the objects were destroyed first: a crash between them left a listed key whose sign said
+/// "this is a public key", and a failed C_DestroyObject was answered Success with the private
+/// key still on the token.
+#[cfg(feature = "crash-points")]
+#[test]
+fn a_crash_during_a_destroy_leaves_the_key_whole_or_gone() {
+    let hsm = SoftHsm::new("crash-destroy");
+    let mut daemon = hsm_daemon("hsm-crash-destroy", &hsm, "");
+    let alg = ecdsa(Hash::Sha256);
+    for (point, gone) in [
+        ("pkcs11:destroy-after-record", false),
+        ("pkcs11:destroy-between-objects", true),
+    ] {
+        let client = hsm_client(&daemon, "alice");
+        if !common::key_names(&client).contains(&"d".to_string()) {
+            client
+                .psa_generate_key("d", attributes(ecc(), 256, alg))
+                .unwrap();
+        }
+        drop(client);
+        daemon.stop();
+        daemon.env.push(("PARSEC_CRASH_AT".into(), point.into()));
+        daemon.spawn();
+        let _ = hsm_client(&daemon, "alice").psa_destroy_key("d");
+        assert!(!daemon.wait().success(), "{point}: the service aborted");
+        daemon.env.retain(|(k, _)| k != "PARSEC_CRASH_AT");
+        daemon.spawn();
+        let client = hsm_client(&daemon, "alice");
+        let objects = hsm.tool(&["--list-objects"]);
+        if gone {
+            assert!(common::key_names(&client).is_empty(), "{point}: listed");
+            assert!(!objects.contains("parsec/alice/d"), "{point}: {objects}");
+            assert!(
+                daemon
+                    .log_text()
+                    .contains("their key was destroyed (its entry's removal was durable)"),
+                "{point}"
+            );
+        } else {
+            assert_eq!(common::key_names(&client), ["d"], "{point}");
+            let signature = client.psa_sign_hash("d", &[3; 32], alg).unwrap();
+            client
+                .psa_verify_hash("d", &[3; 32], alg, &signature)
+                .unwrap();
+            assert_eq!(
+                objects.matches("parsec/alice/d").count(),
+                2,
+                "{point}: {objects}"
+            );
+        }
+        let records = std::fs::read_dir(daemon.dir.join("store").join("pkcs11-journal"))
+            .unwrap()
+            .count();
+        assert_eq!(records, 0, "{point}: journal records left");
+    }
+}

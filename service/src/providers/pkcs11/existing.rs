@@ -107,9 +107,10 @@ pub(super) fn report_unnamed(conn: &mut Connection, store: &KeyStore, damaged: u
     }
 }
 
-/// Resolves the create records left since the last start: a record whose CKA_ID an entry
-/// names is a finished create (dropped); one no entry names is a create no client was told
-/// of, whose objects are destroyed, unless damaged entries exist (then it may be one of
+/// Resolves the records left since the last start: a record whose CKA_ID an entry names is
+/// a finished create or a destroy never acknowledged (dropped: the objects are whole); one
+/// no entry names is a create no client was told of, or a destroy whose entry's removal was
+/// durable: its objects are destroyed, unless damaged entries exist (then it may be one of
 /// theirs: kept, with the record, and reported).
 pub(super) fn resolve_journal(
     conn: &mut Connection,
@@ -131,13 +132,20 @@ pub(super) fn resolve_journal(
     };
     for (kind, key) in pending {
         let record = journal.found(kind, &key);
-        if kind != super::Kind::Create || referenced.contains(&key) {
+        if referenced.contains(&key) {
+            // A finished create; or a destroy whose entry's removal never became durable
+            // (never acknowledged): its objects are destroyed only after that, so the key
+            // is whole.
             journal.done(record);
             continue;
         }
+        let what = match kind {
+            super::Kind::Create => "were being created when the service stopped",
+            super::Kind::Destroy => "have a destroy record and no readable entry",
+        };
         if damaged > 0 {
             log::error!(
-                "pkcs11: the objects with CKA_ID {key} on {} were being created when the service stopped, and {damaged} entries of this provider are damaged or unreadable: kept (they may be one of theirs). Restore or remove the damaged entries and restart",
+                "pkcs11: the objects with CKA_ID {key} on {} {what}, and {damaged} entries of this provider are damaged or unreadable: kept (they may be one of theirs). Restore or remove the damaged entries and restart",
                 conn.token
             );
             continue;
@@ -165,8 +173,14 @@ pub(super) fn resolve_journal(
         }
         if destroyed > 0 {
             log::warn!(
-                "pkcs11: destroyed {destroyed} objects with CKA_ID {key} on {}: their creation was interrupted before any client was told the key exists",
-                conn.token
+                "pkcs11: destroyed {destroyed} objects with CKA_ID {key} on {}: {}",
+                conn.token,
+                match kind {
+                    super::Kind::Create =>
+                        "their creation was interrupted before any client was told the key exists",
+                    super::Kind::Destroy =>
+                        "their key was destroyed (its entry's removal was durable) but the objects were not",
+                }
             );
         }
         journal.done(record);

@@ -383,10 +383,14 @@ impl Pkcs11Provider {
                         "the service destroys such keys only if their [[provider.existing_keys]] entry says owned = true",
                     ));
                 }
-                let entry = keys.remove(&op.key_name)?;
-                if let Err(e) = self.destroy_material(&entry) {
-                    log::warn!("pkcs11: key \"{}\" of \"{}\" forgotten but not destroyed on the token: {e}", crate::error::escape(&op.key_name), crate::error::escape(keys.app()));
-                }
+                // As the software provider: a destroy record, the entry's removal made
+                // durable by the event loop, and only then are the token objects destroyed
+                // (`destroy_material`). A crash in between never leaves a listed key whose
+                // objects are gone; the record lets the next start finish the destroy.
+                let entry = keys.get(&op.key_name)?.clone();
+                self.record_destroy(&entry)?;
+                crate::crash_point("pkcs11:destroy-after-record");
+                keys.remove_then_destroy(&op.key_name)?;
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
             NativeOperation::PsaSignHash(op) => {
@@ -631,6 +635,16 @@ impl Provider for Pkcs11Provider {
         }
     }
 
+    fn before_forget(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
+        self.record_destroy(entry)
+    }
+
+    fn flush(&mut self) -> Result<(), OpError> {
+        self.journal
+            .sync()
+            .map_err(|e| OpError::storage("syncing the PKCS#11 provider's journal", &e))
+    }
+
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let key = KeyRef::decode(&entry.key_id)?;
         if let Some(existing) = self
@@ -651,10 +665,43 @@ impl Provider for Pkcs11Provider {
         let conn = self.connection()?;
         let objects = conn.objects(&entry.key_id)?;
         conn.objects.remove(&entry.key_id);
-        for handle in [objects.private, objects.public].into_iter().flatten() {
-            conn.session
-                .destroy_object(handle)
-                .map_err(|e| conn.fail("C_DestroyObject", e))?;
+        for (i, handle) in [objects.private, objects.public]
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if i == 1 {
+                crate::crash_point("pkcs11:destroy-between-objects");
+            }
+            conn.session.destroy_object(handle).map_err(|e| {
+                let mut error = conn.fail("C_DestroyObject", e);
+                error.hint = "the key is gone from the service (its entry is removed) and its destroy record kept: the next start destroys its token objects again";
+                error
+            })?;
+        }
+        if let Some(id) = &key.id {
+            self.journal
+                .done(self.journal.found(Kind::Destroy, &hex(id)));
+        }
+        Ok(())
+    }
+}
+
+impl Pkcs11Provider {
+    /// Records, before a key's entry goes, that its token objects are to be destroyed (made
+    /// durable by `flush`, before the entry's removal is): a key the service made, or an
+    /// existing key its mapping says the service owns. A key found by label alone is
+    /// destroyed without a record (nothing would find it again).
+    fn record_destroy(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
+        let key = KeyRef::decode(&entry.key_id)?;
+        let not_owned = self
+            .settings
+            .existing_keys
+            .iter()
+            .any(|k| k.id == key.id && k.label == key.label && !k.owned);
+        if let (Some(id), false) = (&key.id, not_owned) {
+            // Found again by its name when the objects are gone (`destroy_material`).
+            let _record = self.journal.begin_unsynced(Kind::Destroy, &hex(id))?;
         }
         Ok(())
     }
