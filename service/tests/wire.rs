@@ -298,3 +298,19 @@ fn a_descriptor_limit_below_max_connections_lowers_the_cap_and_answers_everyone(
     std::thread::sleep(Duration::from_millis(100));
     expect(&daemon, &ping_frame(), ResponseStatus::Success);
 }
+
+/// A client that shuts down its writing side after its request (as some socket tools do)
+/// still waits for the answer: it is served, not taken for a client that hung up.
+#[test]
+fn a_client_that_half_closes_still_gets_its_answer() {
+    let daemon = Daemon::start("wire-half-close");
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&ping_frame()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    assert_eq!(status_of(&response), ResponseStatus::Success as u16);
+}

@@ -250,6 +250,16 @@ impl Dispatcher {
         if let (Some(parts), Ok(NativeResult::PsaGenerateRandom(chunk))) =
             (ticket.random.as_mut(), &result)
         {
+            if ticket.cancelled {
+                log::info!(
+                    "request stopped: app={} provider={:?} opcode=PsaGenerateRandom: its client hung up, {} of {} bytes fetched",
+                    crate::error::escape_capped(&ticket.app, 64),
+                    done.provider,
+                    parts.collected.len() + chunk.random_bytes.len(),
+                    parts.collected.len() + chunk.random_bytes.len() + parts.remaining
+                );
+                return None;
+            }
             parts.collected.extend_from_slice(&chunk.random_bytes);
             if parts.remaining > 0 {
                 let size = parts.remaining.min(RANDOM_CHUNK);

@@ -78,6 +78,7 @@ impl Dispatcher {
                 header,
                 app: admin.name.clone(),
                 random: None,
+                cancelled: false,
             },
         );
         let todo = by_provider
@@ -155,6 +156,7 @@ impl Dispatcher {
                         header,
                         app: client,
                         random: None,
+                        cancelled: false,
                     },
                 );
                 self.pump(index);

@@ -72,6 +72,8 @@ struct Ticket {
     app: String,
     /// A large random request, served in chunks (see `RANDOM_CHUNK`).
     random: Option<RandomParts>,
+    /// Its client hung up while it ran (`cancel`).
+    cancelled: bool,
 }
 
 /// Random bytes asked of a device beyond this are fetched this many at a time, each chunk a
@@ -331,10 +333,38 @@ impl Dispatcher {
                 header,
                 app,
                 random,
+                cancelled: false,
             },
         );
         self.pump(index);
         Ok(Step::Queued(ticket))
+    }
+
+    /// The client of a request in hand hung up. A request still waiting for its provider
+    /// is dropped (nothing of it has run); one running finishes as if the client were there
+    /// (its key is stored, its destroy done), except that a large random request stops at
+    /// its next chunk. A DeleteClient goes on to the end (each chunk is durable).
+    pub fn cancel(&mut self, ticket: u64) {
+        if self.deletions.contains_key(&ticket) {
+            return;
+        }
+        let Some(t) = self.tickets.get_mut(&ticket) else {
+            return;
+        };
+        t.cancelled = true;
+        let opcode = t.header.opcode;
+        let app = crate::error::escape_capped(&t.app, 64);
+        for slot in &mut self.slots {
+            if let Some(at) = slot.queue.iter().position(|w| w.ticket == ticket) {
+                slot.queue.remove(at);
+                self.tickets.remove(&ticket);
+                log::info!(
+                    "request dropped: app={app} provider=\"{}\" opcode={opcode:?}: its client hung up while it waited",
+                    slot.name()
+                );
+                return;
+            }
+        }
     }
 
     /// Hands an idle serving instance its next batch: the jobs pinned to it first, then

@@ -242,6 +242,9 @@ impl Server {
                     }
                     WORKERS => self.deliver_completed(),
                     token if self.jobs.contains_key(&token) => self.job_output(token),
+                    // Both directions closed (a client that shut down only its writing
+                    // side still waits for its answer, and is served as usual).
+                    token if event.is_write_closed() => self.hung_up(token),
                     token => self.serve(token),
                 }
             }
@@ -520,6 +523,31 @@ impl Server {
                 self.close(token);
             }
         }
+    }
+
+    /// A client closed its connection. If its request is in hand, the dispatcher is told:
+    /// a request still waiting for its provider is dropped, and a large random request stops
+    /// at its next chunk (work nobody will read must not hold a device from the others).
+    fn hung_up(&mut self, token: Token) {
+        if !self
+            .connections
+            .get(&token)
+            .is_some_and(Connection::is_queued)
+        {
+            self.serve(token);
+            return;
+        }
+        let tickets: Vec<u64> = self
+            .queued
+            .iter()
+            .filter(|(_, t)| **t == token)
+            .map(|(ticket, _)| *ticket)
+            .collect();
+        for ticket in tickets {
+            self.queued.remove(&ticket);
+            self.dispatcher.cancel(ticket);
+        }
+        self.close(token);
     }
 
     fn close(&mut self, token: Token) {
