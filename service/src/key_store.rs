@@ -730,10 +730,24 @@ fn write_temporary(path: &Path, stored: &StoredEntry) -> io::Result<PathBuf> {
 /// Creates a directory (and missing parents) that only the service user can read: key
 /// names and attributes are nobody else's business. Existing directories keep their mode.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    // Each directory created here becomes durable in its parent: a store made at first
+    // start and filled with keys must not vanish at a power cut because its own directory
+    // entry (or its parent's) never reached the disk (not every file system commits a
+    // parent's entry with a child's fsync, as ext4's journal does).
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
+        .create(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes a directory's entries (a new or removed file) durable.
