@@ -293,6 +293,12 @@ impl KeyStore {
         self.held.contains(key)
     }
 
+    /// Whether another change of this key is being made durable, in `batch` or in a commit
+    /// in flight.
+    pub fn is_changing(&self, batch: &Batch, key: &KeyTriple) -> bool {
+        batch.names.contains(key) || self.held.contains(key)
+    }
+
     /// Whether a name is taken: stored, or in a batch being made durable.
     pub fn is_taken(&self, key: &KeyTriple) -> bool {
         self.entries.contains_key(key) || self.held.contains(key)

@@ -224,3 +224,59 @@ fn token_keys_go_too() {
         key_files(&storage(&daemon)) == 0
     });
 }
+
+/// DeleteClient while the same application keeps destroying and signing with its keys (so
+/// that some of them are in a batch or a group commit when their chunk comes): every key
+/// the list held when DeleteClient began is gone when it answers, none half-way, and the
+/// answer is Success. Before, a chunk holding a key whose own DestroyKey was being committed
+/// failed whole: "0 of the 597 keys of "alice" deleted; a part failed: asking for an item
+/// that doesn't exist" (the stop half-way issue 23 suspected).
+#[test]
+fn keys_in_a_commit_when_their_chunk_comes_are_deleted_too() {
+    let daemon = Daemon::start("delete-client-busy");
+    make_keys(&daemon, "alice", 600);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..3)
+        .map(|t| {
+            let client = daemon.client("alice");
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 600 {
+                    let name = format!("k{i}");
+                    if i % 2 == 0 {
+                        let _ = client.psa_destroy_key(&name);
+                    } else {
+                        let _ = client.psa_sign_hash(&name, &[4; 32], common::ecdsa(Hash::Sha256));
+                    }
+                    i += 3;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    let admin = daemon.client("admin");
+    admin.delete_client("alice").unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in busy {
+        t.join().unwrap();
+    }
+    assert!(
+        daemon.client("alice").list_keys().unwrap().is_empty(),
+        "keys survived the DeleteClient"
+    );
+    wait_until("alice's key files are gone", || {
+        key_files(&storage(&daemon)) == 0
+    });
+    // Their destroy records go with them (made durable by the next batch's flush).
+    daemon
+        .client("bob")
+        .psa_generate_key("b", p256_signing())
+        .unwrap();
+    wait_until("no destroy record is left", || {
+        std::fs::read_dir(storage(&daemon).join("journal"))
+            .unwrap()
+            .count()
+            == 0
+    });
+}

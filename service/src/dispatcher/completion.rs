@@ -289,7 +289,9 @@ impl Dispatcher {
         let staged = match result {
             Ok(result) => {
                 let mark = batch.mark();
+                let forgetting = self.deletions.contains_key(&done.ticket);
                 match self.stage_changes(
+                    forgetting,
                     done.instance,
                     &done.app,
                     done.provider,
@@ -332,6 +334,7 @@ impl Dispatcher {
     #[allow(clippy::type_complexity)]
     fn stage_changes(
         &mut self,
+        forgetting: bool,
         instance: Instance,
         app: &str,
         provider: ProviderId,
@@ -368,6 +371,13 @@ impl Dispatcher {
                 }
                 Change::Remove { name, then_destroy } => {
                     let triple = KeyTriple::new(app, provider, name);
+                    if forgetting && self.store.is_changing(batch, &triple) {
+                        // A DeleteClient chunk, and the application's own DestroyKey of this
+                        // key (or a create of it again, after a destroy) is being committed:
+                        // the key goes (or is a new one), so the chunk goes on without it
+                        // rather than failing whole.
+                        continue;
+                    }
                     if self.store.contains(&triple) {
                         match self.store.stage_remove(batch, &triple) {
                             Ok(entry) if *then_destroy => to_destroy.push(entry),
