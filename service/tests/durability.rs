@@ -12,8 +12,9 @@
 
 mod common;
 
-use common::{ecdsa, p256_signing, Daemon};
+use common::{ecdsa, p256_signing, service_error, Daemon};
 use parsec_client::core::interface::operations::psa_algorithm::Hash;
+use parsec_client::core::interface::requests::ResponseStatus;
 use std::path::{Path, PathBuf};
 
 fn entry_path(daemon: &Daemon, app: &str, name: &str) -> PathBuf {
@@ -286,4 +287,74 @@ fn a_crash_during_a_destroy_keeps_or_destroys_the_key_entirely() {
             "{point}: journal empty"
         );
     }
+}
+
+/// One bit of a software key file flipped on disk (the last byte of the P-256 private
+/// scalar: still a valid key, another one): the key is refused with PsaErrorDataCorrupt and
+/// a log line that names the file, rather than signing with another key and exporting
+/// another public key (what it did before). Restoring the file restores the key. A key file
+/// with no digest (made before digests existed) is served and gets one.
+#[test]
+fn a_flipped_bit_in_a_key_file_is_refused_not_served() {
+    let mut daemon = Daemon::start("durable-bitflip");
+    let client = daemon.client("alice");
+    client.psa_generate_key("k", p256_signing()).unwrap();
+    let public = client.psa_export_public_key("k").unwrap();
+    daemon.stop();
+    let files = key_files(&storage(&daemon));
+    assert_eq!(files.len(), 1);
+    let path = storage(&daemon).join(&files[0]);
+    let original = std::fs::read(&path).unwrap();
+    let mut flipped = original.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x01;
+    std::fs::write(&path, &flipped).unwrap();
+
+    daemon.spawn();
+    let client = daemon.client("alice");
+    for result in [
+        client.psa_export_public_key("k").map(|_| ()),
+        client
+            .psa_sign_hash("k", &[3; 32], ecdsa(Hash::Sha256))
+            .map(|_| ()),
+    ] {
+        assert_eq!(
+            service_error(result.unwrap_err()),
+            ResponseStatus::PsaErrorDataCorrupt
+        );
+    }
+    assert!(daemon
+        .log_text()
+        .contains("does not match the digest recorded when the key was made"));
+    daemon.stop();
+
+    std::fs::write(&path, &original).unwrap();
+    // As a key made before digests: its digest is recorded at its first use.
+    for digest in digest_files(&daemon) {
+        std::fs::remove_file(storage(&daemon).join(digest)).unwrap();
+    }
+    daemon.spawn();
+    let client = daemon.client("alice");
+    assert_eq!(client.psa_export_public_key("k").unwrap(), public);
+    assert!(daemon.log_text().contains("recorded the digest of"));
+    client
+        .psa_sign_hash("k", &[3; 32], ecdsa(Hash::Sha256))
+        .unwrap();
+    client.psa_destroy_key("k").unwrap();
+    // The material (and its digest) goes just after the answer, on the provider's worker.
+    let digests = || digest_files(&daemon).len();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while digests() > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(digests(), 0, "the destroyed key's digest is gone");
+}
+
+fn digest_files(daemon: &Daemon) -> Vec<String> {
+    std::fs::read_dir(storage(daemon))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|name| name.ends_with(".psa_digest"))
+        .collect()
 }

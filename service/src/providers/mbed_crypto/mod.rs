@@ -20,6 +20,7 @@
 //! might not, a key file left without its record is only ever reported, never destroyed.)
 
 pub(crate) mod capabilities;
+mod digests;
 use capabilities::OPCODES;
 mod keygen;
 mod message;
@@ -73,6 +74,8 @@ pub struct MbedCryptoProvider {
     dir_unsynced: bool,
     /// Records of keys whose material is gone, done once that is durable (`flush`).
     gone: Vec<journal::Record>,
+    /// The digest of each key file (`digests.rs`).
+    digests: digests::Digests,
 }
 
 /// Mbed TLS's file for a persistent key (owner 0, the key id), in the working directory.
@@ -206,6 +209,7 @@ impl MbedCryptoProvider {
             .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
+        let digests = digests::Digests::new(&storage_dir);
 
         let mut referenced = BTreeSet::new();
         for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
@@ -231,6 +235,7 @@ impl MbedCryptoProvider {
             unsynced: Vec::new(),
             dir_unsynced: false,
             gone: Vec::new(),
+            digests,
         };
         let damaged = store.damaged_in(ProviderId::MbedCrypto);
         let kept = provider.resolve_journal(&referenced, damaged)?;
@@ -382,6 +387,8 @@ impl MbedCryptoProvider {
     fn open(&self, keys: &AppKeys<'_>, name: &str) -> Result<(Id, Attributes), OpError> {
         let entry = keys.get(name)?;
         let id = key_id_of(entry)?;
+        self.digests
+            .check(id, &self.storage_dir.join(key_file(id)))?;
         let id = Id::from_persistent_key_id(id).map_err(|e| {
             let mut error = psa_error("opening the key", e);
             if e == PsaError::DoesNotExist {
@@ -442,7 +449,10 @@ impl MbedCryptoProvider {
             key_id: id.to_le_bytes().to_vec(),
             attributes,
         };
-        if let Err(e) = keys.create(name, entry) {
+        let recorded = self
+            .digests
+            .record(id, &self.storage_dir.join(key_file(id)));
+        if let Err(e) = recorded.and_then(|()| keys.create(name, entry)) {
             // SAFETY: this worker is the only thread that uses Mbed TLS: nothing else uses
             // the key being undone.
             if unsafe { key_management::destroy(key) }.is_ok() {
@@ -463,6 +473,7 @@ impl MbedCryptoProvider {
         // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
         // can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
+        self.digests.forget(id);
         journal::sync_dir(&self.storage_dir).map_err(|e| {
             OpError::storage(&format!("syncing {}", self.storage_dir.display()), &e)
         })?;
@@ -767,6 +778,7 @@ impl Provider for MbedCryptoProvider {
         // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
         // can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
+        self.digests.forget(id);
         self.used_ids.remove(&id);
         self.dir_unsynced = true;
         crate::crash_point("destroy:after-material");
