@@ -7,7 +7,9 @@
 //!     budget: another application's ping waited 3.13 s);
 //!   - a SIGHUP every 20 ms with the config unchanged, then one every 50 ms that replaces the
 //!     software provider (its instance drains and stops, its successor starts), while 4
-//!     clients sign.
+//!     clients sign;
+//!   - the daemon's RSS over 30 x S seconds of PKCS#11 P-256 create, sign, destroy by 4
+//!     clients (issue 23 measured 10.6 -> 17.7 MiB over 2 minutes).
 //!
 //! Prints median, p99 and max ping latency for each, and the counts. Figures in
 //! docs/benchmark.md; targets: ping p99 < 10 ms in every scenario. Needs a daemon built with
@@ -303,4 +305,64 @@ fn main() {
     delete_client(&options);
     budget(&options);
     reloads(&options);
+    pkcs11_churn_rss(&options);
+}
+
+/// RSS of the daemon (VmRSS, KiB) sampled while 4 clients create, sign and destroy P-256
+/// keys on a SoftHSM2 token: does the service (or the module under it) keep what it frees?
+fn pkcs11_churn_rss(options: &DeviceBenchOptions) {
+    let dir = std::env::temp_dir().join(format!("parsec-bench-churn-{}", std::process::id()));
+    init_softhsm_token(&dir.join("hsm"), "churn", "1234");
+    let pkcs11 = "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"churn\"\nuser_pin = \"1234\"\n";
+    let (daemon, _) =
+        Daemon::start_with_config(&options.bin, &dir.join("service"), "", "", "", pkcs11);
+    let total = Duration::from_secs_f64(options.seconds * 30.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cycles = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut client = daemon.client(&format!("churn{w}"));
+            client.set_implicit_provider(ProviderId::Pkcs11);
+            let (stop, cycles) = (Arc::clone(&stop), Arc::clone(&cycles));
+            std::thread::spawn(move || {
+                let attributes = p256(|u| {
+                    u.set_sign_hash();
+                });
+                while !stop.load(Ordering::Relaxed) {
+                    client.psa_generate_key("k", attributes).unwrap();
+                    client.psa_sign_hash("k", &[1; 32], ecdsa()).unwrap();
+                    client.psa_destroy_key("k").unwrap();
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    println!(
+        "PKCS#11 churn: 4 clients create, sign, destroy P-256 keys for {:.0} s; daemon VmRSS",
+        total.as_secs_f64()
+    );
+    let start = Instant::now();
+    let step = total / 6;
+    let mut samples = Vec::new();
+    for i in 0..=6 {
+        let at = step * i;
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let rss = daemon.status_field("VmRSS");
+        samples.push(format!(
+            "{:.0} s: {rss} ({} cycles)",
+            start.elapsed().as_secs_f64(),
+            cycles.load(Ordering::Relaxed)
+        ));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    for sample in samples {
+        println!("  {sample}");
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }
