@@ -50,10 +50,14 @@ pub(super) fn new_slot(
         limits,
         id: providers::id_of(&settings.kind),
         state: State::Waiting,
-        known: None,
+        // Listed (and its keys) from the moment it is configured, while its first instance
+        // starts: a client that asks ListProviders right after a SIGHUP sees it.
+        known: providers::info_of(&settings.kind)
+            .map(|info| (info, providers::opcodes_of(&settings.kind))),
         batch_limit: providers::batch_limit(&settings.kind),
         queue: Default::default(),
         queue_limit: queue_limit(config, settings),
+        previous: None,
     }
 }
 
@@ -85,13 +89,7 @@ impl Dispatcher {
         for settings in &config.providers {
             let id = providers::id_of(&settings.kind);
             let Some(at) = old.iter().position(|s| s.id == id) else {
-                let mut slot = new_slot(config, settings, limits);
-                slot.known = self
-                    .retiring
-                    .iter()
-                    .rev()
-                    .find(|r| r.id == id)
-                    .map(|r| (r.running.info.clone(), r.running.opcodes));
+                let slot = new_slot(config, settings, limits);
                 // A removed instance still draining serves a configured provider again: what
                 // it makes now is stored.
                 for retiring in self.retiring.iter_mut().filter(|r| r.id == id) {
@@ -115,11 +113,17 @@ impl Dispatcher {
                 "SIGHUP: provider \"{}\" has new settings: its running instance finishes what it has in hand, then its successor starts",
                 settings.name
             );
-            slot.settings = settings.clone();
+            let old = (
+                std::mem::replace(&mut slot.settings, settings.clone()),
+                slot.limits,
+            );
             slot.limits = limits;
             slot.batch_limit = providers::batch_limit(&settings.kind);
             match std::mem::replace(&mut slot.state, State::Waiting) {
-                State::Serving(running) => self.retire(running, id, &settings.name, false),
+                State::Serving(running) => {
+                    slot.previous = Some(old);
+                    self.retire(running, id, &settings.name, false)
+                }
                 State::Starting(worker) => self.abandon(worker, id, &settings.name),
                 State::Waiting | State::Down { .. } => {}
             }
@@ -294,6 +298,7 @@ impl Dispatcher {
                 );
                 slot.known = Some((running.info.clone(), running.opcodes));
                 slot.state = State::Serving(running);
+                slot.previous = None;
                 self.pump(i);
                 Vec::new()
             }
@@ -355,6 +360,19 @@ impl Dispatcher {
     /// lockout): then it waits for the next SIGHUP.
     fn failed_to_start(&mut self, i: usize, error: String) -> Vec<(u64, Dispatched)> {
         let name = self.slots[i].name().to_string();
+        if retry_is_safe(&error) {
+            if let Some((settings, limits)) = self.slots[i].previous.take() {
+                log::error!(
+                    "provider \"{name}\" failed to start with the settings SIGHUP gave it: {error}; it goes back to the settings it ran with (its keys are served again); the new ones are tried at the next SIGHUP"
+                );
+                let slot = &mut self.slots[i];
+                slot.batch_limit = providers::batch_limit(&settings.kind);
+                slot.settings = settings;
+                slot.limits = limits;
+                slot.state = State::Waiting;
+                return self.advance();
+            }
+        }
         let backoff = match &self.slots[i].state {
             State::Down { backoff, .. } => (*backoff * 2).min(MAX_BACKOFF),
             _ => Duration::from_secs(1),

@@ -102,6 +102,10 @@ pub(super) struct Slot {
     pub batch_limit: usize,
     pub queue: VecDeque<Waiting>,
     pub queue_limit: usize,
+    /// The settings its last serving instance ran with, while a reload's new ones are being
+    /// tried: if the new ones cannot start (not for a refused PIN), the provider goes back
+    /// to these, as upstream keeps its running configuration when a reload fails.
+    pub previous: Option<(ProviderSettings, Limits)>,
 }
 
 /// An instance a reload took out of service: it finishes what it has in hand (its results

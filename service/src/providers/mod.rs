@@ -259,6 +259,20 @@ pub fn opcodes_of(kind: &ProviderKind) -> &'static [Opcode] {
     }
 }
 
+/// What ListProviders says of a configured provider, known before it is built.
+pub fn info_of(kind: &ProviderKind) -> Option<ProviderInfo> {
+    match kind {
+        #[cfg(feature = "mbed-crypto-provider")]
+        ProviderKind::MbedCrypto { .. } => Some(mbed_crypto::info()),
+        #[cfg(feature = "pkcs11-provider")]
+        ProviderKind::Pkcs11(_) => Some(pkcs11::info()),
+        #[cfg(feature = "tpm-provider")]
+        ProviderKind::Tpm(_) => Some(tpm::info()),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
 /// The wire id of a configured provider, known before it is built.
 pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {

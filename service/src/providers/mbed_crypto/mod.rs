@@ -518,15 +518,7 @@ impl Provider for MbedCryptoProvider {
     }
 
     fn info(&self) -> ProviderInfo {
-        ProviderInfo {
-            uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
-            description: "User space software provider, based on Mbed TLS PSA Crypto".into(),
-            vendor: "Arm".into(),
-            version_maj: 0,
-            version_min: 1,
-            version_rev: 0,
-            id: ProviderId::MbedCrypto,
-        }
+        info()
     }
 
     fn opcodes(&self) -> &'static [Opcode] {
@@ -878,5 +870,18 @@ impl Provider for MbedCryptoProvider {
             |attributes, id| key_management::import(attributes, Some(id), &key),
         )?;
         Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
+    }
+}
+
+/// What ListProviders says of this provider (the same for every instance).
+pub(crate) fn info() -> ProviderInfo {
+    ProviderInfo {
+        uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
+        description: "User space software provider, based on Mbed TLS PSA Crypto".into(),
+        vendor: "Arm".into(),
+        version_maj: 0,
+        version_min: 1,
+        version_rev: 0,
+        id: ProviderId::MbedCrypto,
     }
 }

@@ -605,15 +605,7 @@ impl Provider for Pkcs11Provider {
     }
 
     fn info(&self) -> ProviderInfo {
-        ProviderInfo {
-            uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
-            description: "PKCS #11 provider, interfacing with a PKCS #11 library".into(),
-            vendor: "OASIS Standard".into(),
-            version_maj: 0,
-            version_min: 1,
-            version_rev: 0,
-            id: ProviderId::Pkcs11,
-        }
+        info()
     }
 
     fn opcodes(&self) -> &'static [Opcode] {
@@ -709,4 +701,17 @@ impl Pkcs11Provider {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What ListProviders says of this provider (the same for every instance).
+pub(crate) fn info() -> ProviderInfo {
+    ProviderInfo {
+        uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
+        description: "PKCS #11 provider, interfacing with a PKCS #11 library".into(),
+        vendor: "OASIS Standard".into(),
+        version_maj: 0,
+        version_min: 1,
+        version_rev: 0,
+        id: ProviderId::Pkcs11,
+    }
 }

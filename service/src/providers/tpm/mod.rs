@@ -522,15 +522,7 @@ impl Provider for TpmProvider {
     }
 
     fn info(&self) -> ProviderInfo {
-        ProviderInfo {
-            uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
-            description: "TPM 2.0 provider: keys wrapped by the TPM, through tpm2-tss ESAPI".into(),
-            vendor: "Trusted Computing Group (TCG)".into(),
-            version_maj: 0,
-            version_min: 1,
-            version_rev: 0,
-            id: ProviderId::Tpm,
-        }
+        info()
     }
 
     fn opcodes(&self) -> &'static [Opcode] {
@@ -549,5 +541,18 @@ impl Provider for TpmProvider {
         // The TPM holds nothing of a key but while it is loaded: the blob was the key.
         self.forget_loaded(entry);
         Ok(())
+    }
+}
+
+/// What ListProviders says of this provider (the same for every instance).
+pub(crate) fn info() -> ProviderInfo {
+    ProviderInfo {
+        uuid: uuid::Uuid::parse_str(UUID).expect("constant UUID"),
+        description: "TPM 2.0 provider: keys wrapped by the TPM, through tpm2-tss ESAPI".into(),
+        vendor: "Trusted Computing Group (TCG)".into(),
+        version_maj: 0,
+        version_min: 1,
+        version_rev: 0,
+        id: ProviderId::Tpm,
     }
 }
