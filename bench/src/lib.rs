@@ -363,6 +363,8 @@ pub struct DeviceBenchOptions {
     pub seconds: f64,
     /// Pin everything to CPU 0 (the default; `--all-cpus` turns it off).
     pub pin: bool,
+    /// `--only NAME`: run one of the bench's scenarios alone (where it has several).
+    pub only: Option<String>,
 }
 
 impl DeviceBenchOptions {
@@ -370,6 +372,7 @@ impl DeviceBenchOptions {
         let mut bin = PathBuf::from("target/release/parsec");
         let mut seconds = default_seconds;
         let mut pin = true;
+        let mut only = None;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -378,15 +381,23 @@ impl DeviceBenchOptions {
                     seconds = args.next().expect("--seconds S").parse().expect("a number")
                 }
                 "--all-cpus" => pin = false,
+                "--only" => only = Some(args.next().expect("--only NAME")),
                 _ => {
-                    eprintln!("usage: {name} [--daemon PATH] [--seconds S] [--all-cpus]");
+                    eprintln!(
+                        "usage: {name} [--daemon PATH] [--seconds S] [--all-cpus] [--only NAME]"
+                    );
                     std::process::exit(2);
                 }
             }
         }
         let bin = std::fs::canonicalize(&bin)
             .unwrap_or_else(|_| panic!("no daemon binary at {}", bin.display()));
-        DeviceBenchOptions { bin, seconds, pin }
+        DeviceBenchOptions {
+            bin,
+            seconds,
+            pin,
+            only,
+        }
     }
 }
 

@@ -234,7 +234,15 @@ fn token_keys_go_too() {
 #[test]
 fn keys_in_a_commit_when_their_chunk_comes_are_deleted_too() {
     let daemon = Daemon::start("delete-client-busy");
-    make_keys(&daemon, "alice", 600);
+    // The race is a matter of timing: four rounds make it near certain (each failed about
+    // half the time before the fix).
+    for round in 0..4 {
+        keys_in_a_commit_round(&daemon, round);
+    }
+}
+
+fn keys_in_a_commit_round(daemon: &Daemon, round: usize) {
+    make_keys(daemon, "alice", 600);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let busy: Vec<_> = (0..3)
         .map(|t| {
@@ -263,18 +271,18 @@ fn keys_in_a_commit_when_their_chunk_comes_are_deleted_too() {
     }
     assert!(
         daemon.client("alice").list_keys().unwrap().is_empty(),
-        "keys survived the DeleteClient"
+        "round {round}: keys survived the DeleteClient"
     );
     wait_until("alice's key files are gone", || {
-        key_files(&storage(&daemon)) == 0
+        key_files(&storage(daemon)) == round
     });
     // Their destroy records go with them (made durable by the next batch's flush).
     daemon
         .client("bob")
-        .psa_generate_key("b", p256_signing())
+        .psa_generate_key(&format!("b{round}"), p256_signing())
         .unwrap();
     wait_until("no destroy record is left", || {
-        std::fs::read_dir(storage(&daemon).join("journal"))
+        std::fs::read_dir(storage(daemon).join("journal"))
             .unwrap()
             .count()
             == 0

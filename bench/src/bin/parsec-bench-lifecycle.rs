@@ -16,6 +16,7 @@
 //! the PKCS#11 provider:
 //!     cargo build --release -p parsec-service --features pkcs11-provider
 //!     ./target/release/parsec-bench-lifecycle [--daemon PATH] [--seconds S] [--all-cpus]
+//!         [--only delete-client|budget|reloads|churn]
 
 use parsec_bench::{ecdsa, init_softhsm_token, p256, pin_to_cpu0, Daemon, DeviceBenchOptions};
 use parsec_client::core::interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
@@ -302,10 +303,17 @@ fn main() {
     if options.pin {
         pin_to_cpu0();
     }
-    delete_client(&options);
-    budget(&options);
-    reloads(&options);
-    pkcs11_churn_rss(&options);
+    let scenarios: [(&str, fn(&DeviceBenchOptions)); 4] = [
+        ("delete-client", delete_client),
+        ("budget", budget),
+        ("reloads", reloads),
+        ("churn", pkcs11_churn_rss),
+    ];
+    for (name, scenario) in scenarios {
+        if options.only.as_deref().map_or(true, |only| only == name) {
+            scenario(&options);
+        }
+    }
 }
 
 /// RSS of the daemon (VmRSS, KiB) sampled while 4 clients create, sign and destroy P-256

@@ -53,8 +53,9 @@ fn open_session() -> (Pkcs11, Session) {
 }
 
 fn main() {
-    let DeviceBenchOptions { bin, seconds, pin } =
-        DeviceBenchOptions::parse("parsec-bench-pkcs11", 24.0);
+    let DeviceBenchOptions {
+        bin, seconds, pin, ..
+    } = DeviceBenchOptions::parse("parsec-bench-pkcs11", 24.0);
     if pin {
         pin_to_cpu0();
     }

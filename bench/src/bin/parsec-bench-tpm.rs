@@ -163,8 +163,9 @@ impl InProcess {
 }
 
 fn main() {
-    let DeviceBenchOptions { bin, seconds, pin } =
-        DeviceBenchOptions::parse("parsec-bench-tpm", 48.0);
+    let DeviceBenchOptions {
+        bin, seconds, pin, ..
+    } = DeviceBenchOptions::parse("parsec-bench-tpm", 48.0);
     if pin {
         pin_to_cpu0();
     }

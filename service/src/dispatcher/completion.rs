@@ -289,7 +289,8 @@ impl Dispatcher {
         let staged = match result {
             Ok(result) => {
                 let mark = batch.mark();
-                let forgetting = self.deletions.contains_key(&done.ticket);
+                // A DeleteClient chunk (its ticket is the chunk's, not the request's).
+                let forgetting = self.is_delete_chunk(done.ticket);
                 match self.stage_changes(
                     forgetting,
                     done.instance,

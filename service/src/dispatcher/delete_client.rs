@@ -119,6 +119,13 @@ impl Dispatcher {
         Ok(Step::Queued(ticket))
     }
 
+    /// Whether this ticket is one chunk of a DeleteClient in progress.
+    pub(super) fn is_delete_chunk(&self, ticket: u64) -> bool {
+        self.deletions
+            .values()
+            .any(|d| d.in_hand.contains_key(&ticket))
+    }
+
     /// Queues the next chunk of one provider's part, if there is one.
     fn send_chunk(&mut self, parent: u64, id: ProviderId) {
         let Some(deletion) = self.deletions.get_mut(&parent) else {
