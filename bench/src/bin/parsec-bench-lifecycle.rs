@@ -293,6 +293,9 @@ fn reloads(options: &DeviceBenchOptions) {
     );
 }
 
+/// One of the bench's scenarios, by the name `--only` takes.
+type Scenario = fn(&DeviceBenchOptions);
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--hog") {
@@ -303,7 +306,7 @@ fn main() {
     if options.pin {
         pin_to_cpu0();
     }
-    let scenarios: [(&str, fn(&DeviceBenchOptions)); 4] = [
+    let scenarios: [(&str, Scenario); 4] = [
         ("delete-client", delete_client),
         ("budget", budget),
         ("reloads", reloads),
