@@ -73,8 +73,11 @@ fn quarantine_shared_ids(
     damaged: &mut Vec<DamagedEntry>,
 ) -> Vec<(KeyTriple, KeyEntry)> {
     let mut by_id: BTreeMap<&[u8], Vec<&Path>> = BTreeMap::new();
-    for (_, entry, path) in &entries {
-        by_id.entry(&entry.key_id).or_default().push(path);
+    for (key, entry, path) in &entries {
+        by_id
+            .entry(identity(key.provider, &entry.key_id))
+            .or_default()
+            .push(path);
     }
     let shared: BTreeMap<Vec<u8>, Vec<PathBuf>> = by_id
         .into_iter()
@@ -88,7 +91,7 @@ fn quarantine_shared_ids(
         .collect();
     let mut kept = Vec::with_capacity(entries.len());
     for (key, entry, path) in entries {
-        let Some(paths) = shared.get(&entry.key_id) else {
+        let Some(paths) = shared.get(identity(key.provider, &entry.key_id)) else {
             kept.push((key, entry));
             continue;
         };
@@ -106,6 +109,17 @@ fn quarantine_shared_ids(
         });
     }
     kept
+}
+
+/// The part of a key id that names the material: the software provider's entries follow
+/// their 4-byte PSA key id with the key file's digest, which two entries naming one file
+/// need not share.
+fn identity(provider: u8, key_id: &[u8]) -> &[u8] {
+    if provider == ProviderId::MbedCrypto as u8 && key_id.len() > 4 {
+        &key_id[..4]
+    } else {
+        key_id
+    }
 }
 
 /// An entry that could not be read at start-up.
@@ -873,15 +887,26 @@ mod tests {
         store.insert(alice.clone(), entry(1)).unwrap();
         store.insert(bob.clone(), entry(1)).unwrap();
         store.insert(carol.clone(), entry(2)).unwrap();
+        // The software provider's ids carry the key file's digest after the 4-byte id: two
+        // entries naming one file with different digests share the key all the same.
+        let dave = KeyTriple::new("dave", ProviderId::MbedCrypto, "k");
+        let erin = KeyTriple::new("erin", ProviderId::MbedCrypto, "k");
+        let with_digest = |digest: u8| KeyEntry {
+            key_id: [&[7, 0, 0, 0][..], &[digest; 32]].concat(),
+            attributes: attributes(),
+        };
+        store.insert(dave.clone(), with_digest(1)).unwrap();
+        store.insert(erin.clone(), with_digest(2)).unwrap();
         drop(store);
         let (store, damaged) = KeyStore::open(&roots).unwrap();
         assert!(!store.contains(&alice) && !store.contains(&bob));
+        assert!(!store.contains(&dave) && !store.contains(&erin));
         assert_eq!(store.get(&carol), Some(&entry(2)));
-        assert_eq!(damaged.len(), 2);
+        assert_eq!(damaged.len(), 4);
         assert!(damaged
             .iter()
             .all(|d| d.reason.contains("names the same key as")));
-        assert_eq!(store.damaged_in(ProviderId::MbedCrypto), 2);
+        assert_eq!(store.damaged_in(ProviderId::MbedCrypto), 4);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -325,8 +325,14 @@ fn pkcs11_churn_rss(options: &DeviceBenchOptions) {
     let dir = std::env::temp_dir().join(format!("parsec-bench-churn-{}", std::process::id()));
     init_softhsm_token(&dir.join("hsm"), "churn", "1234");
     let pkcs11 = "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"churn\"\nuser_pin = \"1234\"\n";
-    let (daemon, _) =
-        Daemon::start_with_config(&options.bin, &dir.join("service"), "", "", "", pkcs11);
+    let (daemon, _) = Daemon::start_with_config(
+        &options.bin,
+        &dir.join("service"),
+        "",
+        "timeout = 60000\n",
+        "",
+        pkcs11,
+    );
     let total = Duration::from_secs_f64(options.seconds * 30.0);
     let stop = Arc::new(AtomicBool::new(false));
     let cycles = Arc::new(AtomicUsize::new(0));

@@ -1,17 +1,15 @@
 //! What identifies each software key's material: the SHA-256 of its Mbed TLS key file,
-//! recorded when the key is made, checked the first time the key is used in a run.
+//! recorded in the key's entry when the key is made, checked the first time the key is used
+//! in a run.
 //!
 //! Mbed TLS's `.psa_its` files carry no checksum: one flipped bit in the key data gives
 //! another valid key, which signs (signatures nobody can verify) and exports another public
-//! key. The digest turns that into a refusal that says what happened. It lives beside the
-//! key file, `storage_dir/<key id, 16 hex digits>.psa_digest` (32 bytes); a key made by
-//! an earlier version has none, and gets one at its first use (trust on first use: the file
-//! is as it was then).
+//! key. The digest turns that into a refusal that says what happened. The entry's key id is
+//! the PSA key id (4 bytes, little-endian) followed by the digest (32 bytes); entries of
+//! keys made before digests (and upstream's) hold the id alone, and are not checked.
 //!
-//! Digests are written without fsync of their own: the provider's `flush` syncs the
-//! directory (the rename, or the removal, is durable with the key file's), and a digest's
-//! bytes lost or cut short by a power cut (not 32 bytes) only cost the check for that key,
-//! which records it again at its next use: a sound key is never refused.
+//! The digest travels with the entry (written and synced with it, removed with it): no file
+//! of its own, nothing more to sync or unlink.
 
 use super::psa_error;
 use crate::error::OpError;
@@ -19,107 +17,55 @@ use parsec_interface::operations::psa_algorithm::Hash;
 use parsec_interface::requests::ResponseStatus;
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub(super) struct Digests {
-    dir: PathBuf,
-    /// Keys whose file matched its digest in this run.
-    verified: RefCell<HashSet<u32>>,
-}
+pub(super) const DIGEST_LEN: usize = 32;
 
-fn sha256(data: &[u8]) -> Result<[u8; 32], OpError> {
-    let mut digest = [0u8; 32];
-    psa_crypto::operations::hash::hash_compute(Hash::Sha256, data, &mut digest)
+/// The SHA-256 of a key file.
+pub(super) fn of_file(key_file: &Path) -> Result<[u8; DIGEST_LEN], OpError> {
+    let data = zeroize::Zeroizing::new(
+        std::fs::read(key_file)
+            .map_err(|e| OpError::storage(&format!("reading {}", key_file.display()), &e))?,
+    );
+    let mut digest = [0u8; DIGEST_LEN];
+    psa_crypto::operations::hash::hash_compute(Hash::Sha256, &data, &mut digest)
         .map_err(|e| psa_error("hashing a key file", e))?;
     Ok(digest)
 }
 
-fn storage(what: &str, path: &Path, e: std::io::Error) -> OpError {
-    OpError::storage(&format!("{what} {}", path.display()), &e)
-}
+/// Keys whose file matched its digest in this run (checked once per key and run).
+#[derive(Default)]
+pub(super) struct Verified(RefCell<HashSet<u32>>);
 
-impl Digests {
-    pub(super) fn new(storage_dir: &Path) -> Digests {
-        Digests {
-            dir: storage_dir.to_path_buf(),
-            verified: RefCell::new(HashSet::new()),
-        }
+impl Verified {
+    pub(super) fn insert(&self, id: u32) {
+        self.0.borrow_mut().insert(id);
     }
 
-    fn path(&self, id: u32) -> PathBuf {
-        self.dir.join(format!("{id:016x}.psa_digest"))
+    pub(super) fn forget(&self, id: u32) {
+        self.0.borrow_mut().remove(&id);
     }
 
-    /// Records the digest of a key file just made.
-    pub(super) fn record(&mut self, id: u32, key_file: &Path) -> Result<(), OpError> {
-        let data = zeroize::Zeroizing::new(
-            fs::read(key_file).map_err(|e| storage("reading", key_file, e))?,
-        );
-        self.write(id, &sha256(&data)?)?;
-        self.verified.borrow_mut().insert(id);
-        Ok(())
-    }
-
-    fn write(&self, id: u32, digest: &[u8; 32]) -> Result<PathBuf, OpError> {
-        let path = self.path(id);
-        let tmp = self.dir.join(format!("{id:016x}.psa_digest.tmp"));
-        fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(digest))
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|e| storage("writing", &path, e))?;
-        Ok(path)
-    }
-
-    /// Forgets the digest of a key whose material is gone.
-    pub(super) fn forget(&mut self, id: u32) {
-        self.verified.borrow_mut().remove(&id);
-        let _ = fs::remove_file(self.path(id));
-    }
-
-    /// Checks a key file against its digest, once per key and run. A file without a digest
-    /// (made by an earlier version) gets one now.
-    pub(super) fn check(&self, id: u32, key_file: &Path) -> Result<(), OpError> {
-        if self.verified.borrow().contains(&id) {
+    /// Checks a key file against the digest its entry recorded.
+    pub(super) fn check(&self, id: u32, key_file: &Path, recorded: &[u8]) -> Result<(), OpError> {
+        if self.0.borrow().contains(&id) {
             return Ok(());
         }
-        let data = match fs::read(key_file) {
-            Ok(data) => zeroize::Zeroizing::new(data),
-            // A missing file is Mbed TLS's to report (with its own hint).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(storage("reading", key_file, e)),
-        };
-        let actual = sha256(&data)?;
-        let recorded = match fs::read(self.path(id)) {
-            Ok(recorded) if recorded.len() == actual.len() => Some(recorded),
-            // Cut short by a power cut (written without fsync): recorded again below.
-            Ok(_) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(storage("reading", &self.path(id), e)),
-        };
-        match recorded {
-            Some(recorded) if recorded == actual => {}
-            Some(_) => {
-                return Err(OpError::new(
-                    ResponseStatus::PsaErrorDataCorrupt,
-                    format!(
-                        "the key file {} does not match the digest recorded when the key was made ({}): it changed on disk",
-                        key_file.display(),
-                        self.path(id).display(),
-                    ),
-                    "the key's material is damaged (a flipped bit gives another key): restore the key file from a backup; the service will not use it as it is",
-                ));
-            }
-            None => {
-                self.write(id, &actual)?;
-                log::info!(
-                    "mbed-crypto: recorded the digest of {} (a key made before digests, or its digest was lost), checked from now on",
-                    key_file.display()
-                );
-            }
+        if !key_file.exists() {
+            // Mbed TLS reports a missing file, with its own hint.
+            return Ok(());
         }
-        self.verified.borrow_mut().insert(id);
+        if of_file(key_file)?.as_slice() != recorded {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorDataCorrupt,
+                format!(
+                    "the key file {} does not match the digest recorded in its key store entry when the key was made: it changed on disk",
+                    key_file.display()
+                ),
+                "the key's material is damaged (a flipped bit gives another key): restore the key file from a backup; the service will not use it as it is",
+            ));
+        }
+        self.insert(id);
         Ok(())
     }
 }

@@ -74,8 +74,8 @@ pub struct MbedCryptoProvider {
     dir_unsynced: bool,
     /// Records of keys whose material is gone, done once that is durable (`flush`).
     gone: Vec<journal::Record>,
-    /// The digest of each key file (`digests.rs`).
-    digests: digests::Digests,
+    /// Keys whose file matched its entry's digest in this run (`digests.rs`).
+    verified: digests::Verified,
 }
 
 /// Mbed TLS's file for a persistent key (owner 0, the key id), in the working directory.
@@ -164,7 +164,12 @@ fn actual_bits(id: Id) -> Option<usize> {
 }
 
 fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
-    let bytes: [u8; 4] = entry.key_id.as_slice().try_into().map_err(|_| {
+    let id = match entry.key_id.len() {
+        4 => entry.key_id.as_slice(),
+        n if n == 4 + digests::DIGEST_LEN => &entry.key_id[..4],
+        _ => &[],
+    };
+    let bytes: [u8; 4] = id.try_into().map_err(|_| {
         OpError::new(
             ResponseStatus::PsaErrorCorruptionDetected,
             format!("key store entry holds a {}-byte key id", entry.key_id.len()),
@@ -172,6 +177,11 @@ fn key_id_of(entry: &KeyEntry) -> Result<u32, OpError> {
         )
     })?;
     Ok(u32::from_le_bytes(bytes))
+}
+
+/// The digest of the key file an entry recorded, if it recorded one (`digests.rs`).
+fn recorded_digest(entry: &KeyEntry) -> Option<&[u8]> {
+    (entry.key_id.len() == 4 + digests::DIGEST_LEN).then(|| &entry.key_id[4..])
 }
 
 /// Ids of the key files Mbed TLS has in the working directory.
@@ -209,7 +219,6 @@ impl MbedCryptoProvider {
             .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
-        let digests = digests::Digests::new(&storage_dir);
 
         let mut referenced = BTreeSet::new();
         for (triple, entry) in store.keys_in(ProviderId::MbedCrypto) {
@@ -235,7 +244,7 @@ impl MbedCryptoProvider {
             unsynced: Vec::new(),
             dir_unsynced: false,
             gone: Vec::new(),
-            digests,
+            verified: digests::Verified::default(),
         };
         let damaged = store.damaged_in(ProviderId::MbedCrypto);
         let kept = provider.resolve_journal(&referenced, damaged)?;
@@ -387,8 +396,10 @@ impl MbedCryptoProvider {
     fn open(&self, keys: &AppKeys<'_>, name: &str) -> Result<(Id, Attributes), OpError> {
         let entry = keys.get(name)?;
         let id = key_id_of(entry)?;
-        self.digests
-            .check(id, &self.storage_dir.join(key_file(id)))?;
+        if let Some(recorded) = recorded_digest(entry) {
+            self.verified
+                .check(id, &self.storage_dir.join(key_file(id)), recorded)?;
+        }
         let id = Id::from_persistent_key_id(id).map_err(|e| {
             let mut error = psa_error("opening the key", e);
             if e == PsaError::DoesNotExist {
@@ -435,6 +446,7 @@ impl MbedCryptoProvider {
             }
         };
         self.used_ids.insert(id);
+        self.verified.insert(id);
         self.unsynced.push(id);
         self.dir_unsynced = true;
         crate::crash_point("create:after-material");
@@ -445,14 +457,13 @@ impl MbedCryptoProvider {
         if attributes.bits == 0 {
             attributes.bits = actual_bits(key).unwrap_or(0);
         }
-        let entry = KeyEntry {
-            key_id: id.to_le_bytes().to_vec(),
-            attributes,
-        };
-        let recorded = self
-            .digests
-            .record(id, &self.storage_dir.join(key_file(id)));
-        if let Err(e) = recorded.and_then(|()| keys.create(name, entry)) {
+        let digest = digests::of_file(&self.storage_dir.join(key_file(id)));
+        let stored = digest.and_then(|digest| {
+            let mut key_id = id.to_le_bytes().to_vec();
+            key_id.extend_from_slice(&digest);
+            keys.create(name, KeyEntry { key_id, attributes })
+        });
+        if let Err(e) = stored {
             // SAFETY: this worker is the only thread that uses Mbed TLS: nothing else uses
             // the key being undone.
             if unsafe { key_management::destroy(key) }.is_ok() {
@@ -473,7 +484,7 @@ impl MbedCryptoProvider {
         // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
         // can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
-        self.digests.forget(id);
+        self.verified.forget(id);
         journal::sync_dir(&self.storage_dir).map_err(|e| {
             OpError::storage(&format!("syncing {}", self.storage_dir.display()), &e)
         })?;
@@ -770,7 +781,7 @@ impl Provider for MbedCryptoProvider {
         // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
         // can be in flight.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
-        self.digests.forget(id);
+        self.verified.forget(id);
         self.used_ids.remove(&id);
         self.dir_unsynced = true;
         crate::crash_point("destroy:after-material");
