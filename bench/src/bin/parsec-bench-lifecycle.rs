@@ -166,18 +166,29 @@ fn hog(socket: &str, seconds: f64) {
     }
 }
 
-fn budget(options: &DeviceBenchOptions) {
-    let dir = std::env::temp_dir().join(format!("parsec-bench-budget-{}", std::process::id()));
-    init_softhsm_token(&dir.join("hsm"), "bench", "1234");
-    let pkcs11 = "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"bench\"\nuser_pin = \"1234\"\n";
+/// A daemon whose first provider is PKCS#11 on a fresh SoftHSM2 token labelled `label`,
+/// then `more` provider tables; in a directory of its own (returned, to remove after).
+fn softhsm_daemon(
+    options: &DeviceBenchOptions,
+    label: &str,
+    more: &str,
+) -> (Daemon, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("parsec-bench-{label}-{}", std::process::id()));
+    init_softhsm_token(&dir.join("hsm"), label, "1234");
+    let pkcs11 = format!("[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{label}\"\nuser_pin = \"1234\"\n");
     let (daemon, _) = Daemon::start_with_config(
         &options.bin,
         &dir.join("service"),
         "",
         "timeout = 60000\n",
         "",
-        &format!("{pkcs11}{SOFTWARE}"),
+        &format!("{pkcs11}{more}"),
     );
+    (daemon, dir)
+}
+
+fn budget(options: &DeviceBenchOptions) {
+    let (daemon, dir) = softhsm_daemon(options, "budget", SOFTWARE);
     let other = daemon.client("other");
     let mut idle = idle_pings(&other, 1.0);
     println!("Budget: 16 x 1 MB HashCompute queued on PKCS#11 behind RSA-4096 generations");
@@ -214,6 +225,8 @@ fn budget(options: &DeviceBenchOptions) {
         summary(&mut during),
         generations.load(Ordering::Relaxed)
     );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn reloads(options: &DeviceBenchOptions) {
@@ -322,17 +335,7 @@ fn main() {
 /// RSS of the daemon (VmRSS, KiB) sampled while 4 clients create, sign and destroy P-256
 /// keys on a SoftHSM2 token: does the service (or the module under it) keep what it frees?
 fn pkcs11_churn_rss(options: &DeviceBenchOptions) {
-    let dir = std::env::temp_dir().join(format!("parsec-bench-churn-{}", std::process::id()));
-    init_softhsm_token(&dir.join("hsm"), "churn", "1234");
-    let pkcs11 = "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"m\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"churn\"\nuser_pin = \"1234\"\n";
-    let (daemon, _) = Daemon::start_with_config(
-        &options.bin,
-        &dir.join("service"),
-        "",
-        "timeout = 60000\n",
-        "",
-        pkcs11,
-    );
+    let (daemon, dir) = softhsm_daemon(options, "churn", "");
     let total = Duration::from_secs_f64(options.seconds * 30.0);
     let stop = Arc::new(AtomicBool::new(false));
     let cycles = Arc::new(AtomicUsize::new(0));
