@@ -49,7 +49,7 @@ impl Dispatcher {
                 let mut providers: Vec<ProviderInfo> = self
                     .slots
                     .iter()
-                    .filter_map(|p| p.listed().map(|(info, _)| info.clone()))
+                    .filter_map(|p| p.listed().map(|(info, _)| info))
                     .collect();
                 providers.push(core_info());
                 Ok(NativeResult::ListProviders(list_providers::Result {
@@ -63,7 +63,7 @@ impl Dispatcher {
                     self.slots
                         .iter()
                         .filter(|p| p.id == op.provider_id)
-                        .find_map(|p| p.listed().map(|(_, opcodes)| *opcodes))
+                        .find_map(|p| p.listed().map(|(_, opcodes)| opcodes))
                         .ok_or_else(|| {
                             OpError::new(
                                 ResponseStatus::ProviderNotRegistered,

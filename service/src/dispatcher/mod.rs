@@ -167,7 +167,6 @@ impl Dispatcher {
             };
             let mut slot = reload::new_slot(config, settings, limits);
             slot.state = State::Serving(dispatcher.adopt(slot.id, worker, built));
-            slot.known = slot.running().map(|r| (r.info.clone(), r.opcodes));
             dispatcher.slots.push(slot);
         }
         log::info!(
@@ -184,8 +183,6 @@ impl Dispatcher {
         self.store.adopt(id, built.store);
         Running {
             worker,
-            info: built.info,
-            opcodes: built.opcodes,
             in_flight: 0,
             deferred: 0,
             pinned: Default::default(),

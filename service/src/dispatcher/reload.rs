@@ -50,10 +50,6 @@ pub(super) fn new_slot(
         limits,
         id: providers::id_of(&settings.kind),
         state: State::Waiting,
-        // Listed (and its keys) from the moment it is configured, while its first instance
-        // starts: a client that asks ListProviders right after a SIGHUP sees it.
-        known: providers::info_of(&settings.kind)
-            .map(|info| (info, providers::opcodes_of(&settings.kind))),
         batch_limit: providers::batch_limit(&settings.kind),
         queue: Default::default(),
         queue_limit: queue_limit(config, settings),
@@ -296,7 +292,6 @@ impl Dispatcher {
                     slot.name(),
                     slot.queue.len()
                 );
-                slot.known = Some((running.info.clone(), running.opcodes));
                 slot.state = State::Serving(running);
                 slot.previous = None;
                 self.pump(i);

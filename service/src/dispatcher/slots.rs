@@ -41,8 +41,6 @@ pub(super) struct Waiting {
 /// One live instance of a provider, on its worker thread.
 pub(super) struct Running {
     pub worker: Worker,
-    pub info: ProviderInfo,
-    pub opcodes: &'static [Opcode],
     /// Jobs handed to the worker whose results have not come back yet.
     pub in_flight: usize,
     /// Its requests running in child processes: only this instance may finish them.
@@ -95,9 +93,6 @@ pub(super) struct Slot {
     pub limits: Limits,
     pub id: ProviderId,
     pub state: State,
-    /// What ListProviders and ListOpcodes say of it: from its last instance (kept while a
-    /// successor waits), none before any has run.
-    pub known: Option<(ProviderInfo, &'static [Opcode])>,
     /// The most requests one batch may hold (`providers::batch_limit`).
     pub batch_limit: usize,
     pub queue: VecDeque<Waiting>,
@@ -154,11 +149,13 @@ impl Slot {
         matches!(self.state, State::Down { .. })
     }
 
-    /// Serving or about to (requests are taken): what ListProviders lists.
-    pub fn listed(&self) -> Option<&(ProviderInfo, &'static [Opcode])> {
+    /// Serving or about to (requests are taken, also while it starts after a reload): what
+    /// ListProviders and ListOpcodes say of it, from its provider's static tables.
+    pub fn listed(&self) -> Option<(ProviderInfo, &'static [Opcode])> {
         match self.state {
             State::Down { .. } => None,
-            _ => self.known.as_ref(),
+            _ => crate::providers::info_of(&self.settings.kind)
+                .map(|info| (info, crate::providers::opcodes_of(&self.settings.kind))),
         }
     }
 

@@ -121,12 +121,6 @@ pub trait Provider {
     /// Which provider this is on the wire.
     fn id(&self) -> ProviderId;
 
-    /// What ListProviders says about it.
-    fn info(&self) -> ProviderInfo;
-
-    /// The operations it serves (ListOpcodes).
-    fn opcodes(&self) -> &'static [Opcode];
-
     /// Runs one operation for one application.
     fn execute(&mut self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
 

@@ -23,9 +23,7 @@ use super::{AppKeys, Change, Deferred, Limits, Provider, Snapshot, Start};
 use crate::config::ProviderSettings;
 use crate::error::OpError;
 use crate::key_store::{Committed, KeyEntry, KeyStore};
-use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
-use parsec_interface::requests::Opcode;
 use parsec_interface::requests::{ProviderId, ResponseStatus};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -98,8 +96,6 @@ pub enum Event {
 
 /// What a worker that built its provider reports.
 pub struct Built {
-    pub info: ProviderInfo,
-    pub opcodes: &'static [Opcode],
     /// The provider's entries, read from its key store directory on the worker (and the
     /// in-memory ones it mounted from its config).
     pub store: KeyStore,
@@ -272,11 +268,7 @@ impl Worker {
                 match built {
                     Ok(Some((provider, store))) => {
                         crate::crash_point("start:built");
-                        let started = Built {
-                            info: provider.info(),
-                            opcodes: provider.opcodes(),
-                            store,
-                        };
+                        let started = Built { store };
                         outbox.deliver([Event::Started(instance, Ok(Some(started)))]);
                         run(instance, provider, receiver, outbox);
                     }

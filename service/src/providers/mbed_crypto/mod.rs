@@ -21,7 +21,6 @@
 
 pub(crate) mod capabilities;
 mod digests;
-use capabilities::OPCODES;
 mod keygen;
 mod message;
 
@@ -38,7 +37,7 @@ use parsec_interface::operations::{
     psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
     NativeOperation, NativeResult,
 };
-use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
+use parsec_interface::requests::{ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
 use psa_crypto::operations::{
     aead, asym_encryption, asym_signature, hash, key_agreement, key_management, other,
@@ -526,14 +525,6 @@ impl MbedCryptoProvider {
 impl Provider for MbedCryptoProvider {
     fn id(&self) -> ProviderId {
         ProviderId::MbedCrypto
-    }
-
-    fn info(&self) -> ProviderInfo {
-        info()
-    }
-
-    fn opcodes(&self) -> &'static [Opcode] {
-        OPCODES
     }
 
     fn execute(

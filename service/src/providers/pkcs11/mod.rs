@@ -604,14 +604,6 @@ impl Provider for Pkcs11Provider {
         ProviderId::Pkcs11
     }
 
-    fn info(&self) -> ProviderInfo {
-        info()
-    }
-
-    fn opcodes(&self) -> &'static [Opcode] {
-        OPCODES
-    }
-
     fn execute(
         &mut self,
         op: NativeOperation,

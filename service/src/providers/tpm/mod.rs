@@ -521,14 +521,6 @@ impl Provider for TpmProvider {
         ProviderId::Tpm
     }
 
-    fn info(&self) -> ProviderInfo {
-        info()
-    }
-
-    fn opcodes(&self) -> &'static [Opcode] {
-        OPCODES
-    }
-
     fn execute(
         &mut self,
         op: NativeOperation,
