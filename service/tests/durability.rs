@@ -132,8 +132,8 @@ fn an_entry_of_another_version_keeps_its_key() {
     );
 }
 
-/// Starts the service so that it aborts at `point`, runs `request`, and restarts it cleanly.
-fn crash_at(daemon: &mut Daemon, point: &str, request: impl FnOnce(&Daemon)) {
+/// Starts the service so that it aborts at `point` and runs `request`; it is left stopped.
+fn abort_at(daemon: &mut Daemon, point: &str, request: impl FnOnce(&Daemon)) {
     daemon.stop();
     daemon.env = vec![("PARSEC_CRASH_AT".into(), point.into())];
     daemon.spawn();
@@ -144,6 +144,11 @@ fn crash_at(daemon: &mut Daemon, point: &str, request: impl FnOnce(&Daemon)) {
         "the service should have aborted at {point}"
     );
     daemon.env.clear();
+}
+
+/// As `abort_at`, then restarts the service cleanly.
+fn crash_at(daemon: &mut Daemon, point: &str, request: impl FnOnce(&Daemon)) {
+    abort_at(daemon, point, request);
     daemon.spawn();
 }
 
@@ -209,12 +214,9 @@ fn a_leftover_destroy_record_and_a_damaged_entry_keep_the_key() {
         .psa_generate_key("d", p256_signing())
         .unwrap();
     let before = key_files(&storage(&daemon));
-    daemon.stop();
-    daemon.env = vec![("PARSEC_CRASH_AT".into(), "destroy:after-tombstone".into())];
-    daemon.spawn();
-    assert!(daemon.client("alice").psa_destroy_key("d").is_err());
-    assert!(!daemon.wait().success(), "the service should have aborted");
-    daemon.env.clear();
+    abort_at(&mut daemon, "destroy:after-tombstone", |d| {
+        assert!(d.client("alice").psa_destroy_key("d").is_err());
+    });
     assert_eq!(
         journal_records(&daemon).len(),
         1,
