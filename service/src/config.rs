@@ -21,6 +21,10 @@ pub const DEFAULT_PROVIDER_QUEUE_LIMIT: u64 = 32;
 /// Software-provider RSA generations in child processes at once, by default: each is a
 /// copy-on-write fork that keeps a core busy for up to seconds (RSA-4096).
 pub const DEFAULT_MAX_KEYGEN_PROCESSES: u64 = 4;
+/// Seconds a provider has to answer a request (`core_settings.provider_request_timeout`):
+/// long enough for an RSA key generation on a slow token, short enough that a hung device
+/// does not hold its clients forever.
+pub const DEFAULT_PROVIDER_REQUEST_TIMEOUT: u64 = 300;
 /// Request bytes held across all connections by default: 16 MiB (at most 16 full-size
 /// requests in memory at once on a 512 MiB device); raised to body_len_limit if smaller.
 pub const DEFAULT_CONNECTION_BUFFER_BUDGET: u64 = 16 << 20;
@@ -46,6 +50,9 @@ pub struct Config {
     pub provider_queue_limit: usize,
     /// Software-provider key generations running in child processes at once.
     pub max_keygen_processes: usize,
+    /// How long a request may wait for its provider, queued and running, before it is
+    /// answered PsaErrorCommunicationFailure (`dispatcher/deadlines.rs`).
+    pub provider_request_timeout: Duration,
     /// Bytes of requests the service holds across all connections before it stops reading.
     pub connection_buffer_budget: usize,
     pub authenticator: AuthenticatorKind,
@@ -297,6 +304,7 @@ struct FileCoreSettings {
     client_rate_limit: Option<u32>,
     client_rate_burst: Option<u32>,
     provider_queue_limit: Option<u64>,
+    provider_request_timeout: Option<u64>,
     max_keygen_processes: Option<u64>,
     connection_buffer_budget: Option<u64>,
     /// Upstream's worker pool; this service has one thread by design.
@@ -540,6 +548,16 @@ impl Config {
             return Err(error(
                 core_line,
                 format!("core_settings.provider_queue_limit = {provider_queue_limit} is out of range: expected a number of requests from 1 to 65536"),
+            ));
+        }
+
+        let provider_request_timeout = core
+            .provider_request_timeout
+            .unwrap_or(DEFAULT_PROVIDER_REQUEST_TIMEOUT);
+        if provider_request_timeout == 0 || provider_request_timeout > 86_400 {
+            return Err(error(
+                core_line,
+                format!("core_settings.provider_request_timeout = {provider_request_timeout} is out of range: expected seconds from 1 to 86400"),
             ));
         }
 
@@ -839,6 +857,7 @@ impl Config {
                 .unwrap_or_else(|| core.client_rate_limit.unwrap_or(0).max(1)),
             provider_queue_limit: provider_queue_limit as usize,
             max_keygen_processes: max_keygen_processes as usize,
+            provider_request_timeout: Duration::from_secs(provider_request_timeout),
             connection_buffer_budget: connection_buffer_budget as usize,
             authenticator: authenticator.auth_type,
             admins,
@@ -1040,5 +1059,23 @@ key_info_manager = "sqlite-manager"
     fn zero_timeout_is_rejected() {
         let err = parse(&GOOD.replace("timeout = 200", "timeout = 0")).unwrap_err();
         assert!(err.message.contains("listener.timeout"), "{err}");
+    }
+
+    #[test]
+    fn provider_request_timeout_is_seconds_from_1_to_a_day() {
+        let core = "[core_settings]\nlog_level = \"info\"\n";
+        let with = |v: &str| GOOD.replace(core, &format!("{core}provider_request_timeout = {v}\n"));
+        assert_eq!(
+            parse(&with("7")).unwrap().provider_request_timeout,
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            parse(GOOD).unwrap().provider_request_timeout,
+            Duration::from_secs(DEFAULT_PROVIDER_REQUEST_TIMEOUT)
+        );
+        for bad in ["0", "86401"] {
+            let err = parse(&with(bad)).unwrap_err();
+            assert!(err.message.contains("provider_request_timeout"), "{err}");
+        }
     }
 }

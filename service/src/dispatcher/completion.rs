@@ -116,6 +116,9 @@ impl Dispatcher {
         for d in done {
             if let Some(running) = self.running_mut(d.instance) {
                 running.in_flight = running.in_flight.saturating_sub(1);
+                // The device answered: the clock of "not answering" starts again for
+                // the rest of its batch.
+                running.busy_since = (running.in_flight > 0).then(Instant::now);
             }
             if let Some(i) = self.serving(d.instance) {
                 if !self.slots[i].running().is_some_and(Running::busy) {
@@ -229,7 +232,10 @@ impl Dispatcher {
         let result = match done.outcome {
             Outcome::Deferred(job) => {
                 // Its child runs; the ticket stays until `complete` hands the result back
-                // to this same instance, which waits for it before it may stop.
+                // to this same instance, which waits for it before it may stop. It has no
+                // deadline now (it is the CPU's work, and ends with its child).
+                self.answered(done.provider, None);
+                ticket.deadline = None;
                 self.tickets.insert(done.ticket, ticket);
                 if let Some(running) = self.running_mut(done.instance) {
                     running.deferred += 1;
@@ -244,12 +250,18 @@ impl Dispatcher {
             }
             Outcome::Finished(result) => result,
         };
+        let late = ticket.expired.then_some((&ticket, result.is_ok()));
+        self.answered(done.provider, late);
         // One chunk of a large random request: collect it; the next goes to the back of the
         // queue (any instance of the provider may serve it), behind whatever other clients
         // asked meanwhile.
         if let (Some(parts), Ok(NativeResult::PsaGenerateRandom(chunk))) =
             (ticket.random.as_mut(), &result)
         {
+            if ticket.expired {
+                // Its client was told it timed out (and `answered` logged the rest).
+                return None;
+            }
             if ticket.cancelled {
                 log::info!(
                     "request stopped: app={} provider={:?} opcode=PsaGenerateRandom: its client hung up, {} of {} bytes fetched",
@@ -289,8 +301,9 @@ impl Dispatcher {
         let staged = match result {
             Ok(result) => {
                 let mark = batch.mark();
-                // A DeleteClient chunk (its ticket is the chunk's, not the request's).
-                let forgetting = self.is_delete_chunk(done.ticket);
+                // A DeleteClient chunk (also one whose deadline passed: it is no longer
+                // counted in its request, but it changed what it changed).
+                let forgetting = matches!(result, NativeResult::DeleteClient(_));
                 match self.stage_changes(
                     forgetting,
                     done.instance,

@@ -72,15 +72,8 @@ impl Dispatcher {
         }
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.tickets.insert(
-            ticket,
-            Ticket {
-                header,
-                app: admin.name.clone(),
-                random: None,
-                cancelled: false,
-            },
-        );
+        self.tickets
+            .insert(ticket, Ticket::new(header, admin.name.clone(), None));
         let todo = by_provider
             .into_iter()
             .map(|(id, names)| (id, names.chunks(CHUNK).map(<[String]>::to_vec).collect()))
@@ -119,13 +112,6 @@ impl Dispatcher {
         Ok(Step::Queued(ticket))
     }
 
-    /// Whether this ticket is one chunk of a DeleteClient in progress.
-    pub(super) fn is_delete_chunk(&self, ticket: u64) -> bool {
-        self.deletions
-            .values()
-            .any(|d| d.in_hand.contains_key(&ticket))
-    }
-
     /// Queues the next chunk of one provider's part, if there is one.
     fn send_chunk(&mut self, parent: u64, id: ProviderId) {
         let Some(deletion) = self.deletions.get_mut(&parent) else {
@@ -157,15 +143,9 @@ impl Dispatcher {
             Ok(()) => {
                 self.next_ticket += 1;
                 deletion.in_hand.insert(sub, (id, count));
-                self.tickets.insert(
-                    sub,
-                    Ticket {
-                        header,
-                        app: client,
-                        random: None,
-                        cancelled: false,
-                    },
-                );
+                let deadline = Some(Instant::now() + self.request_timeout);
+                self.tickets
+                    .insert(sub, Ticket::new(header, client, deadline));
                 self.pump(index);
             }
             Err(error) => {

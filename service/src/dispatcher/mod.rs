@@ -11,6 +11,7 @@
 
 mod completion;
 mod core;
+mod deadlines;
 mod delete_client;
 mod reload;
 mod slots;
@@ -74,6 +75,25 @@ struct Ticket {
     random: Option<RandomParts>,
     /// Its client hung up while it ran (`cancel`).
     cancelled: bool,
+    /// When it must be answered by, whatever its provider does (`deadlines.rs`); none for
+    /// a request in a child process or a DeleteClient (each of its chunks has one).
+    deadline: Option<Instant>,
+    /// Its deadline passed while its provider ran it: its client was told so, and what the
+    /// provider does when it answers is stored, but nobody is answered again.
+    expired: bool,
+}
+
+impl Ticket {
+    fn new(header: RequestHeader, app: String, deadline: Option<Instant>) -> Ticket {
+        Ticket {
+            header,
+            app,
+            random: None,
+            cancelled: false,
+            deadline,
+            expired: false,
+        }
+    }
 }
 
 /// Random bytes asked of a device beyond this are fetched this many at a time, each chunk a
@@ -113,6 +133,8 @@ pub struct Dispatcher {
     next_commit: u64,
     /// DeleteClient requests in progress, by ticket.
     deletions: HashMap<u64, delete_client::Deletion>,
+    /// How long a request may wait for its provider (`core_settings.provider_request_timeout`).
+    request_timeout: Duration,
 }
 
 impl Dispatcher {
@@ -148,6 +170,7 @@ impl Dispatcher {
             committing: HashMap::new(),
             next_commit: 1,
             deletions: HashMap::new(),
+            request_timeout: config.provider_request_timeout,
         };
         for settings in &config.providers {
             let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
@@ -183,6 +206,7 @@ impl Dispatcher {
         self.store.adopt(id, built.store);
         Running {
             worker,
+            busy_since: None,
             in_flight: 0,
             deferred: 0,
             pinned: Default::default(),
@@ -324,15 +348,9 @@ impl Dispatcher {
             work: Work::Op(operation),
         })?;
         self.next_ticket += 1;
-        self.tickets.insert(
-            ticket,
-            Ticket {
-                header,
-                app,
-                random,
-                cancelled: false,
-            },
-        );
+        let mut t = Ticket::new(header, app, Some(Instant::now() + self.request_timeout));
+        t.random = random;
+        self.tickets.insert(ticket, t);
         self.pump(index);
         Ok(Step::Queued(ticket))
     }
@@ -454,7 +472,10 @@ impl Dispatcher {
             return;
         };
         match running.worker.run(jobs) {
-            Ok(()) => running.in_flight = count,
+            Ok(()) => {
+                running.in_flight = count;
+                running.busy_since = Some(Instant::now());
+            }
             // The worker is gone: answered with the next results.
             Err(error) => {
                 for ticket in tickets {

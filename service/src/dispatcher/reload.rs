@@ -54,6 +54,7 @@ pub(super) fn new_slot(
         queue: Default::default(),
         queue_limit: queue_limit(config, settings),
         previous: None,
+        not_answering: None,
     }
 }
 
@@ -80,6 +81,7 @@ impl Dispatcher {
             max_keygen_processes: config.max_keygen_processes,
         };
         self.limits = limits;
+        self.request_timeout = config.provider_request_timeout;
         let mut old = std::mem::take(&mut self.slots);
         let mut answers = Vec::new();
         for settings in &config.providers {
@@ -176,7 +178,7 @@ impl Dispatcher {
     }
 
     /// Answers a request that never reached a worker.
-    fn answer_now(&mut self, ticket: u64, error: OpError) -> Option<(u64, Dispatched)> {
+    pub(super) fn answer_now(&mut self, ticket: u64, error: OpError) -> Option<(u64, Dispatched)> {
         let t = self.tickets.remove(&ticket)?;
         let response = self.respond(t.header, Some(&t.app), Err(error));
         Some((ticket, Dispatched::Done(response)))
@@ -400,16 +402,22 @@ impl Dispatcher {
 
     /// When a provider that failed to start is next tried.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.slots
+        let retry = self
+            .slots
             .iter()
             .filter_map(|s| match s.state {
                 State::Down { retry_at, .. } => retry_at,
                 _ => None,
             })
-            .min()
+            .min();
+        match (retry, self.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Tries again to start the providers whose time has come.
+    /// Tries again to start the providers whose time has come; answers the requests whose
+    /// deadline has passed (`deadlines.rs`).
     pub fn tick(&mut self) -> Vec<(u64, Dispatched)> {
         let now = Instant::now();
         let mut answers = Vec::new();
@@ -428,6 +436,7 @@ impl Dispatcher {
                 i += 1;
             }
         }
+        answers.extend(self.expire(now));
         self.fold_chunks(answers)
     }
 

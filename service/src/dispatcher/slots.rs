@@ -41,6 +41,8 @@ pub(super) struct Waiting {
 /// One live instance of a provider, on its worker thread.
 pub(super) struct Running {
     pub worker: Worker,
+    /// When the batch it runs now was handed to its worker.
+    pub busy_since: Option<Instant>,
     /// Jobs handed to the worker whose results have not come back yet.
     pub in_flight: usize,
     /// Its requests running in child processes: only this instance may finish them.
@@ -101,6 +103,9 @@ pub(super) struct Slot {
     /// tried: if the new ones cannot start (not for a refused PIN), the provider goes back
     /// to these, as upstream keeps its running configuration when a reload fails.
     pub previous: Option<(ProviderSettings, Limits)>,
+    /// Since when its device has not answered a batch within the request timeout: requests
+    /// are refused at once until it answers (`deadlines.rs`).
+    pub not_answering: Option<Instant>,
 }
 
 /// An instance a reload took out of service: it finishes what it has in hand (its results
@@ -179,12 +184,16 @@ impl Slot {
                 ),
                 "see the service's log for the cause; fix it and send SIGHUP, or wait for the retry",
             )),
-            _ => None,
+            _ => self.not_answering.map(|since| super::deadlines::not_answering(self.name(), since)),
         }
     }
 
-    /// Takes a request into the queue, or refuses it when the queue is full.
+    /// Takes a request into the queue, or refuses it when the queue is full or its device
+    /// does not answer.
     pub fn admit(&mut self, waiting: Waiting) -> Result<(), OpError> {
+        if let Some(since) = self.not_answering {
+            return Err(super::deadlines::not_answering(self.name(), since));
+        }
         if self.queue.len() >= self.queue_limit {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorInsufficientMemory,

@@ -39,7 +39,10 @@ const WORKER_WAIT: Duration = Duration::from_secs(10);
 
 /// A request running in a child process.
 struct Job {
-    connection: Token,
+    /// The connection to answer; none when its client is gone (hung up, or told the
+    /// request timed out): the job is still seen to its end, so that what it makes is
+    /// stored and its provider instance may drain.
+    connection: Option<Token>,
     pending: PendingRequest,
     output: Vec<u8>,
 }
@@ -418,6 +421,11 @@ impl Server {
     fn deliver(&mut self, answers: Vec<(u64, Dispatched)>) {
         for (ticket, dispatched) in answers {
             let Some(token) = self.queued.remove(&ticket) else {
+                // Nobody waits for it (hung up, or answered at its deadline). A request
+                // that has just gone to a child process must still be finished.
+                if let Dispatched::Deferred(pending) = dispatched {
+                    self.watch_job(None, pending);
+                }
                 continue;
             };
             self.handle(token, dispatched);
@@ -433,7 +441,7 @@ impl Server {
                     self.send(token);
                 }
             }
-            Dispatched::Deferred(pending) => self.watch_job(token, pending),
+            Dispatched::Deferred(pending) => self.watch_job(Some(token), pending),
             Dispatched::Queued(ticket) => {
                 self.queued.insert(ticket, token);
             }
@@ -441,7 +449,7 @@ impl Server {
     }
 
     /// Watches the pipe of a request that runs in a child process.
-    fn watch_job(&mut self, connection: Token, pending: PendingRequest) {
+    fn watch_job(&mut self, connection: Option<Token>, pending: PendingRequest) {
         let job_token = Token(self.next_token);
         self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONNECTION);
         let fd = pending.job.output.as_raw_fd();
@@ -459,7 +467,7 @@ impl Server {
             // Cannot wait in the loop: wait here instead, which only delays other clients.
             log::warn!("cannot watch a key generation process ({e}): waiting for it");
             let dispatched = super::finish_blocking(&mut self.dispatcher, pending);
-            self.handle(connection, dispatched);
+            self.answer_job(connection, dispatched);
             return;
         }
         self.jobs.insert(
@@ -498,7 +506,16 @@ impl Server {
         let fd = pending.job.output.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         let dispatched = self.dispatcher.complete(pending, output);
-        self.handle(connection, dispatched);
+        self.answer_job(connection, dispatched);
+    }
+
+    /// What a finished child's request became goes to its connection, if it has one.
+    fn answer_job(&mut self, connection: Option<Token>, dispatched: Dispatched) {
+        // Without one, `complete` has handed the result to the worker; its answer comes
+        // out of `completed` under a ticket nobody waits for, and is dropped there.
+        if let Some(token) = connection {
+            self.handle(token, dispatched);
+        }
     }
 
     /// Writes what the socket takes of a connection's response; closes it once sent.

@@ -835,6 +835,7 @@ impl Provider for MbedCryptoProvider {
                 keys.ensure_free(&op.key_name)?;
                 let slot = super::ChildSlot::take(&self.limits)?;
                 let (output, child) = keygen::spawn(op.attributes)?;
+                crate::crash_point("keygen:spawned");
                 Ok(Start::Deferred(Deferred {
                     output,
                     child,
