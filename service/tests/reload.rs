@@ -448,6 +448,8 @@ mod pkcs11 {
         let text = std::fs::read_to_string(&daemon.config).unwrap();
         let alice = daemon.client("alice");
         alice.psa_generate_key("k", p256_signing()).unwrap();
+        let started = || count(&daemon, "provider \"pkcs11-provider\" started");
+        let first = started();
         let late = daemon.dir.join("late");
         std::fs::create_dir_all(&late).unwrap();
         let module = late.join("libsofthsm2.so");
@@ -457,18 +459,29 @@ mod pkcs11 {
             1,
         );
         assert_ne!(text, moved);
+
+        // No file there: seen before anything stops; the running instance is untouched.
+        reload(&daemon, &moved);
+        wait_until("the missing module is reported", || {
+            count(&daemon, "its new settings cannot start") == 1
+        });
+        assert!(daemon.log_text().contains("No such file"));
+        signs(&alice, "k");
+        assert_eq!(started(), first, "the running instance was not restarted");
+
+        // A file that is no PKCS#11 module: only its start can tell, and the provider goes
+        // back to the settings it ran with.
+        std::fs::write(&module, b"").unwrap();
         reload(&daemon, &moved);
         wait_until("the provider is back on its previous settings", || {
-            count(&daemon, "goes back to the settings it ran with") == 1
-                && count(&daemon, "provider \"pkcs11-provider\" started") >= 1
+            count(&daemon, "goes back to the settings it ran with") == 1 && started() > first
         });
         signs(&alice, "k");
+
         std::fs::copy(common::SOFTHSM, &module).unwrap();
-        let before = count(&daemon, "provider \"pkcs11-provider\" started");
+        let before = started();
         reload(&daemon, &moved);
-        wait_until("the new module serves", || {
-            count(&daemon, "provider \"pkcs11-provider\" started") > before
-        });
+        wait_until("the new module serves", || started() > before);
         assert_eq!(count(&daemon, "goes back to the settings it ran with"), 1);
         assert!(daemon.log_text().contains(&module.display().to_string()));
         signs(&alice, "k");

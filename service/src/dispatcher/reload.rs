@@ -14,6 +14,8 @@
 //!   it) and its client hears so; requests still waiting are answered at once;
 //! - added: started at once (or after a retiring instance of the same provider stops).
 //!
+//! New settings that the file system already shows cannot start (a module or device that is
+//! not there: `providers::preflight`) are not taken: the running instance stays untouched.
 //! A successor that cannot start leaves its provider `Down`: its requests are refused with
 //! the cause, the other providers serve on, and it is tried again with backoff (1 s doubling
 //! to 60 s) or at the next SIGHUP.
@@ -104,6 +106,16 @@ impl Dispatcher {
                     // Asked again: try again now.
                     *retry_at = Some(Instant::now());
                 }
+                self.slots.push(slot);
+                continue;
+            }
+            let live = matches!(slot.state, State::Serving(_) | State::Starting(_));
+            if let (true, Err(cause)) = (live, providers::preflight::check(&settings.kind)) {
+                log::error!(
+                    "SIGHUP: provider \"{}\": its new settings cannot start ({}): it keeps running on the settings it has; correct the config and send SIGHUP again",
+                    slot.name(),
+                    crate::error::escape_capped(&cause, 256)
+                );
                 self.slots.push(slot);
                 continue;
             }

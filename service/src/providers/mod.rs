@@ -32,6 +32,7 @@ pub mod mbed_crypto;
 mod message;
 #[cfg(feature = "pkcs11-provider")]
 pub mod pkcs11;
+pub mod preflight;
 pub mod store_writer;
 #[cfg(feature = "tpm-provider")]
 pub mod tpm;
