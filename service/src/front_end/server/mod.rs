@@ -25,27 +25,17 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod jobs;
+mod lifecycle;
+
+use jobs::Job;
+use lifecycle::bind;
+
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 /// Woken by a provider's worker when a batch of requests is done.
 const WORKERS: Token = Token(2);
 const FIRST_CONNECTION: usize = 3;
-/// How long shutdown waits for responses still being written.
-const DRAIN_TIME: Duration = Duration::from_secs(1);
-/// How long shutdown waits for requests running in child processes (RSA-4096 generation).
-const JOB_WAIT: Duration = Duration::from_secs(60);
-/// How long the stop waits for each worker to close its device (or finalize its module).
-const WORKER_WAIT: Duration = Duration::from_secs(10);
-
-/// A request running in a child process.
-struct Job {
-    /// The connection to answer; none when its client is gone (hung up, or told the
-    /// request timed out): the job is still seen to its end, so that what it makes is
-    /// stored and its provider instance may drain.
-    connection: Option<Token>,
-    pending: PendingRequest,
-    output: Vec<u8>,
-}
 
 pub struct Server {
     poll: Poll,
@@ -80,40 +70,6 @@ pub struct Server {
     /// limit cannot fit them (`fd_limit`).
     max_connections: usize,
     spare: fd_limit::Spare,
-}
-
-/// Binds the service's socket, refusing to steal it from a running service.
-fn bind(path: &Path) -> Result<UnixListener, String> {
-    if let Some(dir) = path.parent() {
-        if !dir.is_dir() {
-            // Only the service's group may reach a socket directory the service creates
-            // (the Parsec threat model's /run/parsec: 0750, group parsec-clients).
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)
-                .map_err(|e| {
-                    format!("cannot create the socket directory {}: {e}", dir.display())
-                })?;
-        }
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "another service is already listening on {}: stop it or choose another listener.socket_path",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    // Any local user may connect; who may do what is the authenticator's business, and
-    // who may reach the socket at all is the socket directory's mode.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
-    Ok(listener)
 }
 
 fn peer_credentials(stream: &UnixStream) -> Option<PeerCredentials> {
@@ -448,76 +404,6 @@ impl Server {
         }
     }
 
-    /// Watches the pipe of a request that runs in a child process.
-    fn watch_job(&mut self, connection: Option<Token>, pending: PendingRequest) {
-        let job_token = Token(self.next_token);
-        self.next_token = self.next_token.wrapping_add(1).max(FIRST_CONNECTION);
-        let fd = pending.job.output.as_raw_fd();
-        let watched = nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .map_err(io::Error::from)
-        .and_then(|_| {
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&fd), job_token, Interest::READABLE)
-        });
-        if let Err(e) = watched {
-            // Cannot wait in the loop: wait here instead, which only delays other clients.
-            log::warn!("cannot watch a key generation process ({e}): waiting for it");
-            let dispatched = super::finish_blocking(&mut self.dispatcher, pending);
-            self.answer_job(connection, dispatched);
-            return;
-        }
-        self.jobs.insert(
-            job_token,
-            Job {
-                connection,
-                pending,
-                output: Vec::new(),
-            },
-        );
-    }
-
-    /// Reads what a child wrote; at the end of its output, finishes its request.
-    fn job_output(&mut self, token: Token) {
-        let Some(job) = self.jobs.get_mut(&token) else {
-            return;
-        };
-        let mut buf = [0u8; 4096];
-        loop {
-            match job.pending.job.output.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => job.output.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("reading a key generation process's output: {e}");
-                    break;
-                }
-            }
-        }
-        let Job {
-            connection,
-            pending,
-            output,
-        } = self.jobs.remove(&token).expect("looked up above");
-        let fd = pending.job.output.as_raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        let dispatched = self.dispatcher.complete(pending, output);
-        self.answer_job(connection, dispatched);
-    }
-
-    /// What a finished child's request became goes to its connection, if it has one.
-    fn answer_job(&mut self, connection: Option<Token>, dispatched: Dispatched) {
-        // Without one, `complete` has handed the result to the worker; its answer comes
-        // out of `completed` under a ticket nobody waits for, and is dropped there.
-        if let Some(token) = connection {
-            self.handle(token, dispatched);
-        }
-    }
-
     /// Writes what the socket takes of a connection's response; closes it once sent.
     fn send(&mut self, token: Token) {
         let Some(connection) = self.connections.get_mut(&token) else {
@@ -593,7 +479,6 @@ impl Server {
         }
     }
 
-    /// Closes every connection whose deadline has passed.
     /// The earliest deadline of a connection still open. Deadlines of closed connections are
     /// dropped here rather than when they close, so an idle service does not wake up for them.
     fn next_deadline(&mut self) -> Option<Instant> {
@@ -608,6 +493,7 @@ impl Server {
         None
     }
 
+    /// Closes every connection whose deadline has passed.
     fn expire(&mut self) {
         let now = Instant::now();
         while let Some(&(deadline, token)) = self.deadlines.front() {
@@ -648,147 +534,5 @@ impl Server {
             }
             self.close(token);
         }
-    }
-
-    /// Reads the config again and switches to it if it is valid; otherwise keeps running
-    /// on the old one and says why.
-    fn reload(&mut self) {
-        systemd::notify("RELOADING=1");
-        self.apply_new_config();
-        systemd::notify("READY=1");
-    }
-
-    fn apply_new_config(&mut self) {
-        let source = self.source.describe();
-        log::info!("SIGHUP: reloading {source}");
-        let config = match self.source.load() {
-            Ok(config) => {
-                for warning in &config.warnings {
-                    log::warn!("SIGHUP: {warning}");
-                }
-                config
-            }
-            Err(e) => {
-                log::error!("SIGHUP: {e}; keeping the running configuration");
-                return;
-            }
-        };
-        let storage_of = |c: &Config| -> Vec<PathBuf> {
-            c.providers
-                .iter()
-                .filter_map(|p| match &p.kind {
-                    ProviderKind::MbedCrypto { storage_dir } => Some(storage_dir.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let (old, new) = (storage_of(&self.config), storage_of(&config));
-        if old.iter().any(|dir| !new.contains(dir)) && !old.is_empty() && !new.is_empty() {
-            log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
-            return;
-        }
-        if config.socket_path != self.socket_path && self.activated {
-            log::warn!("SIGHUP: listener.socket_path is ignored under socket activation: change the .socket unit instead");
-        } else if config.socket_path != self.socket_path {
-            match bind(&config.socket_path) {
-                Ok(mut listener) => {
-                    if let Err(e) =
-                        self.poll
-                            .registry()
-                            .register(&mut listener, LISTENER, Interest::READABLE)
-                    {
-                        log::error!("SIGHUP: cannot watch the new socket: {e}; keeping the running configuration");
-                        let _ = std::fs::remove_file(&config.socket_path);
-                        return;
-                    }
-                    let _ = self.poll.registry().deregister(&mut self.listener);
-                    let _ = std::fs::remove_file(&self.socket_path);
-                    self.listener = listener;
-                    self.socket_path = config.socket_path.clone();
-                }
-                Err(e) => {
-                    log::error!("SIGHUP: {e}; keeping the running configuration");
-                    return;
-                }
-            }
-        }
-        // Providers whose settings are unchanged keep running untouched; the others drain
-        // and stop before their successors start (never waited for here). Requests in hand
-        // are finished, moved or failed, never lost.
-        let answers = self.dispatcher.reload(&config);
-        self.deliver(answers);
-        if config.log_target != self.config.log_target {
-            log::warn!("SIGHUP: core_settings.log_target changes take effect at the next start");
-        }
-        crate::logging::set_level(config.log_level);
-        self.budget.limit = config.connection_buffer_budget;
-        self.max_connections =
-            fd_limit::connection_cap(config.max_connections, config.max_keygen_processes);
-        self.config = config;
-        log::info!(
-            "SIGHUP: {source} reloaded, listening on {}",
-            self.socket_path.display()
-        );
-    }
-
-    /// Stops listening, sends the responses still being written, removes the socket.
-    fn shutdown(&mut self) {
-        systemd::notify("STOPPING=1");
-        // Requests received in full are answered before the service stops, those running
-        // in child processes included.
-        while self.answer_next() {}
-        let until = Instant::now() + JOB_WAIT;
-        let mut events = Events::with_capacity(16);
-        while (!self.jobs.is_empty() || self.dispatcher.outstanding() > 0) && Instant::now() < until
-        {
-            let _ = self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(100)));
-            let ready: Vec<Token> = events
-                .iter()
-                .map(|e| e.token())
-                .filter(|t| self.jobs.contains_key(t))
-                .collect();
-            for token in ready {
-                self.job_output(token);
-            }
-            self.deliver_completed();
-        }
-        let _ = self.poll.registry().deregister(&mut self.listener);
-        if !self.activated {
-            if let Err(e) = std::fs::remove_file(&self.socket_path) {
-                log::warn!("cannot remove {}: {e}", self.socket_path.display());
-            }
-        }
-        let until = Instant::now() + DRAIN_TIME;
-        let mut events = Events::with_capacity(64);
-        let writing: Vec<Token> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| c.is_writing())
-            .map(|(t, _)| *t)
-            .collect();
-        let idle: Vec<Token> = self
-            .connections
-            .keys()
-            .filter(|t| !writing.contains(t))
-            .copied()
-            .collect();
-        for token in idle {
-            self.close(token);
-        }
-        while !self.connections.is_empty() && Instant::now() < until {
-            let _ = self.poll.poll(
-                &mut events,
-                Some(until.saturating_duration_since(Instant::now())),
-            );
-            for event in events.iter() {
-                if self.connections.contains_key(&event.token()) {
-                    self.serve(event.token());
-                }
-            }
-        }
-        self.dispatcher.stop(WORKER_WAIT);
-        log::info!("stopped");
     }
 }
