@@ -53,6 +53,9 @@ pub struct Config {
     /// How long a request may wait for its provider, queued and running, before it is
     /// answered PsaErrorCommunicationFailure (`dispatcher/deadlines.rs`).
     pub provider_request_timeout: Duration,
+    /// Keys for primitives PSA Crypto 1.0 deprecates (MD5, SHA-1, DES, ...) may be generated
+    /// (`core_settings.allow_deprecated`, upstream's key and meaning).
+    pub allow_deprecated: bool,
     /// Bytes of requests the service holds across all connections before it stops reading.
     pub connection_buffer_budget: usize,
     pub authenticator: AuthenticatorKind,
@@ -158,6 +161,9 @@ impl HierarchyAuth {
             if hex.len() % 2 != 0 {
                 return Err("a hex: value needs an even number of hex digits".into());
             }
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("a hex: value may only hold hex digits".into());
+            }
             (0..hex.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("x"), 16))
@@ -173,6 +179,23 @@ impl HierarchyAuth {
                     .to_vec(),
             ))
         }
+    }
+
+    /// A PKCS#11 user PIN as upstream 1.5.0 reads it: `hex:` then hex digits is those bytes
+    /// (as text: bytes that are not UTF-8 become U+FFFD, as upstream's do), `hex:` followed
+    /// by anything else is taken whole, `str:` then text is the text, anything else itself.
+    pub fn parse_pin(value: &str) -> HierarchyAuth {
+        if value.starts_with("hex:") {
+            return match HierarchyAuth::parse(value) {
+                Ok(raw) => HierarchyAuth(
+                    String::from_utf8_lossy(raw.bytes())
+                        .into_owned()
+                        .into_bytes(),
+                ),
+                Err(_) => HierarchyAuth(value.as_bytes().to_vec()),
+            };
+        }
+        HierarchyAuth::parse(value).unwrap_or_default()
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -360,6 +383,8 @@ struct FileKeyManager {
     manager_type: FileManagerType,
     store_path: Option<String>,
     sqlite_db_path: Option<String>,
+    /// Not a key of upstream 1.5.0 (its own test configs still carry it): it ignores it.
+    database_path: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -407,9 +432,18 @@ enum FileProvider {
         name: Option<String>,
         key_info_manager: String,
     },
+    /// Upstream's keys, so that its configs for this provider are named as not built in.
     CryptoAuthLib {
         name: Option<String>,
         key_info_manager: String,
+        device_type: Option<String>,
+        iface_type: Option<String>,
+        wake_delay: Option<u16>,
+        rx_retries: Option<i32>,
+        slave_address: Option<u8>,
+        bus: Option<u8>,
+        baud: Option<u32>,
+        access_key_file_name: Option<String>,
     },
 }
 
@@ -461,6 +495,7 @@ impl FileProvider {
             | FileProvider::CryptoAuthLib {
                 name,
                 key_info_manager,
+                ..
             } => (name, key_info_manager),
         }
     }
@@ -521,7 +556,6 @@ impl Config {
                 core.idle_listener_sleep_duration.is_some(),
             ),
             ("log_error_details", core.log_error_details.is_some()),
-            ("allow_deprecated", core.allow_deprecated.is_some()),
         ] {
             if set {
                 log::info!("{file}: core_settings.{key} is accepted for compatibility with upstream Parsec and has no effect here");
@@ -675,6 +709,13 @@ impl Config {
                     ),
                 ));
             }
+            if manager.database_path.is_some() {
+                let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+                warnings.push(format!(
+                    "{file}{at}: key_manager \"{}\": database_path is not read, as upstream Parsec 1.5.0 does not read it (it uses the file sqlite_db_path names, or its default): write sqlite_db_path to choose the file",
+                    crate::error::escape_capped(&manager.name, 64)
+                ));
+            }
             let path = match (manager.manager_type, &manager.store_path, &manager.sqlite_db_path) {
                 (FileManagerType::OnDisk, Some(path), None) => path.clone(),
                 (FileManagerType::OnDisk, None, None) => "/var/lib/parsec/mappings".to_string(),
@@ -758,9 +799,17 @@ impl Config {
                     let Some(library_path) = library_path else {
                         return Err(error(line, "library_path is missing: the PKCS#11 module to load, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"".into()));
                     };
-                    let token = match (slot_number, serial_number, token_label) {
-                        (Some(slot), _, _) => TokenSelector::Slot(*slot),
-                        (None, Some(serial), _) => TokenSelector::Serial(serial.clone()),
+                    // As upstream: a serial number wins over a slot number (which changes
+                    // when a token is plugged elsewhere); the label is this service's.
+                    let token = match (serial_number, slot_number, token_label) {
+                        (Some(serial), slot, _) => {
+                            if let Some(slot) = slot {
+                                let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+                                warnings.push(format!("{file}{at}: both serial_number and slot_number are set: the token is found by serial_number, as upstream Parsec does, and slot_number = {slot} is not used"));
+                            }
+                            TokenSelector::Serial(serial.clone())
+                        }
+                        (None, Some(slot), _) => TokenSelector::Slot(*slot),
                         (None, None, Some(label)) => TokenSelector::Label(label.clone()),
                         (None, None, None) => TokenSelector::Only,
                     };
@@ -789,7 +838,7 @@ impl Config {
                     ProviderKind::Pkcs11(Pkcs11Settings {
                         library_path: PathBuf::from(library_path),
                         token,
-                        user_pin: HierarchyAuth::parse(&format!("str:{}", user_pin.as_deref().unwrap_or(""))).unwrap_or_default(),
+                        user_pin: HierarchyAuth::parse_pin(user_pin.as_deref().unwrap_or("")),
                         software_public_operations: software_public_operations.unwrap_or(false),
                         allow_export: allow_export.unwrap_or(true),
                         existing_keys: keys,
@@ -858,6 +907,7 @@ impl Config {
             provider_queue_limit: provider_queue_limit as usize,
             max_keygen_processes: max_keygen_processes as usize,
             provider_request_timeout: Duration::from_secs(provider_request_timeout),
+            allow_deprecated: core.allow_deprecated.unwrap_or(false),
             connection_buffer_budget: connection_buffer_budget as usize,
             authenticator: authenticator.auth_type,
             admins,
@@ -1077,5 +1127,71 @@ key_info_manager = "sqlite-manager"
             let err = parse(&with(bad)).unwrap_err();
             assert!(err.message.contains("provider_request_timeout"), "{err}");
         }
+    }
+
+    #[test]
+    fn pins_are_read_as_upstream_reads_them() {
+        let pin = |v: &str| HierarchyAuth::parse_pin(v).bytes().to_vec();
+        assert_eq!(pin("123456"), b"123456");
+        assert_eq!(pin("hex:31323334"), b"1234");
+        assert_eq!(pin("str:hex:1100220033"), b"hex:1100220033");
+        // Not hex: taken whole, prefix included, as upstream does.
+        assert_eq!(pin("hex:12zz"), b"hex:12zz");
+        assert_eq!(pin("hex:+1"), b"hex:+1");
+        // Bytes that are not UTF-8 become U+FFFD, as upstream's String::from_utf8_lossy.
+        assert_eq!(pin("hex:ff"), "\u{FFFD}".as_bytes());
+        assert_eq!(pin(""), b"");
+    }
+
+    #[test]
+    fn allow_deprecated_is_read_and_off_by_default() {
+        assert!(!parse(GOOD).unwrap().allow_deprecated);
+        let on = GOOD.replace(
+            "thread_pool_size = 8\n",
+            "thread_pool_size = 8\nallow_deprecated = true\n",
+        );
+        assert!(parse(&on).unwrap().allow_deprecated);
+    }
+
+    #[test]
+    fn database_path_is_accepted_and_not_read_as_upstream() {
+        let text = GOOD.replace(
+            "sqlite_db_path = \"/tmp/kim.sqlite3\"\n",
+            "database_path = \"./kim-mappings/sqlite/sqlite-key-info-manager.sqlite3\"\n",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.providers[0].key_store_dir,
+            PathBuf::from("/var/lib/parsec/kim-mappings/sqlite/sqlite-key-info-manager.sqlite3")
+        );
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("database_path is not read")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[cfg(feature = "pkcs11-provider")]
+    #[test]
+    fn a_serial_number_wins_over_a_slot_number_as_upstream() {
+        let table = "[[provider]]\nprovider_type = \"Pkcs11\"\nkey_info_manager = \"sqlite-manager\"\nlibrary_path = \"/usr/lib/softhsm/libsofthsm2.so\"\nuser_pin = \"hex:31323334\"\n";
+        let token_of = |extra: &str| {
+            let config = parse(&format!("{GOOD}\n{table}{extra}")).unwrap();
+            let ProviderKind::Pkcs11(p) = &config.providers[1].kind else {
+                panic!("not PKCS#11");
+            };
+            assert_eq!(p.user_pin.bytes(), b"1234");
+            (p.token.clone(), config.warnings)
+        };
+        let (token, warnings) = token_of("slot_number = 12345678\nserial_number = \"abc\"\n");
+        assert_eq!(token, TokenSelector::Serial("abc".into()));
+        assert!(warnings
+            .iter()
+            .any(|w| w.contains("slot_number = 12345678 is not used")));
+        assert_eq!(token_of("slot_number = 7\n").0, TokenSelector::Slot(7));
+        assert_eq!(token_of("").0, TokenSelector::Only);
     }
 }

@@ -616,3 +616,39 @@ fn brainpool_p256_agreement_matches_rfc_7027() {
         .unwrap_or_else(|e| panic!("agreement: {e:?}\n{}", daemon.log_text()));
     assert_eq!(secret, z);
 }
+
+/// Upstream's e2e `check_format_import3`: an RSA public key of 8192 bits declared as 1023 is
+/// an invalid argument (the data is not what the attributes say), though the software
+/// provider holds neither size; declared as what it is, it is not supported.
+#[test]
+fn an_import_declared_with_another_size_than_its_data_is_invalid() {
+    let daemon = Daemon::start("import-size");
+    let client = daemon.client("alice");
+    // RSAPublicKey { modulus: 1024 bytes of 0xDE (a leading 0: it is positive), 65537 }.
+    let mut der = vec![0x30, 0x82, 0x04, 0x0A, 0x02, 0x82, 0x04, 0x01, 0x00];
+    der.extend([0xDE; 1024]);
+    der.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
+    let mut verify = UsageFlags::default();
+    verify.set_verify_hash();
+    let attributes = |bits| Attributes {
+        lifetime: Lifetime::Persistent,
+        key_type: Type::RsaPublicKey,
+        bits,
+        policy: Policy {
+            usage_flags: verify,
+            permitted_algorithms: AsymmetricSignature::RsaPkcs1v15Sign {
+                hash_alg: Hash::Sha256.into(),
+            }
+            .into(),
+        },
+    };
+    assert_eq!(
+        service_error(client.psa_import_key("rsa", &der, attributes(1023))),
+        ResponseStatus::PsaErrorInvalidArgument
+    );
+    assert_eq!(
+        service_error(client.psa_import_key("rsa", &der, attributes(8192))),
+        ResponseStatus::PsaErrorNotSupported
+    );
+    assert!(client.list_keys().unwrap().is_empty());
+}

@@ -75,6 +75,29 @@ fn every_operation_and_restart() {
     assert!(log.contains(&format!("token \"{}\"", hsm.label)), "{log}");
 
     // PKCS#1 v1.5 and OAEP (SHA-1: what SoftHSM 2.6 implements; SHA-256 is refused clearly).
+    // SHA-1 is deprecated: refused as upstream refuses it, until the config allows it.
+    let sha1_oaep = AsymmetricEncryption::RsaOaep {
+        hash_alg: Hash::Sha1,
+    };
+    assert_eq!(
+        service_error(
+            client
+                .psa_generate_key("rsa-oaep", attributes(Type::RsaKeyPair, 2048, sha1_oaep))
+                .unwrap_err()
+        ),
+        ResponseStatus::DeprecatedPrimitive
+    );
+    let text = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        text.replace(
+            "[core_settings]\n",
+            "[core_settings]\nallow_deprecated = true\n",
+        ),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_for_log("reloaded, listening on", "the reload that allows SHA-1");
     for (name, alg) in [
         ("rsa-v15", AsymmetricEncryption::RsaPkcs1v15Crypt),
         (
@@ -794,8 +817,16 @@ fn token_selected_by_slot_serial_or_label() {
         label_line.clone(),
         format!("slot_number = {slot}"),
         format!("serial_number = \"{serial}\""),
+        // Upstream's e2e "slot_numbers_mismatch": the serial number wins over a slot number
+        // that matches nothing; and its PIN in upstream's hex: form.
+        format!(
+            "slot_number = 12345678\nserial_number = \"{serial}\"\nuser_pin = \"hex:31323334\""
+        ),
     ] {
-        let table = pkcs11_provider_table(&hsm, "").replace(&label_line, &selector);
+        let mut table = pkcs11_provider_table(&hsm, "").replace(&label_line, &selector);
+        if selector.contains("user_pin") {
+            table = table.replacen("user_pin = \"1234\"\n", "", 1);
+        }
         let (key, value) = hsm.env();
         let daemon = Daemon::start_in_env(
             "hsm-select",

@@ -13,6 +13,7 @@ mod completion;
 mod core;
 mod deadlines;
 mod delete_client;
+mod deprecated;
 mod reload;
 mod slots;
 
@@ -135,6 +136,8 @@ pub struct Dispatcher {
     deletions: HashMap<u64, delete_client::Deletion>,
     /// How long a request may wait for its provider (`core_settings.provider_request_timeout`).
     request_timeout: Duration,
+    /// `core_settings.allow_deprecated` (`deprecated.rs`).
+    allow_deprecated: bool,
 }
 
 impl Dispatcher {
@@ -171,6 +174,7 @@ impl Dispatcher {
             next_commit: 1,
             deletions: HashMap::new(),
             request_timeout: config.provider_request_timeout,
+            allow_deprecated: config.allow_deprecated,
         };
         for settings in &config.providers {
             let failed = |e: String| format!("provider \"{}\" failed to start: {e}", settings.name);
@@ -330,6 +334,7 @@ impl Dispatcher {
             crate::key_store::check_name("application name", &app)?;
             crate::key_store::check_name("key name", name)?;
         }
+        deprecated::check(&operation, &app, self.allow_deprecated)?;
         let ticket = self.next_ticket;
         let (operation, random) = match operation {
             NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {

@@ -84,6 +84,7 @@ impl Dispatcher {
         };
         self.limits = limits;
         self.request_timeout = config.provider_request_timeout;
+        self.allow_deprecated = config.allow_deprecated;
         let mut old = std::mem::take(&mut self.slots);
         let mut answers = Vec::new();
         for settings in &config.providers {

@@ -2,6 +2,12 @@
 //! `RSAPrivateKey` (a SEQUENCE of INTEGERs) and OCTET STRINGs. Anything else is refused; nothing here can panic on
 //! client data.
 
+// The software provider uses only the size checks: the rest serves the device providers.
+#![cfg_attr(
+    not(any(feature = "tpm-provider", feature = "pkcs11-provider")),
+    allow(dead_code)
+)]
+
 /// A DER element's contents, and what follows it.
 fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
     let (&first, rest) = input.split_first()?;

@@ -1,7 +1,14 @@
 //! PSA's size rules for an import, as upstream Parsec applies them on the TPM and PKCS#11
 //! providers before the device sees the key (the software provider leaves them to Mbed TLS,
-//! which applies the same): `bits` may be 0 (the size is the data's), and a declared size
+//! which applies the same, except for a declared size it cannot hold: that the data has
+//! another size is said first, as upstream does): `bits` may be 0 (the size is the data's), and a declared size
 //! the data does not have, or one the provider cannot hold, is an invalid argument.
+
+// The software provider uses only the size checks: the rest serves the device providers.
+#![cfg_attr(
+    not(any(feature = "tpm-provider", feature = "pkcs11-provider")),
+    allow(dead_code)
+)]
 
 use super::der;
 use crate::error::OpError;

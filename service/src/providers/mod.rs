@@ -16,13 +16,21 @@ use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 
 pub mod can_do;
-#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+#[cfg(any(
+    feature = "tpm-provider",
+    feature = "pkcs11-provider",
+    feature = "mbed-crypto-provider"
+))]
 mod der;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod device;
 #[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
 mod ecc;
-#[cfg(any(feature = "tpm-provider", feature = "pkcs11-provider"))]
+#[cfg(any(
+    feature = "tpm-provider",
+    feature = "pkcs11-provider",
+    feature = "mbed-crypto-provider"
+))]
 mod import;
 #[cfg(any(feature = "mbed-crypto-provider", feature = "pkcs11-provider"))]
 pub mod journal;

@@ -547,7 +547,12 @@ impl Provider for MbedCryptoProvider {
                 Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}))
             }
             NativeOperation::PsaImportKey(op) => {
-                capabilities::check(CheckType::Import, op.attributes)?;
+                if let Err(unsupported) = capabilities::check(CheckType::Import, op.attributes) {
+                    // Data of another size than declared is an invalid argument first (as
+                    // upstream: an 8192-bit RSA key declared as 1023 bits), whatever the size.
+                    super::import::sized(&op.attributes, op.data.expose_secret())?;
+                    return Err(unsupported);
+                }
                 let data = op.data;
                 self.create_key(
                     &mut keys,
