@@ -45,17 +45,12 @@ fn deprecated_keys_are_refused_until_the_config_allows_them() {
     daemon.wait_for_log("importing a key whose", "the import's warning");
 
     // Allowed by a reload: generated (with a warning), and it signs.
-    let text = std::fs::read_to_string(&daemon.config).unwrap();
-    std::fs::write(
-        &daemon.config,
+    daemon.reload_edited(|text| {
         text.replace(
             "[core_settings]\n",
             "[core_settings]\nallow_deprecated = true\n",
-        ),
-    )
-    .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    daemon.wait_for_log("reloaded, listening on", "the reload");
+        )
+    });
     client
         .psa_generate_key("sha1", sha1)
         .expect("allowed by core_settings.allow_deprecated");

@@ -87,17 +87,12 @@ fn every_operation_and_restart() {
         ),
         ResponseStatus::DeprecatedPrimitive
     );
-    let text = std::fs::read_to_string(&daemon.config).unwrap();
-    std::fs::write(
-        &daemon.config,
+    daemon.reload_edited(|text| {
         text.replace(
             "[core_settings]\n",
             "[core_settings]\nallow_deprecated = true\n",
-        ),
-    )
-    .unwrap();
-    daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    daemon.wait_for_log("reloaded, listening on", "the reload that allows SHA-1");
+        )
+    });
     for (name, alg) in [
         ("rsa-v15", AsymmetricEncryption::RsaPkcs1v15Crypt),
         (

@@ -212,6 +212,26 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
     }
 
+    /// Rewrites the config with `edit`, sends SIGHUP and waits (up to 10 s) until the
+    /// service has reloaded it.
+    #[allow(dead_code)]
+    pub fn reload_edited(&self, edit: impl Fn(String) -> String) {
+        let done = |log: String| log.matches("reloaded, listening on").count();
+        let before = done(self.log_text());
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, edit(text)).unwrap();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        let start = Instant::now();
+        while done(self.log_text()) == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the reload:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM, then waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         self.signal(nix::sys::signal::Signal::SIGTERM);
