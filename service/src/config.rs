@@ -81,6 +81,14 @@ pub enum AuthenticatorKind {
     JwtSvid,
 }
 
+/// The directory the service started in: where upstream Parsec, which keeps Mbed TLS's key
+/// files in its working directory, kept them (read at the first config load, before the
+/// software provider makes `storage_dir` the working directory).
+pub fn start_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")))
+}
+
 /// One enabled provider, in config order (the first is the clients' default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderSettings {
@@ -95,6 +103,9 @@ pub enum ProviderKind {
     MbedCrypto {
         /// Where Mbed TLS keeps its key files.
         storage_dir: PathBuf,
+        /// Where upstream Parsec kept its Mbed TLS key files (its working directory), read
+        /// when the key store is upstream's (docs/migration.md).
+        upstream_key_dir: PathBuf,
     },
     Tpm(TpmSettings),
     Pkcs11(Pkcs11Settings),
@@ -281,7 +292,13 @@ impl ConfigSource {
         for provider in &mut config.providers {
             base(&mut provider.key_store_dir);
             match &mut provider.kind {
-                ProviderKind::MbedCrypto { storage_dir } => base(storage_dir),
+                ProviderKind::MbedCrypto {
+                    storage_dir,
+                    upstream_key_dir,
+                } => {
+                    base(storage_dir);
+                    base(upstream_key_dir);
+                }
                 ProviderKind::Tpm(_) => {}
                 ProviderKind::Pkcs11(_) => {}
             }
@@ -405,6 +422,7 @@ enum FileProvider {
         name: Option<String>,
         key_info_manager: String,
         storage_dir: Option<String>,
+        upstream_key_dir: Option<String>,
     },
     Tpm {
         name: Option<String>,
@@ -754,11 +772,19 @@ impl Config {
                 .unwrap_or_else(|| default_provider_name(type_name));
             let kind = match provider {
                 #[cfg(feature = "mbed-crypto-provider")]
-                FileProvider::MbedCrypto { storage_dir, .. } => ProviderKind::MbedCrypto {
+                FileProvider::MbedCrypto {
+                    storage_dir,
+                    upstream_key_dir,
+                    ..
+                } => ProviderKind::MbedCrypto {
                     storage_dir: storage_dir
                         .as_ref()
                         .map(PathBuf::from)
                         .unwrap_or_else(|| key_store_dir.join("mbed-crypto")),
+                    upstream_key_dir: upstream_key_dir
+                        .as_ref()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| start_dir().to_path_buf()),
                 },
                 #[cfg(feature = "tpm-provider")]
                 FileProvider::Tpm {
@@ -1100,7 +1126,8 @@ key_info_manager = "sqlite-manager"
         assert_eq!(
             config.providers[0].kind,
             ProviderKind::MbedCrypto {
-                storage_dir: "/x/store/mbed-crypto".into()
+                storage_dir: "/x/store/mbed-crypto".into(),
+                upstream_key_dir: start_dir().to_path_buf(),
             }
         );
     }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod front_end;
 pub mod key_store;
 pub mod logging;
+pub mod migrate;
 pub mod providers;
 pub mod rate_limit;
 

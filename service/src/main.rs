@@ -10,6 +10,7 @@ use std::process::ExitCode;
 const USAGE: &str = "\
 usage: parsec [--config FILE] [--socket PATH] [--store DIR] [--allow-root]
        parsec --check-config FILE
+       parsec migrate --check [--config FILE]
        parsec --version | --help
 
   --config FILE        configuration (default: /etc/parsec/config.toml if it exists,
@@ -19,11 +20,15 @@ usage: parsec [--config FILE] [--socket PATH] [--store DIR] [--allow-root]
   --allow-root         run even as root (a development machine, a container), as
                        core_settings.allow_root = true would; a device runs it as its own user
   --check-config FILE  check FILE and exit: 0 if it is valid, 1 with the reason if not
+  migrate --check      say, key by key, what this service will serve of the key stores
+                       the config names (upstream Parsec's too), writing nothing; exit 0
+                       if every key will be served, 1 if not (docs/migration.md)
 ";
 
 struct Args {
     config: Option<PathBuf>,
     check: Option<PathBuf>,
+    migrate_check: bool,
     overrides: Overrides,
 }
 
@@ -31,6 +36,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut args = Args {
         config: None,
         check: None,
+        migrate_check: false,
         overrides: Overrides::default(),
     };
     let mut it = std::env::args_os().skip(1);
@@ -47,6 +53,14 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--socket" => args.overrides.socket_path = Some(value("--socket")?),
             "--store" => args.overrides.store_dir = Some(value("--store")?),
             "--allow-root" => args.overrides.allow_root = true,
+            "migrate" => match it
+                .next()
+                .map(|a| a.to_string_lossy().to_string())
+                .as_deref()
+            {
+                Some("--check") => args.migrate_check = true,
+                _ => return Err(format!("migrate needs --check\n{USAGE}")),
+            },
             "--version" | "-V" => {
                 println!(
                     "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured)",
@@ -75,6 +89,9 @@ fn main() -> ExitCode {
         }
     };
     let base_dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    // Upstream Parsec kept Mbed TLS's key files in its working directory: remember it
+    // before the software provider changes it.
+    config::start_dir();
 
     if let Some(file) = args.check {
         let source = ConfigSource {
@@ -120,6 +137,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.migrate_check {
+        let report = parsec_service::migrate::check(&config);
+        print!("{}", report.text);
+        return if report.all_served {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if let Err(e) = logging::init(config.log_target, config.log_level, config.log_timestamp) {
         eprintln!("parsec: {e}");
         return ExitCode::FAILURE;

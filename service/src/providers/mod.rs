@@ -195,8 +195,12 @@ pub fn build(
 ) -> Result<Option<Box<dyn Provider + Send>>, String> {
     match &settings.kind {
         #[cfg(feature = "mbed-crypto-provider")]
-        ProviderKind::MbedCrypto { storage_dir } => {
-            let provider = mbed_crypto::MbedCryptoProvider::new(storage_dir, store, limits)?;
+        ProviderKind::MbedCrypto {
+            storage_dir,
+            upstream_key_dir,
+        } => {
+            let provider =
+                mbed_crypto::MbedCryptoProvider::new(storage_dir, upstream_key_dir, store, limits)?;
             Ok(Some(Box::new(provider)))
         }
         #[cfg(feature = "pkcs11-provider")]

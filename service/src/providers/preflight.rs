@@ -15,7 +15,7 @@ use std::path::Path;
 /// Why these settings cannot start, if the file system already says so.
 pub fn check(kind: &ProviderKind) -> Result<(), String> {
     match kind {
-        ProviderKind::MbedCrypto { storage_dir } => match std::fs::metadata(storage_dir) {
+        ProviderKind::MbedCrypto { storage_dir, .. } => match std::fs::metadata(storage_dir) {
             Ok(meta) if !meta.is_dir() => Err(format!(
                 "storage_dir {} is not a directory",
                 storage_dir.display()

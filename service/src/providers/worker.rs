@@ -119,6 +119,12 @@ fn build_on_a_large_stack(
             .spawn_scoped(scope, || {
                 let id = super::id_of(&settings.kind);
                 let root = &settings.key_store_dir;
+                if root.is_file() {
+                    return Err(format!(
+                        "its key store {} is a file: upstream Parsec's SQLite key store, which this version does not read yet; its keys are kept as they are. Keep upstream Parsec on this device for now, or point the key manager at a new directory to start without those keys (docs/migration.md)",
+                        root.display()
+                    ));
+                }
                 let (mut store, damaged) = KeyStore::open(&[(id, root.clone())]).map_err(|e| {
                     format!(
                         "cannot read its key store directory {}: {e}",
@@ -132,6 +138,7 @@ fn build_on_a_large_stack(
                         entry.reason
                     );
                 }
+                let settings = &in_own_dirs(settings);
                 let provider = super::build(settings, &mut store, limits)?;
                 Ok(provider.map(|p| (p, store)))
             })
@@ -140,6 +147,29 @@ fn build_on_a_large_stack(
             .join()
             .unwrap_or_else(|_| Err("building it panicked (a bug: report it)".to_string()))
     })
+}
+
+/// The settings with every directory the provider writes moved out of upstream Parsec's key
+/// store, when the configured one holds it: the key store directory becomes the overlay
+/// beside it, and a `storage_dir` inside it moves into the overlay too.
+fn in_own_dirs(settings: &ProviderSettings) -> ProviderSettings {
+    let mut settings = settings.clone();
+    let layout = crate::key_store::upstream::layout(&settings.key_store_dir);
+    if let Some(upstream) = &layout.upstream {
+        if let crate::config::ProviderKind::MbedCrypto { storage_dir, .. } = &mut settings.kind {
+            if let Ok(inside) = storage_dir.strip_prefix(upstream) {
+                *storage_dir = layout.own.join(inside);
+            }
+        }
+        log::info!(
+            "provider \"{}\": {} holds upstream Parsec's key store: its keys are served and it is never written; this service's own entries go to {}",
+            settings.name,
+            upstream.display(),
+            layout.own.display()
+        );
+        settings.key_store_dir = layout.own;
+    }
+    settings
 }
 
 /// Where workers send results: a channel the event loop drains when its waker fires. It

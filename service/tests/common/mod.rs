@@ -36,6 +36,8 @@ pub struct Daemon {
     pub relative_config: bool,
     /// Start it under this descriptor limit (soft and hard), through util-linux's prlimit.
     pub nofile: Option<u64>,
+    /// Start it in this working directory (with `--config` absolute).
+    pub cwd: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -122,10 +124,34 @@ impl Daemon {
                 .collect(),
             relative_config: false,
             nofile: None,
+            cwd: None,
             child: None,
         };
         daemon.spawn();
         daemon
+    }
+
+    /// A daemon on a config file of the caller's (not started: `spawn` it).
+    pub fn on_config(
+        dir: PathBuf,
+        config: PathBuf,
+        socket: PathBuf,
+        env: &[(&str, String)],
+    ) -> Daemon {
+        Daemon {
+            log: dir.join("parsec.log"),
+            dir,
+            socket,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            relative_config: false,
+            nofile: None,
+            cwd: None,
+            child: None,
+        }
     }
 
     /// Starts the process and waits until it answers a ping.
@@ -150,6 +176,9 @@ impl Daemon {
                 .current_dir(&self.dir)
                 .args(["--config", "config.toml"]);
         } else {
+            if let Some(cwd) = &self.cwd {
+                command.current_dir(cwd);
+            }
             command.arg("--config").arg(&self.config);
         }
         let child = command

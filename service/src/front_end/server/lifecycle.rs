@@ -71,7 +71,7 @@ impl Server {
             c.providers
                 .iter()
                 .filter_map(|p| match &p.kind {
-                    ProviderKind::MbedCrypto { storage_dir } => Some(storage_dir.clone()),
+                    ProviderKind::MbedCrypto { storage_dir, .. } => Some(storage_dir.clone()),
                     _ => None,
                 })
                 .collect()

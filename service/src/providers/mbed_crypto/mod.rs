@@ -21,6 +21,7 @@
 
 pub(crate) mod capabilities;
 mod digests;
+mod inherited;
 mod keygen;
 mod message;
 
@@ -206,7 +207,12 @@ fn key_files_on_disk() -> BTreeSet<u32> {
 }
 
 impl MbedCryptoProvider {
-    pub fn new(storage_dir: &Path, store: &KeyStore, limits: Limits) -> Result<Self, String> {
+    pub fn new(
+        storage_dir: &Path,
+        upstream_key_dir: &Path,
+        store: &KeyStore,
+        limits: Limits,
+    ) -> Result<Self, String> {
         crate::key_store::create_private_dir(storage_dir)
             .map_err(|e| format!("cannot create storage_dir {}: {e}", storage_dir.display()))?;
         let storage_dir = storage_dir
@@ -216,6 +222,7 @@ impl MbedCryptoProvider {
             .map_err(|e| format!("cannot enter storage_dir {}: {e}", storage_dir.display()))?;
         let journal = journal::Journal::open(&storage_dir, "journal")
             .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
+        inherited::copy_key_files(&storage_dir, upstream_key_dir, store);
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
 

@@ -34,6 +34,15 @@ pub(super) struct KeyRef {
 
 impl KeyRef {
     pub(super) fn decode(bytes: &[u8]) -> Result<KeyRef, OpError> {
+        // Upstream Parsec's entries hold its u32 key id (bincode: 4 bytes, little-endian),
+        // and its objects carry that id big-endian as CKA_ID, with no label. No KeyRef
+        // encodes to 4 bytes (two option tags, and a present field adds a u64 length).
+        if let Ok(upstream) = <[u8; 4]>::try_from(bytes) {
+            return Ok(KeyRef {
+                id: Some(u32::from_le_bytes(upstream).to_be_bytes().to_vec()),
+                label: None,
+            });
+        }
         bincode::deserialize(bytes).map_err(|e| {
             OpError::new(
                 ResponseStatus::PsaErrorCorruptionDetected,

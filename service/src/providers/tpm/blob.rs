@@ -36,6 +36,13 @@ impl Blob {
             )
         };
         let (&version, rest) = bytes.split_first().ok_or_else(|| damaged("empty"))?;
+        if version == crate::key_store::upstream::UPSTREAM_TPM_CONTEXT {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorNotSupported,
+                "a key upstream Parsec made in the TPM (read from its key store): this version cannot load upstream's TPM keys yet".to_string(),
+                "use the key through upstream Parsec, or make a new key here (docs/migration.md)",
+            ));
+        }
         if version != BLOB_VERSION {
             return Err(damaged("unknown version"));
         }

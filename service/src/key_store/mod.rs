@@ -25,7 +25,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub mod upstream;
+
 const MAGIC: &[u8; 4] = b"PKS1";
+/// The file ending of a record that hides an upstream entry this service destroyed.
+const GONE: &str = ".gone";
 const HEADER_LEN: usize = 12;
 /// Longest application or key name, in bytes: the hex file name must fit in 255 bytes.
 pub const MAX_NAME_LEN: usize = 120;
@@ -141,6 +145,9 @@ pub struct KeyStore {
     damaged: BTreeMap<u8, usize>,
     /// Keys of batches being made durable (`hold`, until `apply`).
     held: BTreeSet<KeyTriple>,
+    /// Entries read from upstream Parsec's store (read only), with their files there: a
+    /// removal records a `.gone` file in this store's own directory instead.
+    inherited: BTreeMap<KeyTriple, PathBuf>,
 }
 
 /// Changes to the store that become durable together (a group commit): staged with
@@ -158,6 +165,8 @@ struct Staged {
     entry: KeyEntry,
     tmp: PathBuf,
     path: PathBuf,
+    /// A `.gone` record hiding an inherited (upstream) entry, not a new entry.
+    hide: bool,
 }
 
 /// A point in a batch to go back to (`Batch::discard_from`).
@@ -197,6 +206,7 @@ impl KeyStore {
             mounted: BTreeSet::new(),
             damaged: BTreeMap::new(),
             held: BTreeSet::new(),
+            inherited: BTreeMap::new(),
         };
         let mut damaged = Vec::new();
         for (provider, root) in roots {
@@ -207,11 +217,16 @@ impl KeyStore {
 
     /// Reads one provider's entries from `root` (its key store directory), in place of any
     /// it had in memory (a reload that starts a new instance of the provider: what is on
-    /// disk is exactly what was committed, as its previous instance has drained).
+    /// disk is exactly what was committed, as its previous instance has drained). If `root`
+    /// holds upstream Parsec's store, its entries are read from there (never written) and
+    /// this store's own from the overlay beside it (`upstream::layout`).
     pub fn load(&mut self, provider: ProviderId, root: &Path) -> io::Result<Vec<DamagedEntry>> {
         let provider = provider as u8;
+        let layout = upstream::layout(root);
+        let root = layout.own.as_path();
         create_private_dir(root)?;
         let mut entries = Vec::new();
+        let mut hidden = BTreeSet::new();
         let mut damaged = Vec::new();
         for app_dir in read_dir_sorted(root)? {
             let provider_dir = app_dir.join(provider.to_string());
@@ -228,28 +243,62 @@ impl KeyStore {
                     let _ = fs::remove_file(&path);
                     continue;
                 }
+                let gone = file_name.ends_with(GONE);
                 match read_entry(&path, provider) {
-                    Ok(stored) => entries.push((
-                        KeyTriple {
+                    Ok(stored) => {
+                        let key = KeyTriple {
                             app: stored.app,
                             provider,
                             name: stored.name,
-                        },
-                        stored.entry,
-                        path,
-                    )),
+                        };
+                        if gone {
+                            hidden.insert(key);
+                        } else {
+                            entries.push((key, stored.entry, path));
+                        }
+                    }
                     Err(reason) => damaged.push(DamagedEntry { path, reason }),
                 }
+            }
+        }
+        let mut inherited = BTreeMap::new();
+        if let Some(upstream_root) = &layout.upstream {
+            let own: BTreeSet<KeyTriple> = entries.iter().map(|(k, _, _)| k.clone()).collect();
+            let (theirs, unreadable) = upstream::read(upstream_root, provider);
+            damaged.extend(unreadable);
+            for (key, entry, path) in theirs {
+                if hidden.contains(&key) || own.contains(&key) {
+                    continue;
+                }
+                inherited.insert(key.clone(), path.clone());
+                entries.push((key, entry, path));
             }
         }
         let entries = quarantine_shared_ids(entries, &mut damaged);
         self.forget_provider(provider);
         self.roots.insert(provider, root.to_path_buf());
+        inherited.retain(|key, _| entries.iter().any(|(k, _)| k == key));
         self.entries.extend(entries);
+        self.inherited.extend(inherited);
         if !damaged.is_empty() {
             self.damaged.insert(provider, damaged.len());
         }
         Ok(damaged)
+    }
+
+    /// Whether an entry was read from upstream Parsec's store (and is still served).
+    pub fn is_inherited(&self, key: &KeyTriple) -> bool {
+        self.inherited.contains_key(key)
+    }
+
+    /// The upstream file an inherited entry was read from.
+    pub fn inherited_from(&self, key: &KeyTriple) -> Option<&Path> {
+        self.inherited.get(key).map(PathBuf::as_path)
+    }
+
+    /// The directory a provider's own entries are written to.
+    pub fn own_dir(&self, provider: ProviderId) -> Option<&Path> {
+        self.roots.get(&(provider as u8)).map(PathBuf::as_path)
     }
 
     /// Takes one provider's entries from a store that holds that provider alone (read and
@@ -265,6 +314,12 @@ impl KeyStore {
             .extend(entries.into_iter().filter(|(k, _)| k.provider == id));
         self.mounted
             .extend(other.mounted.into_iter().filter(|k| k.provider == id));
+        self.inherited.extend(
+            other
+                .inherited
+                .into_iter()
+                .filter(|(k, _)| k.provider == id),
+        );
         if let Some(count) = other.damaged.remove(&id) {
             self.damaged.insert(id, count);
         }
@@ -286,6 +341,7 @@ impl KeyStore {
     fn forget_provider(&mut self, provider: u8) {
         self.entries.retain(|k, _| k.provider != provider);
         self.mounted.retain(|k| k.provider != provider);
+        self.inherited.retain(|k, _| k.provider != provider);
         self.damaged.remove(&provider);
     }
 
@@ -352,6 +408,7 @@ impl KeyStore {
             entry: stored.entry,
             tmp,
             path,
+            hide: false,
         });
         Ok(())
     }
@@ -371,6 +428,28 @@ impl KeyStore {
         }
         if self.mounted.remove(key) {
             self.entries.remove(key);
+            return Ok(entry);
+        }
+        if self.inherited.contains_key(key) {
+            // Upstream's file stays as it is: a `.gone` record in this store's directory
+            // hides it from now on.
+            let path = self.path_of(key)?.with_extension(&GONE[1..]);
+            let stored = StoredEntry {
+                app: key.app.clone(),
+                provider: key.provider,
+                name: key.name.clone(),
+                entry: entry.clone(),
+            };
+            let tmp = write_temporary(&path, &stored)
+                .map_err(|e| OpError::storage(&format!("writing {}", path.display()), &e))?;
+            batch.names.insert(key.clone());
+            batch.inserts.push(Staged {
+                key: key.clone(),
+                entry: entry.clone(),
+                tmp,
+                path,
+                hide: true,
+            });
             return Ok(entry);
         }
         let path = self.path_of(key)?;
@@ -410,7 +489,12 @@ impl KeyStore {
         }
         outcome?;
         for staged in batch.inserts {
-            self.entries.insert(staged.key, staged.entry);
+            if staged.hide {
+                self.entries.remove(&staged.key);
+                self.inherited.remove(&staged.key);
+            } else {
+                self.entries.insert(staged.key, staged.entry);
+            }
         }
         Ok(())
     }
@@ -588,11 +672,26 @@ fn read_entry(path: &Path, provider: u8) -> Result<StoredEntry, String> {
     let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if stored.provider != provider
         || expected != Some(hex(&stored.app))
-        || file != format!("{}.key", hex(&stored.name))
+        || (file != format!("{}.key", hex(&stored.name))
+            && file != format!("{}{GONE}", hex(&stored.name)))
     {
         return Err("its contents name another application, provider or key than its path".into());
     }
     Ok(stored)
+}
+
+/// The key a `.gone` record (an upstream entry this service destroyed) hides, if `path` is
+/// a readable one.
+pub fn read_gone(path: &Path, provider: u8) -> Option<KeyTriple> {
+    if !path.file_name()?.to_str()?.ends_with(GONE) {
+        return None;
+    }
+    let stored = read_entry(path, provider).ok()?;
+    Some(KeyTriple {
+        app: stored.app,
+        provider,
+        name: stored.name,
+    })
 }
 
 /// A batch on its way from `durable` (any thread) back to `KeyStore::apply`.
@@ -806,303 +905,4 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use parsec_interface::operations::psa_algorithm::{AsymmetricSignature, Hash};
-    use parsec_interface::operations::psa_key_attributes::{
-        EccFamily, Lifetime, Policy, Type, UsageFlags,
-    };
-
-    fn attributes() -> Attributes {
-        let mut usage = UsageFlags::default();
-        usage.set_sign_hash();
-        Attributes {
-            lifetime: Lifetime::Persistent,
-            key_type: Type::EccKeyPair {
-                curve_family: EccFamily::SecpR1,
-            },
-            bits: 256,
-            policy: Policy {
-                usage_flags: usage,
-                permitted_algorithms: AsymmetricSignature::Ecdsa {
-                    hash_alg: Hash::Sha256.into(),
-                }
-                .into(),
-            },
-        }
-    }
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("pks-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn entry(id: u8) -> KeyEntry {
-        KeyEntry {
-            key_id: vec![id, 0, 0, 0],
-            attributes: attributes(),
-        }
-    }
-
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
-
-    #[test]
-    fn entries_survive_reopening() {
-        let dir = temp_dir("reopen");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, damaged) = KeyStore::open(&roots).unwrap();
-        assert!(damaged.is_empty());
-        let a = KeyTriple::new("app/with/slashes", ProviderId::MbedCrypto, "clé ✓");
-        let b = KeyTriple::new("other", ProviderId::MbedCrypto, "k");
-        store.insert(a.clone(), entry(1)).unwrap();
-        store.insert(b.clone(), entry(2)).unwrap();
-        assert_eq!(
-            store.insert(a.clone(), entry(3)).unwrap_err().status,
-            ResponseStatus::PsaErrorAlreadyExists
-        );
-        store.remove(&b).unwrap();
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert!(damaged.is_empty());
-        assert_eq!(store.get(&a), Some(&entry(1)));
-        assert!(!store.contains(&b));
-        assert_eq!(store.applications(), vec!["app/with/slashes".to_string()]);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// Two entries naming one provider key (a file rewritten to another key's id): neither
-    /// is served, both are reported damaged (so recovery keeps the material), the others load.
-    #[test]
-    fn entries_that_share_a_key_id_are_all_set_aside() {
-        let dir = temp_dir("shared-id");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let alice = KeyTriple::new("alice", ProviderId::MbedCrypto, "k");
-        let bob = KeyTriple::new("bob", ProviderId::MbedCrypto, "k");
-        let carol = KeyTriple::new("carol", ProviderId::MbedCrypto, "k");
-        store.insert(alice.clone(), entry(1)).unwrap();
-        store.insert(bob.clone(), entry(1)).unwrap();
-        store.insert(carol.clone(), entry(2)).unwrap();
-        // The software provider's ids carry the key file's digest after the 4-byte id: two
-        // entries naming one file with different digests share the key all the same.
-        let dave = KeyTriple::new("dave", ProviderId::MbedCrypto, "k");
-        let erin = KeyTriple::new("erin", ProviderId::MbedCrypto, "k");
-        let with_digest = |digest: u8| KeyEntry {
-            key_id: [&[7, 0, 0, 0][..], &[digest; 32]].concat(),
-            attributes: attributes(),
-        };
-        store.insert(dave.clone(), with_digest(1)).unwrap();
-        store.insert(erin.clone(), with_digest(2)).unwrap();
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert!(!store.contains(&alice) && !store.contains(&bob));
-        assert!(!store.contains(&dave) && !store.contains(&erin));
-        assert_eq!(store.get(&carol), Some(&entry(2)));
-        assert_eq!(damaged.len(), 4);
-        assert!(damaged
-            .iter()
-            .all(|d| d.reason.contains("names the same key as")));
-        assert_eq!(store.damaged_in(ProviderId::MbedCrypto), 4);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_batch_is_invisible_until_committed_then_durable_together() {
-        let (dir, roots, mut store, old) = store_with_one_key("batch");
-        let mut batch = Batch::default();
-        let keys: Vec<KeyTriple> = (0..8)
-            .map(|i| KeyTriple::new(&format!("app{i}"), ProviderId::MbedCrypto, "k"))
-            .collect();
-        for (i, key) in keys.iter().enumerate() {
-            store
-                .stage_insert(&mut batch, key.clone(), entry(i as u8))
-                .unwrap();
-        }
-        // One change per key in a batch, and none visible yet.
-        assert_eq!(
-            store
-                .stage_insert(&mut batch, keys[0].clone(), entry(0))
-                .unwrap_err()
-                .status,
-            ResponseStatus::PsaErrorAlreadyExists
-        );
-        assert_eq!(store.stage_remove(&mut batch, &old).unwrap(), entry(9));
-        assert!(keys.iter().all(|k| !store.contains(k)) && store.contains(&old));
-        // A request's changes taken back: its temporary file goes.
-        let mark = batch.mark();
-        let extra = KeyTriple::new("z", ProviderId::MbedCrypto, "k");
-        store
-            .stage_insert(&mut batch, extra.clone(), entry(1))
-            .unwrap();
-        batch.discard_from(mark);
-        store.commit(batch).unwrap();
-        assert!(keys.iter().all(|k| store.contains(k)));
-        assert!(!store.contains(&old) && !store.contains(&extra));
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert!(damaged.is_empty());
-        for (i, key) in keys.iter().enumerate() {
-            assert_eq!(store.get(key), Some(&entry(i as u8)));
-        }
-        assert!(!store.contains(&old) && !store.contains(&extra));
-        assert_no_temporary_files(&dir);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn batches_committed_together_share_a_group_and_fail_alone() {
-        let (dir, roots, mut store, old) = store_with_one_key("group");
-        // Three batches, as three turns of the loop hand them to the writer: one removes a
-        // key, one adds two, one adds a key whose rename will fail.
-        let mut batches = vec![Batch::default(), Batch::default(), Batch::default()];
-        store.stage_remove(&mut batches[0], &old).unwrap();
-        let new: Vec<KeyTriple> = (0..2)
-            .map(|i| KeyTriple::new("b", ProviderId::MbedCrypto, &format!("k{i}")))
-            .collect();
-        for (i, key) in new.iter().enumerate() {
-            store
-                .stage_insert(&mut batches[1], key.clone(), entry(i as u8))
-                .unwrap();
-        }
-        let doomed = KeyTriple::new("c", ProviderId::MbedCrypto, "k");
-        store
-            .stage_insert(&mut batches[2], doomed.clone(), entry(7))
-            .unwrap();
-        // Its final name is taken by a directory: the rename cannot replace it.
-        let in_the_way = store.path_of(&doomed).unwrap();
-        fs::create_dir(&in_the_way).unwrap();
-        fs::write(in_the_way.join("x"), b"x").unwrap();
-        for batch in &batches {
-            store.hold(batch);
-        }
-        let done = durable_all(batches);
-        assert_eq!(done.len(), 3);
-        let outcomes: Vec<Result<(), OpError>> = done.into_iter().map(|c| store.apply(c)).collect();
-        assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
-        assert_eq!(
-            outcomes[2].as_ref().unwrap_err().status,
-            ResponseStatus::PsaErrorStorageFailure
-        );
-        assert!(!store.contains(&old) && !store.contains(&doomed));
-        assert!(new.iter().all(|k| store.contains(k)));
-        fs::remove_dir_all(&in_the_way).unwrap();
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert!(damaged.is_empty(), "{damaged:?}");
-        assert!(!store.contains(&old) && !store.contains(&doomed));
-        for (i, key) in new.iter().enumerate() {
-            assert_eq!(store.get(key), Some(&entry(i as u8)));
-        }
-        assert_no_temporary_files(&dir);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// A new store in its own directory holding one key, `a`/`old` (entry 9).
-    fn store_with_one_key(
-        name: &str,
-    ) -> (PathBuf, [(ProviderId, PathBuf); 1], KeyStore, KeyTriple) {
-        let dir = temp_dir(name);
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let old = KeyTriple::new("a", ProviderId::MbedCrypto, "old");
-        store.insert(old.clone(), entry(9)).unwrap();
-        (dir, roots, store, old)
-    }
-
-    fn assert_no_temporary_files(dir: &Path) {
-        let leftovers: Vec<_> = walk(dir)
-            .into_iter()
-            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    }
-
-    fn walk(dir: &Path) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        for entry in fs::read_dir(dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                found.extend(walk(&path));
-            } else {
-                found.push(path);
-            }
-        }
-        found
-    }
-
-    #[test]
-    fn damaged_and_half_written_entries_are_skipped() {
-        let dir = temp_dir("damaged");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let good = KeyTriple::new("a", ProviderId::MbedCrypto, "good");
-        let bad = KeyTriple::new("a", ProviderId::MbedCrypto, "bad");
-        store.insert(good.clone(), entry(1)).unwrap();
-        store.insert(bad.clone(), entry(2)).unwrap();
-        let bad_path = store.path_of(&bad).unwrap();
-        let mut bytes = fs::read(&bad_path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xFF;
-        fs::write(&bad_path, bytes).unwrap();
-        let tmp = bad_path.parent().unwrap().join(".x.key.tmp");
-        fs::write(&tmp, b"PKS1").unwrap();
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert_eq!(damaged.len(), 1);
-        assert_eq!(damaged[0].path, bad_path);
-        assert!(damaged[0].reason.contains("checksum"));
-        assert!(store.contains(&good));
-        assert!(!tmp.exists());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn an_entry_moved_to_another_application_is_refused() {
-        let dir = temp_dir("moved");
-        let roots = [(ProviderId::MbedCrypto, dir.clone())];
-        let (mut store, _) = KeyStore::open(&roots).unwrap();
-        let victim = KeyTriple::new("victim", ProviderId::MbedCrypto, "k");
-        store.insert(victim.clone(), entry(1)).unwrap();
-        let src = store.path_of(&victim).unwrap();
-        let thief = KeyTriple::new("thief", ProviderId::MbedCrypto, "k");
-        let dst = store.path_of(&thief).unwrap();
-        fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        fs::copy(&src, &dst).unwrap();
-        drop(store);
-        let (store, damaged) = KeyStore::open(&roots).unwrap();
-        assert_eq!(damaged.len(), 1);
-        assert!(!store.contains(&thief));
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn the_store_is_private_to_the_service_user() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = temp_dir("modes");
-        let (mut store, _) = KeyStore::open(&[(ProviderId::MbedCrypto, dir.clone())]).unwrap();
-        let key = KeyTriple::new("a", ProviderId::MbedCrypto, "k");
-        store.insert(key.clone(), entry(1)).unwrap();
-        let path = store.path_of(&key).unwrap();
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(path.parent().unwrap()), 0o700);
-        assert_eq!(mode(&path), 0o600);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn overlong_names_are_invalid_arguments() {
-        let dir = temp_dir("long");
-        let (mut store, _) = KeyStore::open(&[(ProviderId::MbedCrypto, dir.clone())]).unwrap();
-        let long = "x".repeat(MAX_NAME_LEN + 1);
-        let err = store
-            .insert(KeyTriple::new("a", ProviderId::MbedCrypto, &long), entry(1))
-            .unwrap_err();
-        assert_eq!(err.status, ResponseStatus::PsaErrorInvalidArgument);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

@@ -1,0 +1,219 @@
+//! `parsec migrate --check`: what this service will serve of the key stores a config names,
+//! key by key, before it runs on them. It reads and never writes (not even the overlay it
+//! would make), so an operator can run it on a device still running upstream Parsec.
+
+use crate::config::{Config, ProviderKind, ProviderSettings};
+use crate::error::escape;
+use crate::key_store::upstream::{self, UPSTREAM_TPM_CONTEXT};
+use crate::key_store::{KeyEntry, KeyTriple};
+use std::collections::BTreeSet;
+use std::fmt::Write;
+use std::path::Path;
+
+/// The report, and whether every key found will be served.
+pub struct Report {
+    pub text: String,
+    pub all_served: bool,
+}
+
+pub fn check(config: &Config) -> Report {
+    let mut report = Report {
+        text: String::new(),
+        all_served: true,
+    };
+    let mut stores = BTreeSet::new();
+    for settings in &config.providers {
+        check_provider(settings, &mut report);
+        stores.insert(settings.key_store_dir.clone());
+    }
+    for dir in &stores {
+        if upstream::is_upstream_store(dir) {
+            other_providers(dir, config, &mut report);
+        }
+    }
+    let _ = writeln!(
+        report.text,
+        "summary: {}",
+        if report.all_served {
+            "every key found will be served"
+        } else {
+            "some keys will not be served (lines marked NOT SERVED); see docs/migration.md"
+        }
+    );
+    report
+}
+
+fn check_provider(settings: &ProviderSettings, report: &mut Report) {
+    let dir = &settings.key_store_dir;
+    let out = &mut report.text;
+    let name = escape(&settings.name);
+    if dir.is_file() {
+        let _ = writeln!(
+            out,
+            "provider \"{name}\": {} is a file: upstream Parsec's SQLite key store, which this version does not read yet: its keys are NOT SERVED and the provider will not start",
+            dir.display()
+        );
+        report.all_served = false;
+        return;
+    }
+    let layout = upstream::layout(dir);
+    let Some(upstream_dir) = &layout.upstream else {
+        let _ = writeln!(
+            out,
+            "provider \"{name}\": {} is this service's own key store: nothing to migrate",
+            dir.display()
+        );
+        return;
+    };
+    let id = crate::providers::id_of(&settings.kind) as u8;
+    let _ = writeln!(
+        out,
+        "provider \"{name}\": {} holds upstream Parsec's key store: read, never written; this service's own entries will go to {}",
+        upstream_dir.display(),
+        layout.own.display()
+    );
+    let (entries, damaged) = upstream::read(upstream_dir, id);
+    let hidden = hidden_in(&layout.own, id);
+    for (key, entry, path) in &entries {
+        let what = format!(
+            "  key \"{}\" of \"{}\" ({})",
+            escape(&key.name),
+            escape(&key.app),
+            path.display()
+        );
+        if hidden.contains(key) {
+            let _ = writeln!(
+                out,
+                "{what}: destroyed through this service (recorded in {}); not served",
+                layout.own.display()
+            );
+            continue;
+        }
+        match verdict(settings, &layout.own, upstream_dir, key, entry) {
+            Ok(why) => {
+                let _ = writeln!(out, "{what}: served: {why}");
+            }
+            Err(why) => {
+                let _ = writeln!(out, "{what}: NOT SERVED: {why}");
+                report.all_served = false;
+            }
+        }
+    }
+    for entry in &damaged {
+        let _ = writeln!(
+            out,
+            "  {}: NOT SERVED: {}",
+            entry.path.display(),
+            entry.reason
+        );
+        report.all_served = false;
+    }
+    let _ = writeln!(
+        out,
+        "  {} keys of upstream's for this provider, {} unreadable",
+        entries.len(),
+        damaged.len()
+    );
+}
+
+/// Why a readable upstream entry will or will not work.
+fn verdict(
+    settings: &ProviderSettings,
+    own: &Path,
+    upstream_dir: &Path,
+    key: &KeyTriple,
+    entry: &KeyEntry,
+) -> Result<String, String> {
+    match &settings.kind {
+        ProviderKind::MbedCrypto {
+            storage_dir,
+            upstream_key_dir,
+        } => {
+            let id = <[u8; 4]>::try_from(entry.key_id.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| format!("a {}-byte key id, not upstream's 4", entry.key_id.len()))?;
+            let file = format!("{id:016x}.psa_its");
+            let storage_dir = storage_dir
+                .strip_prefix(upstream_dir)
+                .map(|inside| own.join(inside))
+                .unwrap_or_else(|_| storage_dir.clone());
+            if storage_dir.join(&file).is_file() {
+                return Ok(format!("its key file is in {}", storage_dir.display()));
+            }
+            let source = upstream_key_dir.join(&file);
+            if source.is_file() {
+                Ok(format!(
+                    "its key file {} will be copied into {}",
+                    source.display(),
+                    storage_dir.display()
+                ))
+            } else {
+                Err(format!(
+                    "its key file {file} is not in {} (upstream's working directory): set upstream_key_dir in the [[provider]] table",
+                    upstream_key_dir.display()
+                ))
+            }
+        }
+        ProviderKind::Pkcs11(_) => {
+            let id = <[u8; 4]>::try_from(entry.key_id.as_slice())
+                .map_err(|_| format!("a {}-byte key id, not upstream's 4", entry.key_id.len()))?;
+            let _ = key;
+            Ok(format!(
+                "its objects on the token are the ones with CKA_ID {}",
+                u32::from_le_bytes(id)
+                    .to_be_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ))
+        }
+        ProviderKind::Tpm(_) => {
+            debug_assert_eq!(entry.key_id.first(), Some(&UPSTREAM_TPM_CONTEXT));
+            Err("listed, but this version cannot load upstream's TPM keys yet: its requests are refused with NotSupported".into())
+        }
+    }
+}
+
+/// Keys this service destroyed (its `.gone` records), read without creating anything.
+fn hidden_in(own: &Path, provider: u8) -> BTreeSet<KeyTriple> {
+    let mut hidden = BTreeSet::new();
+    let Ok(apps) = std::fs::read_dir(own) else {
+        return hidden;
+    };
+    for app in apps.flatten() {
+        let Ok(files) = std::fs::read_dir(app.path().join(provider.to_string())) else {
+            continue;
+        };
+        for file in files.flatten() {
+            if let Some(key) = crate::key_store::read_gone(&file.path(), provider) {
+                hidden.insert(key);
+            }
+        }
+    }
+    hidden
+}
+
+/// Upstream keys of providers this config does not enable.
+fn other_providers(dir: &Path, config: &Config, report: &mut Report) {
+    let enabled: BTreeSet<u8> = config
+        .providers
+        .iter()
+        .filter(|p| p.key_store_dir == dir)
+        .map(|p| crate::providers::id_of(&p.kind) as u8)
+        .collect();
+    for id in 1..=5u8 {
+        if enabled.contains(&id) {
+            continue;
+        }
+        let (entries, _) = upstream::read(dir, id);
+        if !entries.is_empty() {
+            let _ = writeln!(
+                report.text,
+                "{}: {} keys of provider {id}, which this config does not enable: NOT SERVED (kept as they are)",
+                dir.display(),
+                entries.len()
+            );
+            report.all_served = false;
+        }
+    }
+}

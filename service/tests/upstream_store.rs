@@ -1,0 +1,432 @@
+//! A device that ran upstream Parsec 1.5.0, switched to this service: upstream's key store,
+//! its Mbed TLS key files, its SoftHSM2 token and its TPM's state, exactly as a real
+//! upstream 1.5.0 daemon left them (`tests/fixtures/upstream-1.5.0`, made by
+//! `scripts/make-upstream-fixtures.sh`; docs/migration.md), run with upstream's config.
+//!
+//! Needs swtpm, softhsm2 and openssl (CI installs them).
+#![cfg(all(
+    feature = "mbed-crypto-provider",
+    feature = "tpm-provider",
+    feature = "pkcs11-provider"
+))]
+
+mod common;
+
+use common::{fresh_dir, service_error, shell, Daemon, Swtpm};
+use parsec_client::core::interface::operations::psa_algorithm::{
+    AsymmetricEncryption, AsymmetricSignature, Hash,
+};
+use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
+use parsec_client::BasicClient;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream-1.5.0");
+/// What upstream encrypted into each recorded ciphertext (service/examples/upstream_fixture.rs).
+const PLAINTEXT: &[u8] = b"recorded by upstream Parsec 1.5.0";
+const MESSAGE: &[u8] = b"signed after the switch";
+
+struct Recorded {
+    app: String,
+    provider: u8,
+    name: String,
+    public: Vec<u8>,
+    ciphertext: Option<Vec<u8>>,
+}
+
+/// A copy of one fixture, with its TPM running.
+struct Device {
+    dir: PathBuf,
+    config: PathBuf,
+    keys: Vec<Recorded>,
+    /// SHA-256 of every file of upstream's (its key store and working directory).
+    upstream_files: BTreeMap<PathBuf, Vec<u8>>,
+    // Dropped last: the daemon talks to it.
+    _tpm: Swtpm,
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn files_under(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.insert(
+                path.clone(),
+                Sha256::digest(std::fs::read(&path).unwrap()).to_vec(),
+            );
+        }
+    }
+}
+
+fn upstream_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    files_under(&dir.join("mappings"), &mut files);
+    files_under(&dir.join("workdir"), &mut files);
+    files
+}
+
+fn device(variant: &str, name: &str) -> Device {
+    let dir = fresh_dir(name);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{FIXTURES}/{variant}/."))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(
+        dir.join("softhsm2.conf"),
+        format!(
+            "directories.tokendir = {}/softhsm/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let tpm = Swtpm::start_with_state(dir.join("tpm"));
+    let text = std::fs::read_to_string(dir.join("config.toml"))
+        .unwrap()
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@TCTI@", &tpm.tcti());
+    let config = dir.join("run.toml");
+    std::fs::write(&config, text).unwrap();
+    let keys = std::fs::read_to_string(dir.join("keys.txt"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            Recorded {
+                app: f[0].to_string(),
+                provider: f[1].parse().unwrap(),
+                name: f[2].to_string(),
+                public: unhex(f[3]),
+                ciphertext: f.get(4).map(|c| unhex(c)),
+            }
+        })
+        .collect();
+    let upstream_files = upstream_files(&dir);
+    Device {
+        dir,
+        config,
+        keys,
+        upstream_files,
+        _tpm: tpm,
+    }
+}
+
+impl Device {
+    fn daemon(&self) -> Daemon {
+        let mut daemon = Daemon::on_config(
+            self.dir.join("run"),
+            self.config.clone(),
+            self.dir.join("parsec.sock"),
+            &[(
+                "SOFTHSM2_CONF",
+                self.dir.join("softhsm2.conf").display().to_string(),
+            )],
+        );
+        std::fs::create_dir_all(&daemon.dir).unwrap();
+        // Upstream ran in its working directory, where Mbed TLS kept its key files.
+        daemon.cwd = Some(self.dir.join("workdir"));
+        daemon.spawn();
+        daemon
+    }
+
+    fn migrate_check(&self) -> (bool, String) {
+        let out = Command::new(common::BIN)
+            .args(["migrate", "--check", "--config"])
+            .arg(&self.config)
+            .current_dir(self.dir.join("workdir"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+
+    fn assert_upstream_files_unchanged(&self) {
+        assert_eq!(
+            upstream_files(&self.dir),
+            self.upstream_files,
+            "upstream's store and key files must stay byte-identical"
+        );
+    }
+}
+
+fn provider(id: u8) -> ProviderId {
+    ProviderId::try_from(id).unwrap()
+}
+
+/// A P-256 point or a PKCS#1 RSA public key as a SubjectPublicKeyInfo PEM file, for openssl.
+fn public_pem(dir: &Path, key: &Recorded) -> PathBuf {
+    let der = dir.join(format!("{}-{}-{}.der", key.app, key.provider, key.name));
+    let pem = der.with_extension("pem");
+    if key.name.starts_with("ecc") {
+        let mut spki = unhex("3059301306072a8648ce3d020106082a8648ce3d030107034200");
+        spki.extend_from_slice(&key.public);
+        std::fs::write(&der, spki).unwrap();
+        shell(
+            dir,
+            &format!(
+                "openssl pkey -pubin -inform DER -in {} -out {}",
+                der.display(),
+                pem.display()
+            ),
+        );
+    } else {
+        std::fs::write(&der, &key.public).unwrap();
+        shell(
+            dir,
+            &format!(
+                "openssl rsa -RSAPublicKey_in -inform DER -in {} -pubout -out {} 2>/dev/null",
+                der.display(),
+                pem.display()
+            ),
+        );
+    }
+    pem
+}
+
+/// A raw r||s ECDSA signature as DER (what openssl reads).
+fn ecdsa_der(raw: &[u8]) -> Vec<u8> {
+    let int = |bytes: &[u8]| {
+        let mut v: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
+        if v.first().map_or(true, |b| b & 0x80 != 0) {
+            v.insert(0, 0);
+        }
+        let mut out = vec![0x02, v.len() as u8];
+        out.extend(v);
+        out
+    };
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let body = [int(r), int(s)].concat();
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+/// Uses every recorded key of `keys` as upstream's clients did: export, sign (verified by
+/// openssl against the public key upstream exported), decrypt (upstream's ciphertext).
+fn assert_served(device: &Device, client: &mut BasicClient, keys: &[&Recorded]) {
+    let work = device.dir.join("openssl");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("message"), MESSAGE).unwrap();
+    let hash = Sha256::digest(MESSAGE).to_vec();
+    for key in keys {
+        let what = format!("{} of {} on provider {}", key.name, key.app, key.provider);
+        client.set_implicit_provider(provider(key.provider));
+        if key.provider == 3 {
+            // Upstream's TPM keys: listed, refused with the reason (docs/migration.md).
+            let err = client.psa_export_public_key(&key.name).unwrap_err();
+            assert_eq!(
+                service_error(err),
+                ResponseStatus::PsaErrorNotSupported,
+                "{what}"
+            );
+            continue;
+        }
+        let public = client
+            .psa_export_public_key(&key.name)
+            .unwrap_or_else(|e| panic!("export {what}: {e}"));
+        assert_eq!(
+            public, key.public,
+            "{what}: another public key than upstream's"
+        );
+        match key.name.as_str() {
+            "rsa-decrypt" => {
+                let plain = client
+                    .psa_asymmetric_decrypt(
+                        &key.name,
+                        AsymmetricEncryption::RsaPkcs1v15Crypt,
+                        key.ciphertext.as_ref().unwrap(),
+                        None,
+                    )
+                    .unwrap_or_else(|e| panic!("decrypt {what}: {e}"));
+                assert_eq!(plain, PLAINTEXT, "{what}");
+            }
+            name => {
+                let alg = if name == "ecc-sign" {
+                    AsymmetricSignature::Ecdsa {
+                        hash_alg: Hash::Sha256.into(),
+                    }
+                } else {
+                    AsymmetricSignature::RsaPkcs1v15Sign {
+                        hash_alg: Hash::Sha256.into(),
+                    }
+                };
+                let mut signature = client
+                    .psa_sign_hash(&key.name, &hash, alg)
+                    .unwrap_or_else(|e| panic!("sign with {what}: {e}"));
+                if name == "ecc-sign" {
+                    signature = ecdsa_der(&signature);
+                }
+                let sig = work.join("sig");
+                std::fs::write(&sig, signature).unwrap();
+                let pem = public_pem(&work, key);
+                shell(
+                    &work,
+                    &format!(
+                        "openssl dgst -sha256 -verify {} -signature {} message",
+                        pem.display(),
+                        sig.display()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn listed(client: &mut BasicClient) -> BTreeSet<(u8, String)> {
+    client
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| (k.provider_id as u8, k.name))
+        .collect()
+}
+
+fn recorded_of<'a>(device: &'a Device, app: &str) -> Vec<&'a Recorded> {
+    device.keys.iter().filter(|k| k.app == app).collect()
+}
+
+#[test]
+fn a_direct_device_keeps_every_key_and_upstream_files_stay_as_they_were() {
+    let device = device("ondisk-direct", "upstream-direct");
+    assert_eq!(
+        device.keys.len(),
+        18,
+        "the fixture holds 2 apps x 3 providers x 3 keys"
+    );
+
+    // Before anything runs: the report names every key, and writes nothing.
+    let (all_served, report) = device.migrate_check();
+    assert!(
+        !all_served,
+        "upstream's TPM keys are not served yet:\n{report}"
+    );
+    assert_eq!(report.matches(": served: ").count(), 12, "{report}");
+    assert_eq!(
+        report
+            .matches("NOT SERVED: listed, but this version cannot load upstream's TPM keys")
+            .count(),
+        6,
+        "{report}"
+    );
+    assert!(
+        !device.dir.join("mappings.overlay").exists(),
+        "migrate --check wrote:\n{report}"
+    );
+    device.assert_upstream_files_unchanged();
+
+    let mut daemon = device.daemon();
+    for app in ["alice", "bob"] {
+        let mut client = daemon.client(app);
+        let expected: BTreeSet<(u8, String)> = recorded_of(&device, app)
+            .iter()
+            .map(|k| (k.provider, k.name.clone()))
+            .collect();
+        assert_eq!(listed(&mut client), expected, "{app}'s keys");
+        assert_served(&device, &mut client, &recorded_of(&device, app));
+    }
+
+    // Keys made after the switch do not disturb upstream's; destroys of upstream keys stick.
+    let mut alice = daemon.client("alice");
+    for id in [1u8, 2] {
+        alice.set_implicit_provider(provider(id));
+        alice
+            .psa_generate_key("made-here", common::p256_signing())
+            .unwrap_or_else(|e| panic!("a new key on provider {id}: {e}"));
+    }
+    let mut bob = daemon.client("bob");
+    bob.set_implicit_provider(ProviderId::MbedCrypto);
+    bob.psa_destroy_key("rsa-sign").unwrap();
+    alice.set_implicit_provider(ProviderId::Pkcs11);
+    alice.psa_destroy_key("ecc-sign").unwrap();
+    device.assert_upstream_files_unchanged();
+
+    daemon.stop();
+    drop(daemon);
+    let daemon = device.daemon();
+    let gone = |k: &&Recorded| {
+        !((k.app == "bob" && k.provider == 1 && k.name == "rsa-sign")
+            || (k.app == "alice" && k.provider == 2 && k.name == "ecc-sign"))
+    };
+    for app in ["alice", "bob"] {
+        let mut client = daemon.client(app);
+        let keys: Vec<&Recorded> = recorded_of(&device, app).into_iter().filter(gone).collect();
+        let mut expected: BTreeSet<(u8, String)> =
+            keys.iter().map(|k| (k.provider, k.name.clone())).collect();
+        if app == "alice" {
+            expected.insert((1, "made-here".into()));
+            expected.insert((2, "made-here".into()));
+        }
+        assert_eq!(
+            listed(&mut client),
+            expected,
+            "{app}'s keys after the restart"
+        );
+        assert_served(&device, &mut client, &keys);
+    }
+    let mut alice = daemon.client("alice");
+    for id in [1u8, 2] {
+        alice.set_implicit_provider(provider(id));
+        alice
+            .psa_sign_hash(
+                "made-here",
+                &Sha256::digest(MESSAGE),
+                common::ecdsa_sha256(),
+            )
+            .unwrap_or_else(|e| panic!("the new key on provider {id}: {e}"));
+    }
+    // A destroyed upstream name can be taken again, by a new key.
+    let mut bob = daemon.client("bob");
+    bob.set_implicit_provider(ProviderId::MbedCrypto);
+    bob.psa_generate_key("rsa-sign", common::p256_signing())
+        .unwrap();
+    assert_ne!(
+        bob.psa_export_public_key("rsa-sign").unwrap(),
+        recorded_of(&device, "bob")
+            .iter()
+            .find(|k| k.provider == 1 && k.name == "rsa-sign")
+            .unwrap()
+            .public
+    );
+    device.assert_upstream_files_unchanged();
+    let (_, report) = device.migrate_check();
+    assert_eq!(
+        report.matches("destroyed through this service").count(),
+        2,
+        "{report}"
+    );
+}
+
+#[test]
+fn a_peer_credentials_device_serves_its_uid_its_keys() {
+    let device = device("ondisk-peer", "upstream-peer");
+    let daemon = device.daemon();
+    // The fixture's keys belong to UID 0 (the daemon that made them ran as root): a test
+    // run as another user sees none of them, as upstream would.
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let mine = recorded_of(&device, &uid);
+    let mut client = daemon.default_client(None);
+    let expected: BTreeSet<(u8, String)> =
+        mine.iter().map(|k| (k.provider, k.name.clone())).collect();
+    assert_eq!(listed(&mut client), expected);
+    if !mine.is_empty() {
+        assert_eq!(mine.len(), 9);
+        assert_served(&device, &mut client, &mine);
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+    }
+    device.assert_upstream_files_unchanged();
+}
