@@ -347,6 +347,15 @@ fn a_direct_device_keeps_every_key_and_upstream_files_stay_as_they_were() {
             .psa_generate_key("made-here", common::p256_signing())
             .unwrap_or_else(|e| panic!("a new key on provider {id}: {e}"));
     }
+    // Its id is far above upstream's (which gives out its highest + 1): upstream, if the
+    // device goes back to it, never makes a key of the same id.
+    assert!(
+        device
+            .dir
+            .join("mappings.overlay/mbed-crypto/0000000020000000.psa_its")
+            .is_file(),
+        "the first software key made beside upstream's store has id 0x20000000"
+    );
     let mut bob = daemon.client("bob");
     bob.set_implicit_provider(ProviderId::MbedCrypto);
     bob.psa_destroy_key("rsa-sign").unwrap();

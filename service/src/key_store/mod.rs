@@ -148,6 +148,8 @@ pub struct KeyStore {
     /// Entries read from upstream Parsec's store (read only), with their files there: a
     /// removal records a `.gone` file in this store's own directory instead.
     inherited: BTreeMap<KeyTriple, PathBuf>,
+    /// Providers whose configured directory holds upstream's store (served beside it).
+    upstream: BTreeSet<u8>,
 }
 
 /// Changes to the store that become durable together (a group commit): staged with
@@ -207,6 +209,7 @@ impl KeyStore {
             damaged: BTreeMap::new(),
             held: BTreeSet::new(),
             inherited: BTreeMap::new(),
+            upstream: BTreeSet::new(),
         };
         let mut damaged = Vec::new();
         for (provider, root) in roots {
@@ -280,6 +283,9 @@ impl KeyStore {
         inherited.retain(|key, _| entries.iter().any(|(k, _)| k == key));
         self.entries.extend(entries);
         self.inherited.extend(inherited);
+        if layout.upstream.is_some() {
+            self.upstream.insert(provider);
+        }
         if !damaged.is_empty() {
             self.damaged.insert(provider, damaged.len());
         }
@@ -294,6 +300,11 @@ impl KeyStore {
     /// The upstream file an inherited entry was read from.
     pub fn inherited_from(&self, key: &KeyTriple) -> Option<&Path> {
         self.inherited.get(key).map(PathBuf::as_path)
+    }
+
+    /// Whether a provider's configured directory holds upstream Parsec's store.
+    pub fn reads_upstream(&self, provider: ProviderId) -> bool {
+        self.upstream.contains(&(provider as u8))
     }
 
     /// The directory a provider's own entries are written to.
@@ -323,6 +334,9 @@ impl KeyStore {
         if let Some(count) = other.damaged.remove(&id) {
             self.damaged.insert(id, count);
         }
+        if other.upstream.contains(&id) {
+            self.upstream.insert(id);
+        }
     }
 
     /// How many entries could not be read, over every provider.
@@ -342,6 +356,7 @@ impl KeyStore {
         self.entries.retain(|k, _| k.provider != provider);
         self.mounted.retain(|k| k.provider != provider);
         self.inherited.retain(|k, _| k.provider != provider);
+        self.upstream.remove(&provider);
         self.damaged.remove(&provider);
     }
 

@@ -4,8 +4,9 @@
 //! directory. This service reads nothing of upstream's in place that Mbed TLS could write
 //! (a destroy removes the file): each inherited key's file is copied into `storage_dir`, once,
 //! crash-safely (a temporary file, synced, renamed, the directory synced), and upstream's
-//! stays as it was, so the device can go back to upstream. New keys' ids are above every
-//! inherited one, so they never take an upstream key's file name.
+//! stays as it was, so the device can go back to upstream. New keys' ids start at
+//! `OVERLAY_FIRST_KEY_ID`, far above the ids upstream hands out (its highest + 1), so they
+//! never take an upstream key's file name, not even one upstream makes after a way back.
 
 use super::{key_file, key_id_of};
 use crate::key_store::KeyStore;
@@ -24,10 +25,23 @@ pub(super) fn copy_key_files(storage_dir: &Path, upstream_dir: &Path, store: &Ke
         }
         let Ok(id) = key_id_of(entry) else { continue };
         let target = storage_dir.join(key_file(id));
-        if target.exists() {
-            continue;
-        }
         let source = upstream_dir.join(key_file(id));
+        if target.exists() {
+            // Mbed TLS never rewrites a key file: a copy that differs from upstream's file
+            // is of an older key with this id (the device went back to upstream, which
+            // destroyed that key and gave its id to a new one): upstream's is the key.
+            match (fs::read(&target), fs::read(&source)) {
+                (Ok(ours), Ok(theirs)) if ours != theirs => {
+                    log::warn!(
+                        "mbed-crypto: key \"{}\" of \"{}\": upstream's key file {} is not the one copied before (upstream made a new key with this id after the device went back to it): copying it again",
+                        crate::error::escape(&triple.name),
+                        crate::error::escape(&triple.app),
+                        source.display()
+                    );
+                }
+                _ => continue,
+            }
+        }
         match copy(&source, &target) {
             Ok(()) => copied += 1,
             Err(e) => log::error!(

@@ -54,11 +54,17 @@ const UUID: &str = "1c1139dc-ad7c-47dc-ad6b-db6fdb466552";
 /// PSA's range of key ids an application may choose.
 const FIRST_KEY_ID: u32 = 1;
 const LAST_KEY_ID: u32 = 0x3FFF_FFFF;
+/// Where new key ids start beside upstream Parsec's store. Upstream gives its next key the
+/// highest id it holds + 1: a device that goes back to upstream and then forward again
+/// brings keys upstream made meanwhile, whose ids must not be ones this service gave out.
+const OVERLAY_FIRST_KEY_ID: u32 = 0x2000_0000;
 
 pub struct MbedCryptoProvider {
     /// Key ids in use, by the store or by Mbed TLS.
     used_ids: BTreeSet<u32>,
     next_id: u32,
+    /// The lowest id this provider gives out (`OVERLAY_FIRST_KEY_ID` beside upstream's store).
+    first_id: u32,
     limits: Limits,
     /// Absolute: the working directory, where Mbed TLS keeps its key files.
     storage_dir: std::path::PathBuf,
@@ -242,6 +248,11 @@ impl MbedCryptoProvider {
         let mut provider = MbedCryptoProvider {
             used_ids: BTreeSet::new(),
             next_id: FIRST_KEY_ID,
+            first_id: if store.reads_upstream(ProviderId::MbedCrypto) {
+                OVERLAY_FIRST_KEY_ID
+            } else {
+                FIRST_KEY_ID
+            },
             limits,
             storage_dir,
             journal,
@@ -297,7 +308,8 @@ impl MbedCryptoProvider {
         provider.next_id = referenced
             .iter()
             .next_back()
-            .map_or(FIRST_KEY_ID, |id| id + 1);
+            .map_or(FIRST_KEY_ID, |id| id + 1)
+            .max(provider.first_id);
         log::info!(
             "mbed-crypto: {} keys, key files in {}",
             referenced.len(),
@@ -381,10 +393,10 @@ impl MbedCryptoProvider {
 
     /// A key id no key uses.
     fn allocate_id(&mut self) -> Result<u32, OpError> {
-        for _ in 0..=(LAST_KEY_ID - FIRST_KEY_ID) {
+        for _ in 0..=(LAST_KEY_ID - self.first_id) {
             let id = self.next_id;
             self.next_id = if id >= LAST_KEY_ID {
-                FIRST_KEY_ID
+                self.first_id
             } else {
                 id + 1
             };
