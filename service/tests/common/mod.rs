@@ -113,20 +113,8 @@ impl Daemon {
             edit(config_text(&socket, &dir.join("store"), auth, admins)),
         )
         .unwrap();
-        let mut daemon = Daemon {
-            log: dir.join("parsec.log"),
-            dir,
-            socket,
-            config,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            relative_config: false,
-            nofile: None,
-            cwd: None,
-            child: None,
-        };
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let mut daemon = Daemon::on_config(dir, config, socket, &env);
         daemon.spawn();
         daemon
     }
