@@ -48,13 +48,23 @@ pub fn is_upstream_store(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
         return false;
     };
+    // Without `parsec/` (removed by hand), an application directory laid out as upstream's:
+    // a base64 name (never one of this store's hex names), a provider-id directory, and a
+    // key file with a base64 name in it.
     entries.filter_map(Result::ok).any(|entry| {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         entry.path().is_dir()
             && !name.bytes().all(|b| b.is_ascii_hexdigit())
-            && !["mbed-crypto", "pkcs11-journal", "journal"].contains(&name.as_ref())
             && decode_name(&name).is_some()
+            && (1..=6u8).any(|id| {
+                fs::read_dir(entry.path().join(id.to_string())).is_ok_and(|files| {
+                    files.filter_map(Result::ok).any(|f| {
+                        f.path().is_file()
+                            && decode_name(&f.file_name().to_string_lossy()).is_some()
+                    })
+                })
+            })
     })
 }
 
@@ -206,6 +216,27 @@ mod tests {
         assert_eq!(decode_name("a"), None);
         assert_eq!(decode_name(""), None);
         assert_eq!(decode_name("ab+c"), None);
+    }
+
+    #[test]
+    fn only_upstreams_layout_is_taken_for_upstreams_store() {
+        let dir = std::env::temp_dir().join(format!("pks-{}-detect", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        // This store's own: hex application names, and a directory an operator added whose
+        // name happens to be base64 ("abc").
+        fs::create_dir_all(dir.join("616c696365/1")).unwrap();
+        fs::create_dir_all(dir.join("YWJj/backup")).unwrap();
+        assert!(!is_upstream_store(&dir));
+        // Upstream's layout: application, provider id, key file, all base64.
+        fs::create_dir_all(dir.join("YWxpY2U=/1")).unwrap();
+        assert!(!is_upstream_store(&dir), "no key file yet");
+        fs::write(dir.join("YWxpY2U=/1/azE="), b"").unwrap();
+        assert!(is_upstream_store(&dir));
+        fs::remove_dir_all(dir.join("YWxpY2U=")).unwrap();
+        // Upstream makes parsec/ at every start, keys or not.
+        fs::create_dir_all(dir.join("parsec")).unwrap();
+        assert!(is_upstream_store(&dir));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
