@@ -72,6 +72,7 @@ fn check_provider(settings: &ProviderSettings, report: &mut Report) {
         upstream_dir.display(),
         layout.own.display()
     );
+    let own_settings = crate::providers::in_own_dirs(settings, &layout);
     let (entries, damaged) = upstream::read(upstream_dir, id);
     let hidden = hidden_in(&layout.own, id);
     for (key, entry, path) in &entries {
@@ -89,7 +90,7 @@ fn check_provider(settings: &ProviderSettings, report: &mut Report) {
             );
             continue;
         }
-        match verdict(settings, &layout.own, upstream_dir, key, entry) {
+        match verdict(&own_settings, entry) {
             Ok(why) => {
                 let _ = writeln!(out, "{what}: served: {why}");
             }
@@ -116,14 +117,9 @@ fn check_provider(settings: &ProviderSettings, report: &mut Report) {
     );
 }
 
-/// Why a readable upstream entry will or will not work.
-fn verdict(
-    settings: &ProviderSettings,
-    own: &Path,
-    upstream_dir: &Path,
-    key: &KeyTriple,
-    entry: &KeyEntry,
-) -> Result<String, String> {
+/// Why a readable upstream entry will or will not work, under the settings the provider
+/// will run with (`in_own_dirs`).
+fn verdict(settings: &ProviderSettings, entry: &KeyEntry) -> Result<String, String> {
     match &settings.kind {
         ProviderKind::MbedCrypto {
             storage_dir,
@@ -133,10 +129,6 @@ fn verdict(
                 .map(u32::from_le_bytes)
                 .map_err(|_| format!("a {}-byte key id, not upstream's 4", entry.key_id.len()))?;
             let file = format!("{id:016x}.psa_its");
-            let storage_dir = storage_dir
-                .strip_prefix(upstream_dir)
-                .map(|inside| own.join(inside))
-                .unwrap_or_else(|_| storage_dir.clone());
             if storage_dir.join(&file).is_file() {
                 return Ok(format!("its key file is in {}", storage_dir.display()));
             }
@@ -157,7 +149,6 @@ fn verdict(
         ProviderKind::Pkcs11(_) => {
             let id = <[u8; 4]>::try_from(entry.key_id.as_slice())
                 .map_err(|_| format!("a {}-byte key id, not upstream's 4", entry.key_id.len()))?;
-            let _ = key;
             Ok(format!(
                 "its objects on the token are the ones with CKA_ID {}",
                 u32::from_le_bytes(id)

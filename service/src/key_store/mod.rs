@@ -145,9 +145,9 @@ pub struct KeyStore {
     damaged: BTreeMap<u8, usize>,
     /// Keys of batches being made durable (`hold`, until `apply`).
     held: BTreeSet<KeyTriple>,
-    /// Entries read from upstream Parsec's store (read only), with their files there: a
-    /// removal records a `.gone` file in this store's own directory instead.
-    inherited: BTreeMap<KeyTriple, PathBuf>,
+    /// Entries read from upstream Parsec's store (read only): a removal records a `.gone`
+    /// file in this store's own directory instead.
+    inherited: BTreeSet<KeyTriple>,
     /// Providers whose configured directory holds upstream's store (served beside it).
     upstream: BTreeSet<u8>,
 }
@@ -208,7 +208,7 @@ impl KeyStore {
             mounted: BTreeSet::new(),
             damaged: BTreeMap::new(),
             held: BTreeSet::new(),
-            inherited: BTreeMap::new(),
+            inherited: BTreeSet::new(),
             upstream: BTreeSet::new(),
         };
         let mut damaged = Vec::new();
@@ -224,8 +224,16 @@ impl KeyStore {
     /// holds upstream Parsec's store, its entries are read from there (never written) and
     /// this store's own from the overlay beside it (`upstream::layout`).
     pub fn load(&mut self, provider: ProviderId, root: &Path) -> io::Result<Vec<DamagedEntry>> {
+        self.load_layout(provider, &upstream::layout(root))
+    }
+
+    /// `load`, with where the entries are already known (`upstream::layout`).
+    pub fn load_layout(
+        &mut self,
+        provider: ProviderId,
+        layout: &upstream::Layout,
+    ) -> io::Result<Vec<DamagedEntry>> {
         let provider = provider as u8;
-        let layout = upstream::layout(root);
         let root = layout.own.as_path();
         create_private_dir(root)?;
         let mut entries = Vec::new();
@@ -264,7 +272,7 @@ impl KeyStore {
                 }
             }
         }
-        let mut inherited = BTreeMap::new();
+        let mut inherited = BTreeSet::new();
         if let Some(upstream_root) = &layout.upstream {
             let own: BTreeSet<KeyTriple> = entries.iter().map(|(k, _, _)| k.clone()).collect();
             let (theirs, unreadable) = upstream::read(upstream_root, provider);
@@ -273,16 +281,20 @@ impl KeyStore {
                 if hidden.contains(&key) || own.contains(&key) {
                     continue;
                 }
-                inherited.insert(key.clone(), path.clone());
+                inherited.insert(key.clone());
                 entries.push((key, entry, path));
             }
         }
         let entries = quarantine_shared_ids(entries, &mut damaged);
         self.forget_provider(provider);
         self.roots.insert(provider, root.to_path_buf());
-        inherited.retain(|key, _| entries.iter().any(|(k, _)| k == key));
         self.entries.extend(entries);
-        self.inherited.extend(inherited);
+        // Those the quarantine set aside are not served, so not inherited either.
+        self.inherited.extend(
+            inherited
+                .into_iter()
+                .filter(|key| self.entries.contains_key(key)),
+        );
         if layout.upstream.is_some() {
             self.upstream.insert(provider);
         }
@@ -294,12 +306,7 @@ impl KeyStore {
 
     /// Whether an entry was read from upstream Parsec's store (and is still served).
     pub fn is_inherited(&self, key: &KeyTriple) -> bool {
-        self.inherited.contains_key(key)
-    }
-
-    /// The upstream file an inherited entry was read from.
-    pub fn inherited_from(&self, key: &KeyTriple) -> Option<&Path> {
-        self.inherited.get(key).map(PathBuf::as_path)
+        self.inherited.contains(key)
     }
 
     /// Whether a provider's configured directory holds upstream Parsec's store.
@@ -325,12 +332,8 @@ impl KeyStore {
             .extend(entries.into_iter().filter(|(k, _)| k.provider == id));
         self.mounted
             .extend(other.mounted.into_iter().filter(|k| k.provider == id));
-        self.inherited.extend(
-            other
-                .inherited
-                .into_iter()
-                .filter(|(k, _)| k.provider == id),
-        );
+        self.inherited
+            .extend(other.inherited.into_iter().filter(|k| k.provider == id));
         if let Some(count) = other.damaged.remove(&id) {
             self.damaged.insert(id, count);
         }
@@ -355,7 +358,7 @@ impl KeyStore {
     fn forget_provider(&mut self, provider: u8) {
         self.entries.retain(|k, _| k.provider != provider);
         self.mounted.retain(|k| k.provider != provider);
-        self.inherited.retain(|k, _| k.provider != provider);
+        self.inherited.retain(|k| k.provider != provider);
         self.upstream.remove(&provider);
         self.damaged.remove(&provider);
     }
@@ -445,7 +448,7 @@ impl KeyStore {
             self.entries.remove(key);
             return Ok(entry);
         }
-        if self.inherited.contains_key(key) {
+        if self.inherited.contains(key) {
             // Upstream's file stays as it is: a `.gone` record in this store's directory
             // hides it from now on.
             let path = self.path_of(key)?.with_extension(&GONE[1..]);

@@ -314,18 +314,14 @@ fn upstream_store(dir: &Path) {
 fn an_upstream_store_is_served_and_never_written() {
     let dir = temp_dir("upstream");
     upstream_store(&dir);
-    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
-        let mut files = Vec::new();
-        for app in read_dir_sorted(dir).unwrap() {
-            for sub in read_dir_sorted(&app).unwrap() {
-                if sub.is_dir() {
-                    for f in read_dir_sorted(&sub).unwrap() {
-                        files.push((f.clone(), fs::read(&f).unwrap()));
-                    }
-                }
-            }
-        }
-        files
+    let snapshot = |dir: &Path| -> BTreeMap<PathBuf, Vec<u8>> {
+        walk(dir)
+            .into_iter()
+            .map(|f| {
+                let bytes = fs::read(&f).unwrap();
+                (f, bytes)
+            })
+            .collect()
     };
     let before = snapshot(&dir);
     let roots = [(ProviderId::MbedCrypto, dir.clone())];

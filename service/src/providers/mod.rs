@@ -281,6 +281,25 @@ pub fn info_of(kind: &ProviderKind) -> Option<ProviderInfo> {
     }
 }
 
+/// The settings with every directory the provider writes moved out of upstream Parsec's key
+/// store, when `layout` says the configured one holds it: the key store directory becomes
+/// the overlay beside it, and a `storage_dir` inside it moves into the overlay too.
+pub fn in_own_dirs(
+    settings: &ProviderSettings,
+    layout: &crate::key_store::upstream::Layout,
+) -> ProviderSettings {
+    let mut settings = settings.clone();
+    if let Some(upstream) = &layout.upstream {
+        if let ProviderKind::MbedCrypto { storage_dir, .. } = &mut settings.kind {
+            if let Ok(inside) = storage_dir.strip_prefix(upstream) {
+                *storage_dir = layout.own.join(inside);
+            }
+        }
+        settings.key_store_dir = layout.own.clone();
+    }
+    settings
+}
+
 /// The wire id of a configured provider, known before it is built.
 pub fn id_of(kind: &ProviderKind) -> ProviderId {
     match kind {

@@ -125,10 +125,14 @@ fn build_on_a_large_stack(
                         root.display()
                     ));
                 }
-                let (mut store, damaged) = KeyStore::open(&[(id, root.clone())]).map_err(|e| {
+                let layout = crate::key_store::upstream::layout(root);
+                let mut store = KeyStore::open(&[])
+                    .map_err(|e| format!("cannot open the key store: {e}"))?
+                    .0;
+                let damaged = store.load_layout(id, &layout).map_err(|e| {
                     format!(
                         "cannot read its key store directory {}: {e}",
-                        root.display()
+                        layout.own.display()
                     )
                 })?;
                 for entry in &damaged {
@@ -138,7 +142,15 @@ fn build_on_a_large_stack(
                         entry.reason
                     );
                 }
-                let settings = &in_own_dirs(settings);
+                if let Some(upstream) = &layout.upstream {
+                    log::info!(
+                        "provider \"{}\": {} holds upstream Parsec's key store: its keys are served and it is never written; this service's own entries go to {}",
+                        settings.name,
+                        upstream.display(),
+                        layout.own.display()
+                    );
+                }
+                let settings = &super::in_own_dirs(settings, &layout);
                 let provider = super::build(settings, &mut store, limits)?;
                 Ok(provider.map(|p| (p, store)))
             })
@@ -147,29 +159,6 @@ fn build_on_a_large_stack(
             .join()
             .unwrap_or_else(|_| Err("building it panicked (a bug: report it)".to_string()))
     })
-}
-
-/// The settings with every directory the provider writes moved out of upstream Parsec's key
-/// store, when the configured one holds it: the key store directory becomes the overlay
-/// beside it, and a `storage_dir` inside it moves into the overlay too.
-fn in_own_dirs(settings: &ProviderSettings) -> ProviderSettings {
-    let mut settings = settings.clone();
-    let layout = crate::key_store::upstream::layout(&settings.key_store_dir);
-    if let Some(upstream) = &layout.upstream {
-        if let crate::config::ProviderKind::MbedCrypto { storage_dir, .. } = &mut settings.kind {
-            if let Ok(inside) = storage_dir.strip_prefix(upstream) {
-                *storage_dir = layout.own.join(inside);
-            }
-        }
-        log::info!(
-            "provider \"{}\": {} holds upstream Parsec's key store: its keys are served and it is never written; this service's own entries go to {}",
-            settings.name,
-            upstream.display(),
-            layout.own.display()
-        );
-        settings.key_store_dir = layout.own;
-    }
-    settings
 }
 
 /// Where workers send results: a channel the event loop drains when its waker fires. It
