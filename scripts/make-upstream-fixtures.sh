@@ -3,7 +3,7 @@
 # upstream Parsec 1.5.0 daemon that you provide (this script neither fetches nor builds it;
 # docs/migration.md says how the committed fixtures' daemon was built).
 #
-#   scripts/make-upstream-fixtures.sh /path/to/upstream/parsec OUT_DIR
+#   scripts/make-upstream-fixtures.sh /path/to/upstream/parsec OUT_DIR [VARIANT...]
 #
 # For each variant (key info manager x authenticator) it starts swtpm and a SoftHSM2 token
 # of the variant's own, runs the upstream daemon on them with an upstream-style config,
@@ -55,8 +55,11 @@ variant() {
     local store
     if [ "$manager" = OnDisk ]; then
         store="store_path = \"@DIR@/mappings\""
+        unset FIXTURE_NAME_PER_PROVIDER
     else
         store="sqlite_db_path = \"@DIR@/kim-mappings/sqlite/sqlite-key-info-manager.sqlite3\""
+        # Upstream's SQLite store has one key of a name per application, across providers.
+        export FIXTURE_NAME_PER_PROVIDER=1
     fi
     # @DIR@ and @TCTI@ are what a test replaces: where it copied the fixture, its swtpm.
     cat >"$dir/config.toml" <<EOF
@@ -98,22 +101,38 @@ owner_hierarchy_auth = ""
 EOF
     sed -e "s|@DIR@|$dir|g" -e "s|@TCTI@|swtpm:host=127.0.0.1,port=$port|" \
         "$dir/config.toml" >"$dir/run.toml"
-    # Upstream keeps Mbed TLS's key files in its working directory.
-    (cd "$dir/workdir" && SOFTHSM2_CONF=$dir/softhsm2.conf exec "$upstream" --config "$dir/run.toml") \
-        >"$dir/upstream.log" 2>&1 &
-    local parsec_pid=$!
-    for _ in $(seq 100); do [ -S "$dir/parsec.sock" ] && break; sleep 0.1; done
     : >"$dir/keys.txt"
-    for app in "$@"; do
-        "$maker" "$dir/parsec.sock" "$app" "$dir" 1 2 3
+    # Applications, then optionally `-- <auth_type> <applications...>`: the operator switched
+    # the authenticator and the daemon was restarted (one store, two authenticators).
+    while :; do
+        # Upstream keeps Mbed TLS's key files in its working directory.
+        (cd "$dir/workdir" && SOFTHSM2_CONF=$dir/softhsm2.conf exec "$upstream" --config "$dir/run.toml") \
+            >>"$dir/upstream.log" 2>&1 &
+        local parsec_pid=$!
+        for _ in $(seq 100); do [ -S "$dir/parsec.sock" ] && break; sleep 0.1; done
+        while [ $# -gt 0 ] && [ "$1" != -- ]; do
+            "$maker" "$dir/parsec.sock" "$1" "$dir" 1 2 3
+            shift
+        done
+        kill "$parsec_pid"
+        wait "$parsec_pid" || true
+        rm -f "$dir/parsec.sock"
+        [ $# -gt 1 ] || break
+        sed -i "s/^auth_type = .*/auth_type = \"$2\"/" "$dir/run.toml" "$dir/config.toml"
+        shift 2
     done
-    kill "$parsec_pid"
-    wait "$parsec_pid" || true
     kill "$swtpm_pid"
     wait "$swtpm_pid" || true
     rm -f "$dir/run.toml" "$dir/parsec.sock" "$dir/tpm/.lock"
     echo "$name: $(wc -l <"$dir/keys.txt") keys"
 }
 
-variant ondisk-direct OnDisk Direct direct:alice direct:bob
-variant ondisk-peer OnDisk UnixPeerCredentials peer
+# Variants to make: all, or those named after OUT_DIR.
+wanted=("${@:3}")
+make() {
+    if [ ${#wanted[@]} -eq 0 ] || [[ " ${wanted[*]} " == *" $1 "* ]]; then variant "$@"; fi
+}
+make ondisk-direct OnDisk Direct direct:alice direct:bob
+make ondisk-peer OnDisk UnixPeerCredentials peer
+# Direct's "0" and UID 0 are two applications to upstream's SQLite store.
+make sqlite-mixed SQLite Direct direct:alice direct:0 -- UnixPeerCredentials peer

@@ -11,7 +11,8 @@
 //!
 //! For each provider it makes `ecc-sign` (ECDSA P-256, SHA-256), `rsa-sign` (RSA-2048
 //! PKCS#1 v1.5, SHA-256) and `rsa-decrypt` (RSA-2048 PKCS#1 v1.5 encryption), and appends
-//! one line per key to `OUT/keys.txt`: `app provider name public-key-hex [ciphertext-hex]`.
+//! one line per key to `OUT/keys.txt`: `app provider name public-key-hex [ciphertext-hex]`,
+//! app being `uid:UID` for UnixPeerCredentials (fixtures made before say the UID alone).
 //! The plaintext of every ciphertext is [`PLAINTEXT`].
 
 use parsec_client::auth::Authentication;
@@ -104,7 +105,7 @@ fn main() {
         }
         None => {
             client.set_auth_data(Authentication::UnixPeerCredentials);
-            nix_uid()
+            format!("uid:{}", nix_uid())
         }
     };
     let mut lines = std::fs::OpenOptions::new()
@@ -116,15 +117,22 @@ fn main() {
         let id: u8 = provider.parse().expect("a provider id");
         let provider = ProviderId::try_from(id).expect("a provider id");
         client.set_implicit_provider(provider);
-        for name in ["ecc-sign", "rsa-sign", "rsa-decrypt"] {
+        for kind in ["ecc-sign", "rsa-sign", "rsa-decrypt"] {
+            // Upstream's SQLite store holds one key of a name per application, whatever
+            // the provider (its key is authenticator, application, key name).
+            let name = &match std::env::var_os("FIXTURE_NAME_PER_PROVIDER") {
+                Some(_) => format!("{kind}-p{id}"),
+                None => kind.to_string(),
+            };
+            let name = name.as_str();
             client
-                .psa_generate_key(name, attributes(name))
+                .psa_generate_key(name, attributes(kind))
                 .unwrap_or_else(|e| panic!("generate {name} on provider {id}: {e}"));
             let public = client
                 .psa_export_public_key(name)
                 .unwrap_or_else(|e| panic!("export {name} on provider {id}: {e}"));
             let mut line = format!("{app} {id} {name} {}", hex(&public));
-            if name == "rsa-decrypt" {
+            if kind == "rsa-decrypt" {
                 let ct = client
                     .psa_asymmetric_encrypt(
                         name,

@@ -3,6 +3,7 @@
 
 use crate::config::AuthenticatorKind;
 use crate::error::OpError;
+use crate::key_store::AppId;
 use parsec_interface::operations::list_authenticators::AuthenticatorInfo;
 use parsec_interface::requests::request::RequestAuth;
 use parsec_interface::requests::{AuthType, ResponseStatus};
@@ -20,7 +21,16 @@ pub struct PeerCredentials {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Application {
     pub name: String,
+    /// The authenticator that vouched for the name: part of whose keys are whose.
+    pub auth: AuthType,
     pub is_admin: bool,
+}
+
+impl Application {
+    /// The key store's name for the application (its keys' namespace).
+    pub fn id(&self) -> AppId {
+        AppId::new(self.auth, &self.name)
+    }
 }
 
 pub struct Authenticator {
@@ -34,11 +44,7 @@ impl Authenticator {
     }
 
     pub fn auth_type(&self) -> AuthType {
-        match self.kind {
-            AuthenticatorKind::Direct => AuthType::Direct,
-            AuthenticatorKind::UnixPeerCredentials => AuthType::UnixPeerCredentials,
-            AuthenticatorKind::JwtSvid => AuthType::JwtSvid,
-        }
+        self.kind.auth_type()
     }
 
     pub fn info(&self) -> AuthenticatorInfo {
@@ -113,7 +119,11 @@ impl Authenticator {
             }
         };
         let is_admin = self.admins.contains(&name);
-        Ok(Application { name, is_admin })
+        Ok(Application {
+            name,
+            auth: self.auth_type(),
+            is_admin,
+        })
     }
 }
 
@@ -139,6 +149,7 @@ mod tests {
             app,
             Application {
                 name: "boss".into(),
+                auth: AuthType::Direct,
                 is_admin: true
             }
         );

@@ -8,6 +8,7 @@
 //! table they are about.
 
 use log::LevelFilter;
+use parsec_interface::requests::AuthType;
 use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,17 @@ pub enum AuthenticatorKind {
     JwtSvid,
 }
 
+impl AuthenticatorKind {
+    /// The authenticator's wire id.
+    pub fn auth_type(self) -> AuthType {
+        match self {
+            AuthenticatorKind::Direct => AuthType::Direct,
+            AuthenticatorKind::UnixPeerCredentials => AuthType::UnixPeerCredentials,
+            AuthenticatorKind::JwtSvid => AuthType::JwtSvid,
+        }
+    }
+}
+
 /// The directory the service started in: where upstream Parsec, which keeps Mbed TLS's key
 /// files in its working directory, kept them (read at the first config load, before the
 /// software provider makes `storage_dir` the working directory).
@@ -95,6 +107,9 @@ pub struct ProviderSettings {
     pub name: String,
     /// Where the key store keeps this provider's name-to-key mappings.
     pub key_store_dir: PathBuf,
+    /// The configured authenticator: the namespace of `existing_keys`, and of the entries
+    /// a store holds from before it had namespaces, at its first start (`key_store::namespace`).
+    pub authenticator: AuthType,
     pub kind: ProviderKind,
 }
 
@@ -899,6 +914,7 @@ impl Config {
             providers.push(ProviderSettings {
                 name,
                 key_store_dir: key_store_dir.clone(),
+                authenticator: authenticator.auth_type.auth_type(),
                 kind,
             });
         }

@@ -4,6 +4,7 @@
 
 use crate::config::{Config, ProviderKind, ProviderSettings};
 use crate::error::escape;
+use crate::key_store::namespace;
 use crate::key_store::upstream::{self, UPSTREAM_TPM_CONTEXT};
 use crate::key_store::{KeyEntry, KeyTriple};
 use std::collections::BTreeSet;
@@ -27,7 +28,7 @@ pub fn check(config: &Config) -> Report {
         stores.insert(settings.key_store_dir.clone());
     }
     for dir in &stores {
-        if upstream::is_upstream_store(dir) {
+        if upstream::layout(dir).upstream.is_some() {
             other_providers(dir, config, &mut report);
         }
     }
@@ -47,10 +48,10 @@ fn check_provider(settings: &ProviderSettings, report: &mut Report) {
     let dir = &settings.key_store_dir;
     let out = &mut report.text;
     let name = escape(&settings.name);
-    if dir.is_file() {
+    if dir.is_file() && !crate::key_store::sqlite::is_sqlite_file(dir) {
         let _ = writeln!(
             out,
-            "provider \"{name}\": {} is a file: upstream Parsec's SQLite key store, which this version does not read yet: its keys are NOT SERVED and the provider will not start",
+            "provider \"{name}\": {} is a file, and not an SQLite database: the provider will not start",
             dir.display()
         );
         report.all_served = false;
@@ -73,12 +74,37 @@ fn check_provider(settings: &ProviderSettings, report: &mut Report) {
         layout.own.display()
     );
     let own_settings = crate::providers::in_own_dirs(settings, &layout);
-    let (entries, damaged) = upstream::read(upstream_dir, id);
-    let hidden = hidden_in(&layout.own, id);
+    // Upstream's OnDisk store has no authenticator: its keys belong to the one the overlay
+    // recorded at this service's first start, or will record (the configured one).
+    let auth = match namespace::recorded(&layout.own) {
+        Ok(recorded) => recorded.unwrap_or(settings.authenticator as u8),
+        Err(e) => {
+            let _ = writeln!(out, "  NOT SERVED: {e}; the provider will not start");
+            report.all_served = false;
+            return;
+        }
+    };
+    if !upstream_dir.is_file() {
+        let _ = writeln!(
+            out,
+            "  its keys belong to applications of the {} authenticator",
+            namespace::auth_name(auth)
+        );
+    }
+    let (entries, damaged) = match upstream::read(upstream_dir, id, auth) {
+        Ok(read) => read,
+        Err(e) => {
+            let _ = writeln!(out, "  NOT SERVED: {e}; the provider will not start");
+            report.all_served = false;
+            return;
+        }
+    };
+    let hidden = hidden_in(&layout.own, id, auth);
     for (key, entry, path) in &entries {
         let what = format!(
-            "  key \"{}\" of \"{}\" ({})",
+            "  key \"{}\" of {} application \"{}\" ({})",
             escape(&key.name),
+            namespace::auth_name(key.auth),
             escape(&key.app),
             path.display()
         );
@@ -165,18 +191,32 @@ fn verdict(settings: &ProviderSettings, entry: &KeyEntry) -> Result<String, Stri
     }
 }
 
-/// Keys this service destroyed (its `.gone` records), read without creating anything.
-fn hidden_in(own: &Path, provider: u8) -> BTreeSet<KeyTriple> {
+/// Keys this service destroyed (its `.gone` records), read without creating anything: in
+/// each authenticator's directory, and in application directories not yet moved into one
+/// (`namespace::upgrade`), which are `unnamespaced`'s.
+fn hidden_in(own: &Path, provider: u8, unnamespaced: u8) -> BTreeSet<KeyTriple> {
     let mut hidden = BTreeSet::new();
-    let Ok(apps) = std::fs::read_dir(own) else {
+    let Ok(top) = std::fs::read_dir(own) else {
         return hidden;
     };
-    for app in apps.flatten() {
-        let Ok(files) = std::fs::read_dir(app.path().join(provider.to_string())) else {
+    let mut app_dirs = Vec::new();
+    for dir in top.flatten() {
+        match namespace::auth_of_dir(&dir.file_name().to_string_lossy()) {
+            Some(auth) => {
+                let Ok(apps) = std::fs::read_dir(dir.path()) else {
+                    continue;
+                };
+                app_dirs.extend(apps.flatten().map(|app| (auth, app.path())));
+            }
+            None => app_dirs.push((unnamespaced, dir.path())),
+        }
+    }
+    for (auth, app) in app_dirs {
+        let Ok(files) = std::fs::read_dir(app.join(provider.to_string())) else {
             continue;
         };
         for file in files.flatten() {
-            if let Some(key) = crate::key_store::read_gone(&file.path(), provider) {
+            if let Some(key) = crate::key_store::read_gone(&file.path(), provider, auth) {
                 hidden.insert(key);
             }
         }
@@ -196,7 +236,9 @@ fn other_providers(dir: &Path, config: &Config, report: &mut Report) {
         if enabled.contains(&id) {
             continue;
         }
-        let (entries, _) = upstream::read(dir, id);
+        let Ok((entries, _)) = upstream::read(dir, id, 0) else {
+            continue;
+        };
         if !entries.is_empty() {
             let _ = writeln!(
                 report.text,

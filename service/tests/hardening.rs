@@ -61,13 +61,8 @@ fn a_damaged_entry_is_named_at_start_up_and_the_other_keys_still_work() {
     client.psa_generate_key("good", p256_signing()).unwrap();
     client.psa_generate_key("bad", p256_signing()).unwrap();
     assert!(daemon.stop().success());
-    // "bad" in hex is 626164.
-    let entry = std::fs::read_dir(daemon.dir.join("store"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("1/626164.key"))
-        .find(|p| p.exists())
-        .expect("the entry of key \"bad\"");
+    let entry = common::entry_path(&daemon.dir.join("store"), "app", 1, "bad");
+    assert!(entry.exists(), "the entry of key \"bad\"");
     let mut bytes = std::fs::read(&entry).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;

@@ -116,12 +116,21 @@ fn the_service_runs_as_its_own_user_with_private_state() {
     let store = state.join("mappings");
     assert_eq!(mode(&store), 0o700);
     assert_eq!(mode(&store.join("mbed-crypto")), 0o700);
-    let app_dir = std::fs::read_dir(&store)
+    assert_eq!(mode(&store.join("namespaces")), 0o600);
+    let namespace = std::fs::read_dir(&store)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| !p.ends_with("mbed-crypto"))
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with('@'))
         .unwrap();
+    assert_eq!(mode(&namespace), 0o700);
+    let app_dir = std::fs::read_dir(&namespace)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    assert_eq!(mode(&app_dir), 0o700);
     let entry = std::fs::read_dir(app_dir.join("1"))
         .unwrap()
         .flatten()

@@ -55,8 +55,15 @@ fn unhex(text: &str) -> Vec<u8> {
 }
 
 fn files_under(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
         let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "overlay") {
+            // This service's, beside upstream's SQLite database.
+            continue;
+        }
         if path.is_dir() {
             files_under(&path, out);
         } else {
@@ -71,6 +78,7 @@ fn files_under(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
 fn upstream_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
     files_under(&dir.join("mappings"), &mut files);
+    files_under(&dir.join("kim-mappings"), &mut files);
     files_under(&dir.join("workdir"), &mut files);
     files
 }
@@ -171,7 +179,7 @@ fn provider(id: u8) -> ProviderId {
 fn public_pem(dir: &Path, key: &Recorded) -> PathBuf {
     let der = dir.join(format!("{}-{}-{}.der", key.app, key.provider, key.name));
     let pem = der.with_extension("pem");
-    if key.name.starts_with("ecc") {
+    if kind(key).starts_with("ecc") {
         let mut spki = unhex("3059301306072a8648ce3d020106082a8648ce3d030107034200");
         spki.extend_from_slice(&key.public);
         std::fs::write(&der, spki).unwrap();
@@ -242,7 +250,7 @@ fn assert_served(device: &Device, client: &mut BasicClient, keys: &[&Recorded]) 
             public, key.public,
             "{what}: another public key than upstream's"
         );
-        match key.name.as_str() {
+        match kind(key) {
             "rsa-decrypt" => {
                 let plain = client
                     .psa_asymmetric_decrypt(
@@ -284,6 +292,13 @@ fn assert_served(device: &Device, client: &mut BasicClient, keys: &[&Recorded]) 
             }
         }
     }
+}
+
+/// What a recorded key is (`ecc-sign`, `rsa-sign`, `rsa-decrypt`): SQLite fixtures' names
+/// end in `-p<provider>`, as upstream's SQLite store has one key of a name per application.
+fn kind(key: &Recorded) -> &str {
+    let suffix = format!("-p{}", key.provider);
+    key.name.strip_suffix(&suffix).unwrap_or(&key.name)
 }
 
 fn listed(client: &mut BasicClient) -> BTreeSet<(u8, String)> {
@@ -438,4 +453,95 @@ fn a_peer_credentials_device_serves_its_uid_its_keys() {
         assert!(std::env::var_os("CI").is_none(), "CI runs as root");
     }
     device.assert_upstream_files_unchanged();
+}
+
+/// Upstream's SQLite store, as Debian's parsec-service uses by default, on a device whose
+/// operator switched the authenticator: upstream 1.5.0 made keys for the Direct
+/// applications "alice" and "0", then, switched to UnixPeerCredentials, for UID 0. Each of
+/// the two "0"s gets its own keys, never the other's.
+#[test]
+fn an_sqlite_device_keeps_every_key_of_each_authenticator() {
+    let device = device("sqlite-mixed", "upstream-sqlite");
+    assert_eq!(device.keys.len(), 27, "3 apps x 3 providers x 3 keys");
+    let db = device
+        .dir
+        .join("kim-mappings/sqlite/sqlite-key-info-manager.sqlite3");
+    let overlay = db.with_file_name("sqlite-key-info-manager.sqlite3.overlay");
+
+    let (all_served, report) = device.migrate_check();
+    assert!(
+        !all_served,
+        "upstream's TPM keys are not served yet:\n{report}"
+    );
+    assert_eq!(report.matches(": served: ").count(), 18, "{report}");
+    assert_eq!(report.matches("NOT SERVED: listed").count(), 9, "{report}");
+    assert_eq!(
+        report
+            .matches("of unix-peer-credentials application \"0\"")
+            .count(),
+        9,
+        "{report}"
+    );
+    assert!(!overlay.exists(), "migrate --check wrote:\n{report}");
+
+    // As upstream last ran: UnixPeerCredentials. UID 0 sees its keys, not Direct "0"'s.
+    let mut daemon = device.daemon();
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let peer_keys = recorded_of(&device, &format!("uid:{uid}"));
+    let mut client = daemon.default_client(None);
+    let expected: BTreeSet<(u8, String)> = peer_keys
+        .iter()
+        .map(|k| (k.provider, k.name.clone()))
+        .collect();
+    assert_eq!(listed(&mut client), expected, "UID {uid}'s keys");
+    if peer_keys.is_empty() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+    } else {
+        assert_served(&device, &mut client, &peer_keys);
+        // A destroy of one of its keys does not touch Direct "0"'s key of that name.
+        client.set_implicit_provider(ProviderId::MbedCrypto);
+        client.psa_destroy_key("ecc-sign-p1").unwrap();
+    }
+    drop(client);
+    daemon.stop();
+    drop(daemon);
+
+    // Back to Direct, as the operator had it first.
+    let text = std::fs::read_to_string(&device.config).unwrap();
+    std::fs::write(
+        &device.config,
+        text.replace(
+            "auth_type = \"UnixPeerCredentials\"",
+            "auth_type = \"Direct\"",
+        ),
+    )
+    .unwrap();
+    let daemon = device.daemon();
+    for app in ["alice", "0"] {
+        let mut client = daemon.client(app);
+        let keys = recorded_of(&device, app);
+        assert_eq!(keys.len(), 9);
+        let expected: BTreeSet<(u8, String)> =
+            keys.iter().map(|k| (k.provider, k.name.clone())).collect();
+        assert_eq!(listed(&mut client), expected, "Direct {app}'s keys");
+        assert_served(&device, &mut client, &keys);
+    }
+    let mut alice = daemon.client("alice");
+    alice.set_implicit_provider(ProviderId::Pkcs11);
+    alice
+        .psa_generate_key("made-here", common::p256_signing())
+        .unwrap();
+    alice.psa_destroy_key("rsa-sign-p2").unwrap();
+    device.assert_upstream_files_unchanged();
+    assert!(
+        overlay.is_dir(),
+        "this service's entries go beside the database"
+    );
+    let (_, report) = device.migrate_check();
+    let destroyed = if peer_keys.is_empty() { 1 } else { 2 };
+    assert_eq!(
+        report.matches("destroyed through this service").count(),
+        destroyed,
+        "{report}"
+    );
 }

@@ -11,7 +11,7 @@ use crate::key_store::Batch;
 pub(super) struct Settling {
     ticket: u64,
     header: RequestHeader,
-    app: String,
+    app: AppId,
     /// The provider instance that made the changes.
     pub(super) instance: Instance,
     result: NativeResult,
@@ -28,7 +28,7 @@ impl Dispatcher {
         let mut answers = Vec::new();
         for (ticket, error) in std::mem::take(&mut self.failed) {
             if let Some(t) = self.tickets.remove(&ticket) {
-                let response = self.respond(t.header, Some(&t.app), Err(error));
+                let response = self.respond(t.header, Some(&t.app.name), Err(error));
                 answers.push((ticket, Dispatched::Done(response)));
             }
         }
@@ -210,7 +210,7 @@ impl Dispatcher {
                 }
                 (_, None) => Ok(s.result),
             };
-            let response = self.respond(s.header, Some(&s.app), outcome);
+            let response = self.respond(s.header, Some(&s.app.name), outcome);
             answers.push((s.ticket, Dispatched::Done(response)));
         }
         answers
@@ -265,7 +265,7 @@ impl Dispatcher {
             if ticket.cancelled {
                 log::info!(
                     "request stopped: app={} provider={:?} opcode=PsaGenerateRandom: its client hung up, {} of {} bytes fetched",
-                    crate::error::escape_capped(&ticket.app, 64),
+                    crate::error::escape_capped(&ticket.app.name, 64),
                     done.provider,
                     parts.collected.len() + chunk.random_bytes.len(),
                     parts.collected.len() + chunk.random_bytes.len() + parts.remaining
@@ -335,7 +335,7 @@ impl Dispatcher {
                 None
             }
             Err(error) => {
-                let response = self.respond(ticket.header, Some(&ticket.app), Err(error));
+                let response = self.respond(ticket.header, Some(&ticket.app.name), Err(error));
                 Some((done.ticket, Dispatched::Done(response)))
             }
         }
@@ -350,7 +350,7 @@ impl Dispatcher {
         &mut self,
         forgetting: bool,
         instance: Instance,
-        app: &str,
+        app: &AppId,
         provider: ProviderId,
         changes: &[Change],
         batch: &mut Batch,
@@ -372,7 +372,7 @@ impl Dispatcher {
                         log::warn!(
                             "{provider:?}: key \"{}\" of \"{}\" was made by a provider a reload removed; it is undone",
                             crate::error::escape(name),
-                            crate::error::escape(app)
+                            crate::error::escape(&app.name)
                         );
                         failure = Some(removed_by_reload(provider, "while the request ran"));
                         break;

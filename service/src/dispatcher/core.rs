@@ -96,7 +96,7 @@ impl Dispatcher {
                     .collect();
                 let keys = self
                     .store
-                    .keys_of(&app.name)
+                    .keys_of(&app.id())
                     .filter(|(k, _)| enabled.contains(&k.provider))
                     .filter_map(|(k, e)| {
                         let provider_id = ProviderId::try_from(k.provider).ok()?;
@@ -111,7 +111,7 @@ impl Dispatcher {
             }
             NativeOperation::ListClients(_) => {
                 Ok(NativeResult::ListClients(list_clients::Result {
-                    clients: self.store.applications(),
+                    clients: self.store.applications(self.authenticator.auth_type()),
                 }))
             }
             other => Err(OpError::new(

@@ -150,7 +150,7 @@ impl Dispatcher {
         );
         Some((
             ticket,
-            Dispatched::Done(self.respond(header, Some(&app), Err(error))),
+            Dispatched::Done(self.respond(header, Some(&app.name), Err(error))),
         ))
     }
 
@@ -169,7 +169,7 @@ impl Dispatcher {
         if let Some((ticket, succeeded)) = late {
             log::warn!(
                 "late answer: app={} provider={provider:?} opcode={:?}: the device {} after its client was told the request timed out; {}",
-                crate::error::escape_capped(&ticket.app, 64),
+                crate::error::escape_capped(&ticket.app.name, 64),
                 ticket.header.opcode,
                 if succeeded { "carried it out" } else { "failed it" },
                 if succeeded {

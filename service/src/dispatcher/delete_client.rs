@@ -16,7 +16,7 @@ pub(super) const CHUNK: usize = 256;
 
 /// A DeleteClient in progress, by its ticket.
 pub(super) struct Deletion {
-    client: String,
+    client: AppId,
     /// The chunks still to send, by provider.
     todo: Vec<(ProviderId, VecDeque<Vec<String>>)>,
     /// Chunks with a worker, by their own ticket: provider and key count.
@@ -37,7 +37,8 @@ impl Dispatcher {
         client: &str,
     ) -> Result<Step, OpError> {
         let mut by_provider: Vec<(ProviderId, Vec<String>)> = Vec::new();
-        for (triple, _) in self.store.keys_of(client) {
+        let client = AppId::new(admin.auth, client);
+        for (triple, _) in self.store.keys_of(&client) {
             let Some(slot) = self.slots.iter().find(|s| s.id as u8 == triple.provider) else {
                 continue;
             };
@@ -64,7 +65,7 @@ impl Dispatcher {
         if total == 0 {
             log::info!(
                 "DeleteClient: \"{}\" has no keys",
-                crate::error::escape_capped(client, 128)
+                crate::error::escape_capped(&client.name, 128)
             );
             return Ok(Step::Result(NativeResult::DeleteClient(
                 parsec_interface::operations::delete_client::Result {},
@@ -73,7 +74,7 @@ impl Dispatcher {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         self.tickets
-            .insert(ticket, Ticket::new(header, admin.name.clone(), None));
+            .insert(ticket, Ticket::new(header, admin.id(), None));
         let todo = by_provider
             .into_iter()
             .map(|(id, names)| (id, names.chunks(CHUNK).map(<[String]>::to_vec).collect()))
@@ -81,7 +82,7 @@ impl Dispatcher {
         self.deletions.insert(
             ticket,
             Deletion {
-                client: client.to_string(),
+                client,
                 todo,
                 in_hand: HashMap::new(),
                 total,
@@ -151,7 +152,7 @@ impl Dispatcher {
             Err(error) => {
                 log::warn!(
                     "DeleteClient of \"{}\": {}",
-                    crate::error::escape_capped(&deletion.client, 128),
+                    crate::error::escape_capped(&deletion.client.name, 128),
                     error.cause
                 );
                 deletion.failure = Some(error.status);
@@ -207,7 +208,7 @@ impl Dispatcher {
     fn finish_deletion(&mut self, parent: u64) -> Option<(u64, Dispatched)> {
         let deletion = self.deletions.remove(&parent)?;
         let ticket = self.tickets.remove(&parent)?;
-        let client = crate::error::escape_capped(&deletion.client, 128);
+        let client = crate::error::escape_capped(&deletion.client.name, 128);
         let outcome = match deletion.failure {
             None => {
                 log::info!(
@@ -227,7 +228,7 @@ impl Dispatcher {
                 "the rest of its keys are intact: send DeleteClient again to delete them (the failed part's cause is logged above)",
             )),
         };
-        let response = self.respond(ticket.header, Some(&ticket.app), outcome);
+        let response = self.respond(ticket.header, Some(&ticket.app.name), outcome);
         Some((parent, Dispatched::Done(response)))
     }
 }

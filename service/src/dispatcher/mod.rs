@@ -22,7 +22,7 @@ pub use self::core::is_cheap_opcode;
 use crate::authenticators::{Application, Authenticator, PeerCredentials};
 use crate::config::Config;
 use crate::error::OpError;
-use crate::key_store::{KeyStore, KeyTriple};
+use crate::key_store::{AppId, KeyStore, KeyTriple};
 use crate::providers::worker::{
     Built, Done, Event, Inbox, Instance, Job, Outcome, StoreWriter, Work, Worker,
 };
@@ -71,7 +71,7 @@ enum Route {
 /// A request in the hands of a worker (queued or running): what its response needs.
 struct Ticket {
     header: RequestHeader,
-    app: String,
+    app: AppId,
     /// A large random request, served in chunks (see `RANDOM_CHUNK`).
     random: Option<RandomParts>,
     /// Its client hung up while it ran (`cancel`).
@@ -85,7 +85,7 @@ struct Ticket {
 }
 
 impl Ticket {
-    fn new(header: RequestHeader, app: String, deadline: Option<Instant>) -> Ticket {
+    fn new(header: RequestHeader, app: AppId, deadline: Option<Instant>) -> Ticket {
         Ticket {
             header,
             app,
@@ -149,8 +149,7 @@ impl Dispatcher {
         providers::tpm::quiet_tss_logs();
         let inbox = Inbox::new();
         let outbox = inbox.outbox();
-        let (store, _) =
-            KeyStore::open(&[]).map_err(|e| format!("cannot open the key store: {e}"))?;
+        let store = KeyStore::new();
         let limits = Limits {
             buffer_size_limit: config.buffer_size_limit,
             max_keygen_processes: config.max_keygen_processes,
@@ -306,7 +305,7 @@ impl Dispatcher {
                 }
                 (Route::Core, app) => Ok(Step::Result(self.execute_core(operation, app.as_ref())?)),
                 (Route::Provider(index), Some(app)) => {
-                    self.run_on(index, header, app.name, operation)
+                    self.run_on(index, header, app.id(), operation)
                 }
                 (Route::Provider(_), None) => {
                     Err(OpError::status(ResponseStatus::NotAuthenticated))
@@ -326,15 +325,15 @@ impl Dispatcher {
         &mut self,
         index: usize,
         header: RequestHeader,
-        app: String,
+        app: AppId,
         operation: NativeOperation,
     ) -> Result<Step, OpError> {
         // What the client chose is checked before any device or file is touched.
         if let Some(name) = slots::name_created_by(&operation) {
-            crate::key_store::check_name("application name", &app)?;
+            crate::key_store::check_name("application name", &app.name)?;
             crate::key_store::check_name("key name", name)?;
         }
-        deprecated::check(&operation, &app, self.allow_deprecated)?;
+        deprecated::check(&operation, &app.name, self.allow_deprecated)?;
         let ticket = self.next_ticket;
         let (operation, random) = match operation {
             NativeOperation::PsaGenerateRandom(op) if op.size > RANDOM_CHUNK => {
@@ -373,7 +372,7 @@ impl Dispatcher {
         };
         t.cancelled = true;
         let opcode = t.header.opcode;
-        let app = crate::error::escape_capped(&t.app, 64);
+        let app = crate::error::escape_capped(&t.app.name, 64);
         for slot in &mut self.slots {
             if let Some(at) = slot.queue.iter().position(|w| w.ticket == ticket) {
                 slot.queue.remove(at);
@@ -513,7 +512,7 @@ impl Dispatcher {
         log::debug!(
             "deferred {:?} for \"{}\": child {} ended: {exit:?}",
             t.header.opcode,
-            crate::error::escape(&t.app),
+            crate::error::escape(&t.app.name),
             job.child
         );
         let waiting = Waiting {
@@ -549,7 +548,7 @@ impl Dispatcher {
                 // Cannot happen: an instance waits for its deferred requests before it stops.
                 let t = self.tickets.remove(&ticket).expect("looked up above");
                 let error = removed_by_reload(provider, "while the request ran");
-                Dispatched::Done(self.respond(t.header, Some(&t.app), Err(error)))
+                Dispatched::Done(self.respond(t.header, Some(&t.app.name), Err(error)))
             }
         }
     }

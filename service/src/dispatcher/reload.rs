@@ -193,7 +193,7 @@ impl Dispatcher {
     /// Answers a request that never reached a worker.
     pub(super) fn answer_now(&mut self, ticket: u64, error: OpError) -> Option<(u64, Dispatched)> {
         let t = self.tickets.remove(&ticket)?;
-        let response = self.respond(t.header, Some(&t.app), Err(error));
+        let response = self.respond(t.header, Some(&t.app.name), Err(error));
         Some((ticket, Dispatched::Done(response)))
     }
 

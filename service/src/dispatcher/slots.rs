@@ -14,7 +14,7 @@
 
 use crate::config::ProviderSettings;
 use crate::error::OpError;
-use crate::key_store::KeyEntry;
+use crate::key_store::{AppId, KeyEntry};
 use crate::providers::worker::{Instance, Work, Worker};
 use crate::providers::Limits;
 use parsec_interface::operations::list_providers::ProviderInfo;
@@ -34,7 +34,7 @@ pub(super) fn next_instance() -> Instance {
 /// A request waiting for its provider.
 pub(super) struct Waiting {
     pub ticket: u64,
-    pub app: String,
+    pub app: AppId,
     pub work: Work,
 }
 
@@ -216,7 +216,7 @@ impl Slot {
 /// sees what the first did).
 pub(super) fn next_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Waiting> {
     let mut batch = Vec::new();
-    let mut keys: HashSet<(String, String)> = HashSet::new();
+    let mut keys: HashSet<(AppId, String)> = HashSet::new();
     while batch.len() < limit {
         let Some(front) = queue.front() else {
             break;

@@ -6,18 +6,19 @@
 //! power cut at any moment a key is either wholly there or wholly absent. The layout is
 //!
 //! ```text
-//! <root>/<hex(application)>/<provider id>/<hex(key name)>.key
+//! <root>/@<authenticator>/<hex(application)>/<provider id>/<hex(key name)>.key
 //! ```
 //!
 //! and each file holds `PKS1`, the payload length (u32 LE), the payload's CRC-32 (u32 LE)
 //! and the payload: a bincode-encoded [`StoredEntry`]. A file whose checksum, length or
 //! names do not match is reported by path at start-up and skipped; temporary files left by
 //! an interrupted write are removed. Directories the store creates are mode 0700 and entries
-//! 0600. See docs/key-store.md.
+//! 0600. An application is its name and the authenticator that vouched for it (`AppId`,
+//! `namespace`). See docs/key-store.md.
 
 use crate::error::OpError;
 use parsec_interface::operations::psa_key_attributes::Attributes;
-use parsec_interface::requests::{ProviderId, ResponseStatus};
+use parsec_interface::requests::{AuthType, ProviderId, ResponseStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +26,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub mod namespace;
+pub mod sqlite;
 pub mod upstream;
 
 const MAGIC: &[u8; 4] = b"PKS1";
@@ -34,20 +37,49 @@ const HEADER_LEN: usize = 12;
 /// Longest application or key name, in bytes: the hex file name must fit in 255 bytes.
 pub const MAX_NAME_LEN: usize = 120;
 
-/// The full name of a key: nobody but `app` can reach it.
+/// An application: a name, as one authenticator vouched for it. The same name from another
+/// authenticator (a Direct application called "1000", the process of UID 1000) is another
+/// application, with other keys (`namespace`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AppId {
+    /// The authenticator's wire id (upstream's AuthType).
+    pub auth: u8,
+    pub name: String,
+}
+
+impl AppId {
+    pub fn new(auth: AuthType, name: &str) -> Self {
+        AppId {
+            auth: auth as u8,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// The full name of a key: nobody but `app` (of that authenticator) can reach it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyTriple {
+    pub auth: u8,
     pub app: String,
     pub provider: u8,
     pub name: String,
 }
 
 impl KeyTriple {
-    pub fn new(app: &str, provider: ProviderId, name: &str) -> Self {
+    pub fn new(app: &AppId, provider: ProviderId, name: &str) -> Self {
         KeyTriple {
-            app: app.to_string(),
+            auth: app.auth,
+            app: app.name.clone(),
             provider: provider as u8,
             name: name.to_string(),
+        }
+    }
+
+    /// The application that owns the key.
+    pub fn owner(&self) -> AppId {
+        AppId {
+            auth: self.auth,
+            name: self.app.clone(),
         }
     }
 }
@@ -133,6 +165,7 @@ pub struct DamagedEntry {
     pub reason: String,
 }
 
+#[derive(Default)]
 pub struct KeyStore {
     /// The directory each provider's entries live in.
     roots: BTreeMap<u8, PathBuf>,
@@ -197,23 +230,20 @@ impl Batch {
 }
 
 impl KeyStore {
-    /// Opens the store for the given providers, loading every entry found.
-    ///
-    /// Entries of providers not listed stay on disk untouched, so that disabling a provider
-    /// in the config and enabling it again loses nothing.
+    /// An empty store: providers' entries come in with `load_layout` (or `adopt`).
+    pub fn new() -> KeyStore {
+        KeyStore::default()
+    }
+
+    /// Opens the store for the given providers, loading every entry found (entries older
+    /// than namespaces taken for Direct's). Entries of providers not listed stay on disk
+    /// untouched, so that disabling a provider in the config and enabling it again loses
+    /// nothing.
     pub fn open(roots: &[(ProviderId, PathBuf)]) -> io::Result<(KeyStore, Vec<DamagedEntry>)> {
-        let mut store = KeyStore {
-            roots: BTreeMap::new(),
-            entries: BTreeMap::new(),
-            mounted: BTreeSet::new(),
-            damaged: BTreeMap::new(),
-            held: BTreeSet::new(),
-            inherited: BTreeSet::new(),
-            upstream: BTreeSet::new(),
-        };
+        let mut store = KeyStore::new();
         let mut damaged = Vec::new();
         for (provider, root) in roots {
-            damaged.extend(store.load(*provider, root)?);
+            damaged.extend(store.load(*provider, root, AuthType::Direct)?);
         }
         Ok((store, damaged))
     }
@@ -222,9 +252,16 @@ impl KeyStore {
     /// it had in memory (a reload that starts a new instance of the provider: what is on
     /// disk is exactly what was committed, as its previous instance has drained). If `root`
     /// holds upstream Parsec's store, its entries are read from there (never written) and
-    /// this store's own from the overlay beside it (`upstream::layout`).
-    pub fn load(&mut self, provider: ProviderId, root: &Path) -> io::Result<Vec<DamagedEntry>> {
-        self.load_layout(provider, &upstream::layout(root))
+    /// this store's own from the overlay beside it (`upstream::layout`). `auth` is the
+    /// configured authenticator, which entries older than namespaces belong to if the store
+    /// has no record of its own yet (`namespace::upgrade`).
+    pub fn load(
+        &mut self,
+        provider: ProviderId,
+        root: &Path,
+        auth: AuthType,
+    ) -> io::Result<Vec<DamagedEntry>> {
+        self.load_layout(provider, &upstream::layout(root), auth)
     }
 
     /// `load`, with where the entries are already known (`upstream::layout`).
@@ -232,50 +269,58 @@ impl KeyStore {
         &mut self,
         provider: ProviderId,
         layout: &upstream::Layout,
+        auth: AuthType,
     ) -> io::Result<Vec<DamagedEntry>> {
         let provider = provider as u8;
         let root = layout.own.as_path();
-        create_private_dir(root)?;
+        let mut damaged = Vec::new();
+        let unnamespaced = namespace::upgrade(root, auth as u8, &mut damaged)?;
         let mut entries = Vec::new();
         let mut hidden = BTreeSet::new();
-        let mut damaged = Vec::new();
-        for app_dir in read_dir_sorted(root)? {
-            let provider_dir = app_dir.join(provider.to_string());
-            if !provider_dir.is_dir() {
+        for ns_dir in read_dir_sorted(root)? {
+            let ns_name = ns_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let Some(auth) = namespace::auth_of_dir(ns_name) else {
                 continue;
-            }
-            for path in read_dir_sorted(&provider_dir)? {
-                let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if file_name.ends_with(".tmp") {
-                    log::warn!(
-                        "key store: removing {}, left by a write that did not finish",
-                        path.display()
-                    );
-                    let _ = fs::remove_file(&path);
+            };
+            for app_dir in read_dir_sorted(&ns_dir)? {
+                let provider_dir = app_dir.join(provider.to_string());
+                if !provider_dir.is_dir() {
                     continue;
                 }
-                let gone = file_name.ends_with(GONE);
-                match read_entry(&path, provider) {
-                    Ok(stored) => {
-                        let key = KeyTriple {
-                            app: stored.app,
-                            provider,
-                            name: stored.name,
-                        };
-                        if gone {
-                            hidden.insert(key);
-                        } else {
-                            entries.push((key, stored.entry, path));
-                        }
+                for path in read_dir_sorted(&provider_dir)? {
+                    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    if file_name.ends_with(".tmp") {
+                        log::warn!(
+                            "key store: removing {}, left by a write that did not finish",
+                            path.display()
+                        );
+                        let _ = fs::remove_file(&path);
+                        continue;
                     }
-                    Err(reason) => damaged.push(DamagedEntry { path, reason }),
+                    let gone = file_name.ends_with(GONE);
+                    match read_entry(&path, provider) {
+                        Ok(stored) => {
+                            let key = KeyTriple {
+                                auth,
+                                app: stored.app,
+                                provider,
+                                name: stored.name,
+                            };
+                            if gone {
+                                hidden.insert(key);
+                            } else {
+                                entries.push((key, stored.entry, path));
+                            }
+                        }
+                        Err(reason) => damaged.push(DamagedEntry { path, reason }),
+                    }
                 }
             }
         }
         let mut inherited = BTreeSet::new();
         if let Some(upstream_root) = &layout.upstream {
             let own: BTreeSet<KeyTriple> = entries.iter().map(|(k, _, _)| k.clone()).collect();
-            let (theirs, unreadable) = upstream::read(upstream_root, provider);
+            let (theirs, unreadable) = upstream::read(upstream_root, provider, unnamespaced)?;
             damaged.extend(unreadable);
             for (key, entry, path) in theirs {
                 if hidden.contains(&key) || own.contains(&key) {
@@ -545,19 +590,20 @@ impl KeyStore {
     }
 
     /// Every key of one application, in provider then name order. Entries are ordered by
-    /// application first, so this reads only that application's range.
+    /// authenticator and application first, so this reads only that application's range.
     pub fn keys_of<'a>(
         &'a self,
-        app: &'a str,
+        app: &'a AppId,
     ) -> impl Iterator<Item = (&'a KeyTriple, &'a KeyEntry)> + 'a {
         let first = KeyTriple {
-            app: app.to_string(),
+            auth: app.auth,
+            app: app.name.clone(),
             provider: 0,
             name: String::new(),
         };
         self.entries
             .range(first..)
-            .take_while(move |(k, _)| k.app == app)
+            .take_while(move |(k, _)| k.auth == app.auth && k.app == app.name)
     }
 
     /// Every key held by one provider.
@@ -568,10 +614,11 @@ impl KeyStore {
             .filter(move |(k, _)| k.provider == provider)
     }
 
-    /// The applications that own at least one key.
-    pub fn applications(&self) -> Vec<String> {
+    /// The applications of one authenticator that own at least one key.
+    pub fn applications(&self, auth: AuthType) -> Vec<String> {
+        let auth = auth as u8;
         let mut apps: Vec<String> = Vec::new();
-        for key in self.entries.keys() {
+        for key in self.entries.keys().filter(|k| k.auth == auth) {
             if apps.last() != Some(&key.app) {
                 apps.push(key.app.clone());
             }
@@ -598,6 +645,7 @@ impl KeyStore {
             )
         })?;
         Ok(root
+            .join(namespace::dir_name(key.auth))
             .join(hex(&key.app))
             .join(key.provider.to_string())
             .join(format!("{}.key", hex(&key.name))))
@@ -699,13 +747,14 @@ fn read_entry(path: &Path, provider: u8) -> Result<StoredEntry, String> {
 }
 
 /// The key a `.gone` record (an upstream entry this service destroyed) hides, if `path` is
-/// a readable one.
-pub fn read_gone(path: &Path, provider: u8) -> Option<KeyTriple> {
+/// a readable one, of the authenticator `auth`.
+pub fn read_gone(path: &Path, provider: u8, auth: u8) -> Option<KeyTriple> {
     if !path.file_name()?.to_str()?.ends_with(GONE) {
         return None;
     }
     let stored = read_entry(path, provider).ok()?;
     Some(KeyTriple {
+        auth,
         app: stored.app,
         provider,
         name: stored.name,
@@ -835,16 +884,9 @@ pub fn durable_all(batches: Vec<Batch>) -> Vec<Committed> {
 fn write_temporary(path: &Path, stored: &StoredEntry) -> io::Result<PathBuf> {
     let dir = path.parent().expect("entry paths have a parent");
     if !dir.is_dir() {
-        // <root>/<app>/<provider>: make the directories the store creates durable too.
-        let app_dir = dir
-            .parent()
-            .expect("entry directories sit in an application directory");
-        let root = app_dir
-            .parent()
-            .expect("application directories sit in the root");
+        // <root>/@<auth>/<app>/<provider>: the directories the store creates become durable
+        // in their parents (`create_private_dir`).
         create_private_dir(dir)?;
-        sync_dir(app_dir)?;
-        sync_dir(root)?;
     }
     let file_name = path.file_name().expect("entry paths have a file name");
     let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));

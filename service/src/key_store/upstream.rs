@@ -1,4 +1,5 @@
-//! Upstream Parsec's OnDisk key store (1.4, 1.5), read as it is and never written.
+//! Upstream Parsec's key stores (1.4, 1.5), read as they are and never written: its OnDisk
+//! directory (here) and its SQLite database (`sqlite`).
 //!
 //! A device that ran upstream Parsec keeps its store where its config says (`store_path`):
 //!
@@ -76,9 +77,10 @@ pub fn overlay_of(dir: &Path) -> PathBuf {
 }
 
 /// Where the entries of a key store directory go: the directory itself, or, if it holds
-/// upstream's store, the overlay beside it.
+/// upstream's store (its OnDisk directory, or its SQLite database file), the overlay beside
+/// it.
 pub fn layout(dir: &Path) -> Layout {
-    if is_upstream_store(dir) {
+    if is_upstream_store(dir) || super::sqlite::is_sqlite_file(dir) {
         Layout {
             own: overlay_of(dir),
             upstream: Some(dir.to_path_buf()),
@@ -91,9 +93,103 @@ pub fn layout(dir: &Path) -> Layout {
     }
 }
 
-/// Reads one provider's entries from upstream's store. An entry that cannot be read, or
-/// whose names this store cannot hold, is reported (never served, never touched).
-pub fn read(root: &Path, provider: u8) -> (Vec<(KeyTriple, KeyEntry, PathBuf)>, Vec<DamagedEntry>) {
+/// Entries read from upstream's store, each with the file it came from, and those that could
+/// not be read.
+pub type Read = (Vec<(KeyTriple, KeyEntry, PathBuf)>, Vec<DamagedEntry>);
+
+/// Reads one provider's entries from upstream's store: its SQLite database, whose rows name
+/// their authenticator, or its OnDisk directory, whose keys are taken as the authenticator
+/// `auth`'s (it does not record one: `namespace`). An entry that cannot be read, or whose
+/// names this store cannot hold, is reported (never served, never touched); a database this
+/// service cannot read as it is fails whole, with the reason.
+pub fn read(root: &Path, provider: u8, auth: u8) -> std::io::Result<Read> {
+    if root.is_file() {
+        return read_sqlite(root, provider)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    }
+    Ok(read_on_disk(root, provider, auth))
+}
+
+/// Upstream's provider UUIDs (its `key_mapping.provider_uuid`), by provider id.
+const PROVIDER_UUIDS: [(u8, &str); 3] = [
+    (1, "1c1139dc-ad7c-47dc-ad6b-db6fdb466552"),
+    (2, "30e39502-eba6-4d60-a4af-c518b7f5e38f"),
+    (3, "1e4954a4-ff21-46d3-ab0c-661eeb667e1d"),
+];
+
+/// Upstream's authenticator id of its own internal keys (the TPM root key's name).
+const INTERNAL_AUTH_ID: i64 = 255;
+
+fn read_sqlite(db: &Path, provider: u8) -> Result<Read, String> {
+    let rows = super::sqlite::read_key_mapping(db)
+        .map_err(|e| format!("upstream Parsec's SQLite key store {}: {e}", db.display()))?;
+    let uuid = PROVIDER_UUIDS
+        .iter()
+        .find(|(id, _)| *id == provider)
+        .map(|(_, uuid)| *uuid);
+    let mut entries = Vec::new();
+    let mut damaged = Vec::new();
+    for row in rows {
+        if Some(row.provider_uuid.as_str()) != uuid || row.authenticator_id == INTERNAL_AUTH_ID {
+            continue;
+        }
+        let result = (|| {
+            let auth = u8::try_from(row.authenticator_id)
+                .map_err(|_| format!("authenticator id {}", row.authenticator_id))?;
+            if row.key_id_version != 1 || row.key_attributes_version != 1 {
+                return Err(format!(
+                    "key id version {} and attributes version {} (upstream 1.4 and 1.5 write 1 and 1)",
+                    row.key_id_version, row.key_attributes_version
+                ));
+            }
+            check_names(&row.application_name, &row.key_name)?;
+            let attributes = bincode::deserialize(&row.key_attributes)
+                .map_err(|e| format!("undecodable key attributes: {e}"))?;
+            let mut entry = KeyEntry {
+                key_id: row.key_id.clone(),
+                attributes,
+            };
+            if provider == TPM {
+                entry.key_id.insert(0, UPSTREAM_TPM_CONTEXT);
+            }
+            Ok((
+                KeyTriple {
+                    auth,
+                    app: row.application_name.clone(),
+                    provider,
+                    name: row.key_name.clone(),
+                },
+                entry,
+            ))
+        })();
+        match result {
+            Ok((key, entry)) => entries.push((key, entry, db.to_path_buf())),
+            Err(reason) => damaged.push(DamagedEntry {
+                path: db.to_path_buf(),
+                reason: format!(
+                    "its row for key \"{}\" of \"{}\": {reason}",
+                    crate::error::escape_capped(&row.key_name, 64),
+                    crate::error::escape_capped(&row.application_name, 64)
+                ),
+            }),
+        }
+    }
+    Ok((entries, damaged))
+}
+
+/// Refuses names this store cannot hold.
+fn check_names(app: &str, name: &str) -> Result<(), String> {
+    if app.is_empty() || app.len() > MAX_NAME_LEN || name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "an upstream entry with an application name of {} bytes and a key name of {} bytes: this service holds names of 1 to {MAX_NAME_LEN} bytes",
+            app.len(),
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
+fn read_on_disk(root: &Path, provider: u8, auth: u8) -> Read {
     let mut entries = Vec::new();
     let mut damaged = Vec::new();
     let Ok(apps) = super::read_dir_sorted(root) else {
@@ -126,17 +222,7 @@ pub fn read(root: &Path, provider: u8) -> (Vec<(KeyTriple, KeyEntry, PathBuf)>, 
                     .clone()
                     .ok_or("its application directory's name is not base64url UTF-8")?;
                 let name = decode_name(&file_name).ok_or("its file name is not base64url UTF-8")?;
-                if app.is_empty()
-                    || app.len() > MAX_NAME_LEN
-                    || name.is_empty()
-                    || name.len() > MAX_NAME_LEN
-                {
-                    return Err(format!(
-                        "an upstream entry with an application name of {} bytes and a key name of {} bytes: this service holds names of 1 to {MAX_NAME_LEN} bytes",
-                        app.len(),
-                        name.len()
-                    ));
-                }
+                check_names(&app, &name)?;
                 let bytes = fs::read(&path).map_err(|e| format!("unreadable: {e}"))?;
                 let mut entry: KeyEntry = bincode::deserialize(&bytes)
                     .map_err(|e| format!("not an upstream Parsec key info file: {e}"))?;
@@ -147,6 +233,7 @@ pub fn read(root: &Path, provider: u8) -> (Vec<(KeyTriple, KeyEntry, PathBuf)>, 
                 }
                 Ok((
                     KeyTriple {
+                        auth,
                         app,
                         provider,
                         name,

@@ -10,7 +10,7 @@
 
 use crate::config::{ProviderKind, ProviderSettings};
 use crate::error::OpError;
-use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
+use crate::key_store::{AppId, KeyEntry, KeyStore, KeyTriple};
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
@@ -208,6 +208,7 @@ pub fn build(
             let provider = pkcs11::Pkcs11Provider::start(
                 pkcs11_settings,
                 &settings.key_store_dir,
+                settings.authenticator,
                 store,
                 limits,
             )?;
@@ -340,7 +341,7 @@ impl Snapshot {
     /// Only the named keys of one application (a DeleteClient chunk: not all its keys).
     pub fn of_names(
         store: &KeyStore,
-        app: &str,
+        app: &AppId,
         provider: ProviderId,
         names: &[String],
     ) -> Snapshot {
@@ -362,7 +363,7 @@ impl Snapshot {
         }
     }
 
-    pub fn of(store: &KeyStore, app: &str, provider: ProviderId) -> Snapshot {
+    pub fn of(store: &KeyStore, app: &AppId, provider: ProviderId) -> Snapshot {
         let mut entries = std::collections::HashMap::new();
         let mut mounted = std::collections::HashSet::new();
         for (triple, entry) in store.keys_of(app) {

@@ -22,7 +22,7 @@ pub use super::store_writer::StoreWriter;
 use super::{AppKeys, Change, Deferred, Limits, Provider, Snapshot, Start};
 use crate::config::ProviderSettings;
 use crate::error::OpError;
-use crate::key_store::{Committed, KeyEntry, KeyStore};
+use crate::key_store::{AppId, Committed, KeyEntry, KeyStore};
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{ProviderId, ResponseStatus};
 use std::sync::mpsc;
@@ -47,7 +47,7 @@ pub enum Work {
 /// A request handed to a worker.
 pub struct Job {
     pub ticket: u64,
-    pub app: String,
+    pub app: AppId,
     pub work: Work,
     pub snapshot: Snapshot,
 }
@@ -65,7 +65,7 @@ pub struct Done {
     pub instance: Instance,
     pub provider: ProviderId,
     pub ticket: u64,
-    pub app: String,
+    pub app: AppId,
     pub outcome: Outcome,
     pub changes: Vec<Change>,
 }
@@ -119,17 +119,15 @@ fn build_on_a_large_stack(
             .spawn_scoped(scope, || {
                 let id = super::id_of(&settings.kind);
                 let root = &settings.key_store_dir;
-                if root.is_file() {
+                if root.is_file() && !crate::key_store::sqlite::is_sqlite_file(root) {
                     return Err(format!(
-                        "its key store {} is a file: upstream Parsec's SQLite key store, which this version does not read yet; its keys are kept as they are. Keep upstream Parsec on this device for now, or point the key manager at a new directory to start without those keys (docs/migration.md)",
+                        "its key store {} is a file, and not an SQLite database (upstream Parsec's SQLite store): point the key manager at a directory, or at upstream's database (docs/migration.md)",
                         root.display()
                     ));
                 }
                 let layout = crate::key_store::upstream::layout(root);
-                let mut store = KeyStore::open(&[])
-                    .map_err(|e| format!("cannot open the key store: {e}"))?
-                    .0;
-                let damaged = store.load_layout(id, &layout).map_err(|e| {
+                let mut store = KeyStore::new();
+                let damaged = store.load_layout(id, &layout, settings.authenticator).map_err(|e| {
                     format!(
                         "cannot read its key store directory {}: {e}",
                         layout.own.display()
@@ -398,11 +396,11 @@ fn run(
 
 fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Job) -> Done {
     let id = provider.id();
-    let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app);
+    let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app.name);
     let outcome = match job.work {
         Work::Op(op) => match provider.start(op, keys) {
             Ok(Start::Now(op)) => {
-                let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app);
+                let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app.name);
                 Outcome::Finished(provider.execute(op, keys))
             }
             Ok(Start::Deferred(deferred)) => Outcome::Deferred(deferred),

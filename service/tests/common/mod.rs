@@ -144,6 +144,35 @@ impl Daemon {
 
     /// Starts the process and waits until it answers a ping.
     pub fn spawn(&mut self) {
+        self.start_process();
+        let start = Instant::now();
+        loop {
+            if self.raw_ping_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "daemon exited with {status} during start-up; log:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not start; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts the process and waits (up to 20 s) for it to exit on its own: a start that
+    /// aborts at a crash point, whether or not it listened first.
+    pub fn run_to_exit(&mut self) -> ExitStatus {
+        self.start_process();
+        self.wait()
+    }
+
+    fn start_process(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -177,24 +206,6 @@ impl Daemon {
             .spawn()
             .expect("start the daemon");
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if self.raw_ping_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "daemon exited with {status} during start-up; log:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "daemon did not start; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     fn raw_ping_ok(&self) -> bool {
@@ -1128,10 +1139,12 @@ pub fn key_names(client: &BasicClient) -> Vec<String> {
         .collect()
 }
 
-/// Where the key store keeps one key's entry (docs/key-store.md: hex names).
+/// Where the key store keeps one Direct application's key entry (docs/key-store.md: hex
+/// names under the authenticator's directory).
 pub fn entry_path(store: &Path, app: &str, provider: u8, name: &str) -> PathBuf {
     let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     store
+        .join("@direct")
         .join(hex(app))
         .join(provider.to_string())
         .join(format!("{}.key", hex(name)))

@@ -10,6 +10,7 @@ pub(super) fn mount(
     conn: &mut Connection,
     store: &mut KeyStore,
     existing: &ExistingKey,
+    auth: AuthType,
 ) -> Result<(), String> {
     let key = KeyRef {
         id: existing.id.clone(),
@@ -36,7 +37,11 @@ pub(super) fn mount(
         attributes_of(conn, objects).map_err(|e| format!("{}: {}", describe(), e.cause))?;
     store
         .mount(
-            KeyTriple::new(&existing.application, ProviderId::Pkcs11, &existing.name),
+            KeyTriple::new(
+                &AppId::new(auth, &existing.application),
+                ProviderId::Pkcs11,
+                &existing.name,
+            ),
             KeyEntry { key_id, attributes },
         )
         .map_err(|e| format!("{}: {e}", describe()))?;

@@ -43,7 +43,7 @@ use super::journal::{Journal, Kind};
 use super::{der, ecc, import, AppKeys, Limits, Provider};
 use crate::config::{ExistingKey, Pkcs11Settings, TokenSelector};
 use crate::error::OpError;
-use crate::key_store::{KeyEntry, KeyStore, KeyTriple};
+use crate::key_store::{AppId, KeyEntry, KeyStore, KeyTriple};
 use cryptoki::context::{CInitializeArgs, Pkcs11};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -66,7 +66,7 @@ use parsec_interface::operations::{
     psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
     NativeOperation, NativeResult,
 };
-use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
+use parsec_interface::requests::{AuthType, Opcode, ProviderId, ResponseStatus};
 use parsec_interface::secrecy::{ExposeSecret, Secret};
 use std::collections::HashMap;
 use zeroize::Zeroizing;
@@ -87,13 +87,14 @@ impl Pkcs11Provider {
     pub fn start(
         settings: &Pkcs11Settings,
         key_store_dir: &std::path::Path,
+        auth: AuthType,
         store: &mut KeyStore,
         limits: Limits,
     ) -> Result<Pkcs11Provider, String> {
         let mut conn = Connection::open(settings)?;
         let stored = store.keys_in(ProviderId::Pkcs11).count();
         for existing in &settings.existing_keys {
-            mount(&mut conn, store, existing)?;
+            mount(&mut conn, store, existing, auth)?;
         }
         let journal = Journal::open(key_store_dir, "pkcs11-journal").map_err(|e| {
             format!(
