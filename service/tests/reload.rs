@@ -663,3 +663,53 @@ mod storm {
         assert!(!log.contains("ALREADY_INITIALIZED"));
     }
 }
+
+/// The software provider's key files move with its key store (its storage_dir): a reload
+/// onto another store (upstream's e2e configs switch between ./mappings and
+/// ./kim-mappings) serves that store's keys, and never a key Mbed TLS still holds in memory
+/// from the store before (a new instance starts Mbed TLS afresh), whether the provider's
+/// settings change in one reload or it is removed and added back on the other store.
+#[test]
+fn a_software_provider_moved_to_another_store_serves_that_stores_keys_only() {
+    let daemon = Daemon::start("reload-other-store");
+    let first = daemon.config.clone();
+    let text = std::fs::read_to_string(&first).unwrap();
+    let alice = daemon.client("alice");
+    alice.psa_generate_key("k", p256_signing()).unwrap();
+    let alices = alice.psa_export_public_key("k").unwrap();
+    signs(&alice, "k");
+    drop(alice);
+
+    let second = daemon.dir.join("store2");
+    let on_second = text.replace(
+        &format!("store_path = \"{}\"", daemon.dir.join("store").display()),
+        &format!("store_path = \"{}\"", second.display()),
+    );
+    assert_ne!(on_second, text);
+    // Removed, then added back on another store.
+    reload(&daemon, &text.replace(SOFTWARE_TABLE, ""));
+    reload(&daemon, &on_second);
+    let bob = daemon.client("bob");
+    wait_until("the software provider serves", || {
+        bob.list_keys().is_ok_and(|k| k.is_empty())
+    });
+    bob.psa_generate_key("k", p256_signing()).unwrap();
+    let bobs = bob.psa_export_public_key("k").unwrap();
+    assert_ne!(
+        bobs, alices,
+        "bob was handed alice's key from the other store"
+    );
+    signs(&bob, "k");
+    assert!(daemon.client("alice").list_keys().unwrap().is_empty());
+
+    // Moved back in one reload: alice's key is hers again, bob's is not seen.
+    reload(&daemon, &text);
+    let alice = daemon.client("alice");
+    wait_until("alice's key is back", || {
+        alice.list_keys().is_ok_and(|k| k.len() == 1)
+    });
+    assert_eq!(alice.psa_export_public_key("k").unwrap(), alices);
+    signs(&alice, "k");
+    assert!(daemon.client("bob").list_keys().unwrap().is_empty());
+    alive(&daemon);
+}

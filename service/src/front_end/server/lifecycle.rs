@@ -67,20 +67,6 @@ impl Server {
                 return;
             }
         };
-        let storage_of = |c: &Config| -> Vec<PathBuf> {
-            c.providers
-                .iter()
-                .filter_map(|p| match &p.kind {
-                    ProviderKind::MbedCrypto { storage_dir, .. } => Some(storage_dir.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let (old, new) = (storage_of(&self.config), storage_of(&config));
-        if old.iter().any(|dir| !new.contains(dir)) && !old.is_empty() && !new.is_empty() {
-            log::error!("SIGHUP: the Mbed Crypto storage_dir changed, which needs a restart; keeping the running configuration");
-            return;
-        }
         if config.socket_path != self.socket_path && self.activated {
             log::warn!("SIGHUP: listener.socket_path is ignored under socket activation: change the .socket unit instead");
         } else if config.socket_path != self.socket_path {

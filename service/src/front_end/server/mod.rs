@@ -9,7 +9,7 @@
 use super::connection::{Budget, Connection, Progress};
 use super::{fd_limit, framing, systemd};
 use crate::authenticators::PeerCredentials;
-use crate::config::{Config, ConfigSource, ProviderKind};
+use crate::config::{Config, ConfigSource};
 use crate::dispatcher::{Dispatched, Dispatcher, PendingRequest};
 use mio::net::{UnixListener, UnixStream};
 use mio::unix::SourceFd;

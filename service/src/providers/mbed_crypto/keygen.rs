@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 extern "C" {
     /// Mbed TLS's PSA teardown (psa_crypto.c), linked in with the rest of libmbedcrypto;
     /// psa-crypto does not expose it.
-    fn mbedtls_psa_crypto_free();
+    pub(super) fn mbedtls_psa_crypto_free();
 }
 
 /// What the parent needs to finish the generation.

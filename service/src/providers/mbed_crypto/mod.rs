@@ -229,6 +229,17 @@ impl MbedCryptoProvider {
         let journal = journal::Journal::open(&storage_dir, "journal")
             .map_err(|e| format!("cannot open the journal in {}: {e}", storage_dir.display()))?;
         inherited::copy_key_files(&storage_dir, upstream_key_dir, store);
+        if psa_crypto::initialized().is_ok() {
+            // Mbed TLS keeps the persistent keys it used in memory (its key slots), by key
+            // id, and this instance may serve another store than the one before (a reload
+            // moved storage_dir, or the provider was removed and added back on another
+            // store), where those ids name other keys: it starts Mbed TLS afresh, so that
+            // nothing the instance before loaded is ever served.
+            // SAFETY: an instance of this provider started Mbed TLS before, and it has
+            // stopped (two instances of one provider are never alive at once); nothing else
+            // in this process calls Mbed TLS, so no key or operation of it is in use.
+            unsafe { keygen::mbedtls_psa_crypto_free() };
+        }
         psa_crypto::init()
             .map_err(|e| format!("Mbed TLS PSA Crypto failed to start: PSA_ERROR_{e:?}"))?;
 
