@@ -10,7 +10,9 @@
 # after the package's tmpfiles.d lines; parsec-tool, as a user in parsec-clients, pings,
 # creates a key and signs, and openssl verifies the signature; an edited conffile and the
 # key survive an upgrade to a newer build; remove keeps the key; purge leaves no file the
-# package made (the file lists before the install and after the purge are compared).
+# package made (the file lists before the install and after the purge are compared). Then
+# (amd64) a device that ran Debian trixie's parsec-service: the package keeps its config
+# and serves its key (trixie_device).
 # The packages end up in dist/ (scripts/release.sh uses them). Takes ~6 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -141,6 +143,84 @@ check() { # description, command...
     if "$@"; then echo "   ok: $what"; else echo "check-debs: FAILED: $what" >&2; exit 1; fi
 }
 
+# A device that ran Debian trixie's parsec-service (1.4.1: SQLite store, UnixPeerCredentials,
+# the software provider), with the WorkingDirectory drop-in its software keys need (its unit
+# has none, and its user cannot write /); its config edited (a conffile prompt, unanswered, if
+# the package did not handle it). Its .debs come from trixie in Debian's archive; its
+# libraries are bookworm's of the same sonames (the t64 names differ: --force-depends).
+trixie_device() {
+    step "$arch: a device that ran Debian trixie's parsec-service"
+    local pool=$work/trixie-$arch
+    mkdir -p "$pool"
+    if [ ! -f "$pool/Packages" ]; then
+        curl -fsSL "$mirror/dists/trixie/main/binary-$arch/Packages.xz" | xz -d > "$pool/Packages.tmp"
+        mv "$pool/Packages.tmp" "$pool/Packages"
+    fi
+    local pkg file
+    for pkg in parsec-service libmbedcrypto16; do
+        file=$(awk -v p="$pkg" '$1 == "Package:" { on = ($2 == p) } on && $1 == "Filename:" { print $2; exit }' "$pool/Packages")
+        [ -n "$file" ] || { echo "check-debs: no $pkg in trixie's index" >&2; exit 1; }
+        [ -f "$pool/$(basename "$file")" ] || curl -fsSL -o "$pool/$(basename "$file")" "$mirror/$file"
+        cp "$pool/$(basename "$file")" "$root/tmp/$pkg.deb"
+    done
+    {
+        in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            libsqlite3-0 libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-tctildr0
+        in_root dpkg -i /tmp/libmbedcrypto16.deb
+        in_root dpkg --force-depends -i /tmp/parsec-service.deb
+    } >> "$work/apt-$arch.log" 2>&1
+    mkdir -p "$root/etc/systemd/system/parsec.service.d"
+    printf '[Service]\nWorkingDirectory=/var/lib/parsec\n' > "$root/etc/systemd/system/parsec.service.d/keys.conf"
+    sed -i 's/^timeout = 200/timeout = 300/' "$root/etc/parsec/config.toml"
+    in_root install -d -m 0755 -o parsec -g parsec /run/parsec
+    chroot "$root" /bin/sh -c "cd /var/lib/parsec && exec setpriv --reuid=parsec --regid=parsec --init-groups /usr/bin/parsec -c /etc/parsec/config.toml" \
+        > "$root/tmp/trixie.log" 2>&1 &
+    service_pid=$!
+    for _ in $(seq 1 100); do [ -S "$root/run/parsec/parsec.sock" ] && break; sleep 0.2; done
+    check "Debian's parsec-service makes a key" as_app parsec-tool create-ecc-key -k trixie-key
+    as_app parsec-tool export-public-key -k trixie-key > "$root/tmp/trixie-public.pem"
+    stop_service
+    rm -f "$root/run/parsec/parsec.sock"
+    local db=/var/lib/parsec/kim-mappings/sqlite/sqlite-key-info-manager.sqlite3
+    local before
+    before=$(sha256sum "$root$db" "$root"/var/lib/parsec/*.psa_its)
+
+    # What apt does for Conflicts: the old package removed, then this one installed.
+    in_root dpkg --remove --force-depends parsec-service >> "$work/apt-$arch.log" 2>&1
+    check "installed over it without a conffile prompt" \
+        sh -c "chroot '$root' dpkg -i /tmp/parsec-edge_${version}_$arch.deb < /dev/null > '$work/trixie-install-$arch.log' 2>&1"
+    sed 's/^/   | /' "$work/trixie-install-$arch.log" | grep -v '^   | \(Selecting\|(Reading\|Preparing\|Unpacking\)'
+    check "the device's config is kept (Debian's, edited), this package's beside it" sh -c \
+        "grep -q '^timeout = 300' '$root/etc/parsec/config.toml' && grep -q sqlite-manager '$root/etc/parsec/config.toml' && [ -f '$root/etc/parsec/config.toml.dpkg-dist' ] && [ ! -e '$root/etc/parsec/config.toml.parsec-service' ]"
+    check "config root:parsec 0640" test "$(in_root stat -c "%U:%G %a" /etc/parsec/config.toml)" = "root:parsec 640"
+    # systemd would start the service in the drop-in's WorkingDirectory.
+    local exec_start user
+    exec_start=$(sed -n 's/^ExecStart=//p' "$root/lib/systemd/system/parsec.service")
+    user=$(sed -n 's/^User=//p' "$root/lib/systemd/system/parsec.service")
+    while read -r type path mode owner group _; do
+        [ "$type" != d ] || in_root install -d -m "$mode" -o "$owner" -g "$group" "$path"
+    done < "$root/usr/lib/tmpfiles.d/parsec.conf"
+    # shellcheck disable=SC2086
+    chroot "$root" /bin/sh -c "cd /var/lib/parsec && umask 0077 && exec setpriv --reuid=$user --regid=$user --init-groups $exec_start" \
+        > "$root/tmp/parsec.log" 2>&1 &
+    service_pid=$!
+    for _ in $(seq 1 100); do [ -S "$root/run/parsec/parsec.sock" ] && break; sleep 0.2; done
+    as_app parsec-tool list-keys > "$root/tmp/keys" 2>&1 || true
+    check "Debian's key is listed" grep -q trixie-key "$root/tmp/keys"
+    as_app parsec-tool sign -k trixie-key "signed after the switch" > "$root/tmp/trixie-sig.b64"
+    in_root sh -c "base64 -d /tmp/trixie-sig.b64 > /tmp/trixie-sig.der && printf 'signed after the switch' > /tmp/trixie-msg"
+    check "openssl verifies its signature with the key Debian's service exported" sh -c \
+        "chroot '$root' openssl dgst -sha256 -verify /tmp/trixie-public.pem -signature /tmp/trixie-sig.der /tmp/trixie-msg | grep -q 'Verified OK'"
+    check "a new key beside it" as_app parsec-tool create-ecc-key -k made-here
+    stop_service
+    check "Debian's store and key files are byte-identical" \
+        test "$(sha256sum "$root$db" "$root"/var/lib/parsec/*.psa_its)" = "$before"
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get purge -y -q parsec-edge >> "$work/apt-$arch.log" 2>&1
+    check "purge keeps Debian's store and key files" \
+        test "$(sha256sum "$root$db" "$root"/var/lib/parsec/*.psa_its)" = "$before"
+    check "purge removes this service's files beside them" test ! -e "$root$db.overlay"
+}
+
 for arch in "${arches[@]}"; do
     root=$work/root-$arch
     step "bookworm root $arch (debootstrap)"
@@ -237,6 +317,9 @@ for arch in "${arches[@]}"; do
     file_list > "$work/files-after-$arch"
     check "purge: no file left behind (file lists compared)" \
         diff -u "$work/files-before-$arch" "$work/files-after-$arch"
+    if [ "$arch" = "$(dpkg --print-architecture)" ]; then
+        trixie_device
+    fi
     for fs in dev proc; do umount -l "$root/$fs"; done
     mounted=()
 done
