@@ -2,7 +2,8 @@
 # Fuzzes one target in-process for SECONDS (default 60):
 #   scripts/fuzz.sh [SECONDS] [TARGET]
 # TARGET front_end (the default; fuzz/fuzz_targets/front_end.rs, starting from one real
-# request per opcode made by parsec-seeds) or key_store_entry (the entry decoder). Needs the
+# request per opcode made by parsec-seeds), key_store_entry (the entry decoder) or
+# upstream_sqlite (the reader of upstream's SQLite store, starting from a real one). Needs the
 # pinned nightly toolchain ($FUZZ_TOOLCHAIN, default below) and cargo-fuzz; .ci/run installs
 # both. A crash, a panic, a leak or an allocation over the RSS limit fails the run; the input
 # that caused it is left in fuzz/artifacts/TARGET/. Prints executions per second at the end.
@@ -15,6 +16,10 @@ corpus="$PWD/fuzz/corpus/$target"  # absolute: the provider changes the working 
 mkdir -p "$corpus"
 if [ "$target" = front_end ]; then
     cargo run -q -p parsec-bench --bin parsec-seeds --locked -- "$corpus"
+elif [ "$target" = upstream_sqlite ]; then
+    # A real upstream 1.5.0 database to start from (the SQLite fixture).
+    cp service/tests/fixtures/upstream-1.5.0/sqlite-mixed/kim-mappings/sqlite/sqlite-key-info-manager.sqlite3 \
+        "$corpus/upstream-1.5.0.sqlite3"
 fi
 log=$(mktemp)
 # The front_end target keeps its service's key store under $TMPDIR: one scratch directory

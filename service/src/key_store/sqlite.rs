@@ -59,7 +59,13 @@ pub fn is_sqlite_file(path: &Path) -> bool {
 pub fn read_key_mapping(path: &Path) -> Result<Vec<Row>, String> {
     refuse_unfinished(path)?;
     let bytes = fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
-    let db = Database::new(&bytes)?;
+    key_mapping_in(&bytes)
+}
+
+/// Every row of `key_mapping` in a database file's bytes (for the fuzzer too: any bytes give
+/// rows or a reason, never a panic).
+pub fn key_mapping_in(bytes: &[u8]) -> Result<Vec<Row>, String> {
+    let db = Database::new(bytes)?;
     let schema = db.table_rows(1)?;
     let mut root = None;
     for record in &schema {
