@@ -186,7 +186,7 @@ fn verdict(settings: &ProviderSettings, entry: &KeyEntry) -> Result<String, Stri
         }
         ProviderKind::Tpm(_) => {
             debug_assert_eq!(entry.key_id.first(), Some(&UPSTREAM_TPM_CONTEXT));
-            Err("listed, but this version cannot load upstream's TPM keys yet: its requests are refused with NotSupported".into())
+            Ok("loaded under upstream's primary key, made again from its template (the TPM must be the one upstream used, its owner hierarchy not cleared)".into())
         }
     }
 }

@@ -12,11 +12,11 @@
 
 mod common;
 
-use common::{fresh_dir, service_error, shell, Daemon, Swtpm};
+use common::{fresh_dir, shell, Daemon, Swtpm};
 use parsec_client::core::interface::operations::psa_algorithm::{
     AsymmetricEncryption, AsymmetricSignature, Hash,
 };
-use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
+use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::BasicClient;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -233,16 +233,6 @@ fn assert_served(device: &Device, client: &mut BasicClient, keys: &[&Recorded]) 
     for key in keys {
         let what = format!("{} of {} on provider {}", key.name, key.app, key.provider);
         client.set_implicit_provider(provider(key.provider));
-        if key.provider == 3 {
-            // Upstream's TPM keys: listed, refused with the reason (docs/migration.md).
-            let err = client.psa_export_public_key(&key.name).unwrap_err();
-            assert_eq!(
-                service_error(err),
-                ResponseStatus::PsaErrorNotSupported,
-                "{what}"
-            );
-            continue;
-        }
         let public = client
             .psa_export_public_key(&key.name)
             .unwrap_or_else(|e| panic!("export {what}: {e}"));
@@ -325,14 +315,11 @@ fn a_direct_device_keeps_every_key_and_upstream_files_stay_as_they_were() {
 
     // Before anything runs: the report names every key, and writes nothing.
     let (all_served, report) = device.migrate_check();
-    assert!(
-        !all_served,
-        "upstream's TPM keys are not served yet:\n{report}"
-    );
-    assert_eq!(report.matches(": served: ").count(), 12, "{report}");
+    assert!(all_served, "{report}");
+    assert_eq!(report.matches(": served: ").count(), 18, "{report}");
     assert_eq!(
         report
-            .matches("NOT SERVED: listed, but this version cannot load upstream's TPM keys")
+            .matches("served: loaded under upstream's primary key")
             .count(),
         6,
         "{report}"
@@ -469,12 +456,8 @@ fn an_sqlite_device_keeps_every_key_of_each_authenticator() {
     let overlay = db.with_file_name("sqlite-key-info-manager.sqlite3.overlay");
 
     let (all_served, report) = device.migrate_check();
-    assert!(
-        !all_served,
-        "upstream's TPM keys are not served yet:\n{report}"
-    );
-    assert_eq!(report.matches(": served: ").count(), 18, "{report}");
-    assert_eq!(report.matches("NOT SERVED: listed").count(), 9, "{report}");
+    assert!(all_served, "{report}");
+    assert_eq!(report.matches(": served: ").count(), 27, "{report}");
     assert_eq!(
         report
             .matches("of unix-peer-credentials application \"0\"")
@@ -532,13 +515,16 @@ fn an_sqlite_device_keeps_every_key_of_each_authenticator() {
         .psa_generate_key("made-here", common::p256_signing())
         .unwrap();
     alice.psa_destroy_key("rsa-sign-p2").unwrap();
+    alice.set_implicit_provider(ProviderId::Tpm);
+    alice.psa_destroy_key("ecc-sign-p3").unwrap();
+    assert!(alice.psa_export_public_key("ecc-sign-p3").is_err());
     device.assert_upstream_files_unchanged();
     assert!(
         overlay.is_dir(),
         "this service's entries go beside the database"
     );
     let (_, report) = device.migrate_check();
-    let destroyed = if peer_keys.is_empty() { 1 } else { 2 };
+    let destroyed = if peer_keys.is_empty() { 2 } else { 3 };
     assert_eq!(
         report.matches("destroyed through this service").count(),
         destroyed,

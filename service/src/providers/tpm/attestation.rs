@@ -113,8 +113,9 @@ pub(super) fn prepare(
     if attesting_key_name.is_some() {
         return Err(only_the_ek());
     }
-    let blob = keys.get(attested_key_name)?.key_id.clone();
-    let (handle, _) = conn.load(&blob)?;
+    let entry = keys.get(attested_key_name)?;
+    let (blob, attributes) = (entry.key_id.clone(), entry.attributes);
+    let (handle, _) = conn.load(&blob, &attributes)?;
     let (public, name, _) = conn.call_plain("TPM2_ReadPublic", |ctx| ctx.read_public(handle))?;
     let public = public
         .marshall()
@@ -176,8 +177,9 @@ pub(super) fn attest(
     let credential_blob =
         IdObject::try_from(credential_blob.to_vec()).map_err(|_| bad("credential blob"))?;
     let secret = EncryptedSecret::try_from(secret.to_vec()).map_err(|_| bad("secret"))?;
-    let blob = keys.get(attested_key_name)?.key_id.clone();
-    let (handle, _) = conn.load(&blob)?;
+    let entry = keys.get(attested_key_name)?;
+    let (blob, attributes) = (entry.key_id.clone(), entry.attributes);
+    let (handle, _) = conn.load(&blob, &attributes)?;
     let (ek_handle, _) = load_ek(conn, settings)?;
 
     let policy = conn.call_plain("TPM2_StartAuthSession (policy)", |ctx| {

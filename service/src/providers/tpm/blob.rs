@@ -10,6 +10,9 @@ pub(super) const BLOB_VERSION: u8 = 1;
 pub(super) struct Blob {
     pub(super) public: Public,
     pub(super) private: Option<Private>,
+    /// A key upstream Parsec made: wrapped by upstream's primary, with an authorisation
+    /// value of its own (`upstream`).
+    pub(super) upstream_auth: Option<Auth>,
 }
 
 impl Blob {
@@ -27,7 +30,9 @@ impl Blob {
         Ok(out)
     }
 
-    pub(super) fn decode(bytes: &[u8]) -> Result<Blob, OpError> {
+    /// Reads a key store entry's key id; `attributes` are the entry's (an upstream key's
+    /// public area is rebuilt from them).
+    pub(super) fn decode(bytes: &[u8], attributes: &Attributes) -> Result<Blob, OpError> {
         let damaged = |what: &str| {
             OpError::new(
                 ResponseStatus::PsaErrorCorruptionDetected,
@@ -37,11 +42,12 @@ impl Blob {
         };
         let (&version, rest) = bytes.split_first().ok_or_else(|| damaged("empty"))?;
         if version == crate::key_store::upstream::UPSTREAM_TPM_CONTEXT {
-            return Err(OpError::new(
-                ResponseStatus::PsaErrorNotSupported,
-                "a key upstream Parsec made in the TPM (read from its key store): this version cannot load upstream's TPM keys yet".to_string(),
-                "use the key through upstream Parsec, or make a new key here (docs/migration.md)",
-            ));
+            let key = super::upstream::decode(rest, attributes)?;
+            return Ok(Blob {
+                public: key.public,
+                private: Some(key.private),
+                upstream_auth: Some(key.auth),
+            });
         }
         if version != BLOB_VERSION {
             return Err(damaged("unknown version"));
@@ -61,6 +67,10 @@ impl Blob {
         } else {
             Some(Private::try_from(private).map_err(|_| damaged("private area"))?)
         };
-        Ok(Blob { public, private })
+        Ok(Blob {
+            public,
+            private,
+            upstream_auth: None,
+        })
     }
 }

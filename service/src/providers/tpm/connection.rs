@@ -172,6 +172,10 @@ pub(super) struct Connection {
     /// (seconds on a discrete TPM), loading its saved context is not. It is not kept loaded:
     /// a TPM without a resource manager has only three transient object slots.
     pub(super) ek: Option<(tss_esapi::utils::TpmsContext, tss_esapi::structures::Public)>,
+    /// Upstream Parsec's primary key, made again the first time one of upstream's keys is
+    /// used, as a saved context (loaded for each of its keys' loads, then flushed: a TPM
+    /// without a resource manager has three object slots).
+    pub(super) upstream_primary: Option<tss_esapi::utils::TpmsContext>,
     /// Set when a call fails in a way that means the connection is gone.
     pub(super) broken: bool,
 }
@@ -244,6 +248,7 @@ impl Connection {
             session,
             loaded: None,
             ek: None,
+            upstream_primary: None,
             broken: false,
         })
     }
@@ -288,17 +293,30 @@ impl Connection {
 
     /// Loads a stored key (or finds it loaded already) and returns its handle.
     /// Returns the handle and, for ECC keys, the curve's coordinate length.
-    pub(super) fn load(&mut self, blob: &[u8]) -> Result<(KeyHandle, Option<usize>), OpError> {
+    pub(super) fn load(
+        &mut self,
+        blob: &[u8],
+        attributes: &Attributes,
+    ) -> Result<(KeyHandle, Option<usize>), OpError> {
         if let Some(loaded) = &self.loaded {
             if loaded.blob.as_slice() == blob {
                 return Ok((loaded.handle, loaded.ecc_field_len));
             }
         }
-        let stored = Blob::decode(blob)?;
+        let stored = Blob::decode(blob, attributes)?;
         self.unload();
         let primary = self.primary;
         let public = stored.public.clone();
         let handle = match stored.private {
+            Some(private) if stored.upstream_auth.is_some() => {
+                let handle = self.load_upstream(private, public)?;
+                let auth = stored.upstream_auth.clone().unwrap_or_default();
+                if let Err(e) = self.ctx.tr_set_auth(handle.into(), auth) {
+                    let _ = self.ctx.flush_context(handle.into());
+                    return Err(tpm_error("setting the key's authorisation", e));
+                }
+                handle
+            }
             Some(private) => self
                 .call("TPM2_Load", |ctx| ctx.load(primary, private, public))
                 .map_err(|mut e| {
@@ -319,6 +337,66 @@ impl Connection {
             ecc_field_len,
         });
         Ok((handle, ecc_field_len))
+    }
+
+    /// Loads one of upstream Parsec's keys under upstream's primary, made again (or its
+    /// saved context loaded), then flushed: the key stays loaded without its parent.
+    fn load_upstream(&mut self, private: Private, public: Public) -> Result<KeyHandle, OpError> {
+        let parent = self.upstream_primary()?;
+        let loaded = self
+            .call("TPM2_Load", |ctx| ctx.load(parent, private, public))
+            .map_err(|mut e| {
+                if e.cause.contains("INTEGRITY") {
+                    e.status = ResponseStatus::PsaErrorStorageFailure;
+                    e.hint = "the TPM cannot unwrap upstream Parsec's key under its primary made again: the owner hierarchy was cleared, or upstream's store comes from another TPM; the key is lost";
+                }
+                e
+            });
+        if let Err(e) = self.ctx.flush_context(parent.into()) {
+            log::warn!(
+                "tpm: flushing upstream's primary key: {}",
+                tpm_error("TPM2_FlushContext", e)
+            );
+        }
+        loaded
+    }
+
+    /// Upstream's primary key, loaded: from its saved context, or made from its template
+    /// (with the cipher upstream chose for this TPM: AES-256-CFB where the TPM has it).
+    fn upstream_primary(&mut self) -> Result<KeyHandle, OpError> {
+        if let Some(saved) = self.upstream_primary.clone() {
+            match self.call_plain("TPM2_ContextLoad", |ctx| ctx.context_load(saved)) {
+                Ok(handle) => return Ok(handle.into()),
+                Err(e) => log::debug!("tpm: upstream's primary key made again: {}", e.cause),
+            }
+        }
+        let cipher = super::upstream::CIPHERS
+            .into_iter()
+            .find(|cipher| {
+                self.ctx
+                    .execute_without_session(|ctx| {
+                        ctx.test_parms(tss_esapi::structures::PublicParameters::SymCipher(tss_esapi::structures::SymmetricCipherParameters::new(
+                            *cipher,
+                        )))
+                    })
+                    .is_ok()
+            })
+            .ok_or_else(|| {
+                keys::not_supported("the TPM has neither AES-256-CFB nor AES-128-CFB, one of which upstream's primary key used".into())
+            })?;
+        let template = super::upstream::primary_template(cipher)?;
+        let handle = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map_err(|e| tpm_error("TPM2_CreatePrimary (upstream's primary key)", e))?
+            .key_handle;
+        match self.ctx.context_save(handle.into()) {
+            Ok(saved) => self.upstream_primary = Some(saved),
+            Err(e) => log::debug!("tpm: saving upstream's primary key's context: {e}"),
+        }
+        Ok(handle)
     }
 
     /// Flushes the key kept loaded, to free its slot.

@@ -31,6 +31,7 @@ pub(crate) mod capabilities;
 mod connection;
 mod keys;
 pub mod response_code;
+mod upstream;
 
 use blob::*;
 use capabilities::*;
@@ -166,7 +167,7 @@ impl TpmProvider {
         alg: AsymmetricSignature,
         hash: Vec<u8>,
     ) -> Result<Vec<u8>, OpError> {
-        let (blob, _) = Self::blob_of(keys, name)?;
+        let (blob, attributes) = Self::blob_of(keys, name)?;
         let scheme = keys::signature_scheme(alg)?;
         let digest = Digest::try_from(hash).map_err(|e| keys::tss_wrapper("the hash", e))?;
         let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
@@ -177,7 +178,7 @@ impl TpmProvider {
         .map_err(|e| keys::tss_wrapper("the hash check ticket", e))?;
         let blob = blob.to_vec();
         let conn = self.connection()?;
-        let (handle, field_len) = conn.load(&blob)?;
+        let (handle, field_len) = conn.load(&blob, &attributes)?;
         let signature = conn.call("TPM2_Sign", |ctx| {
             ctx.sign(handle, digest, scheme, validation)
         })?;
@@ -193,11 +194,11 @@ impl TpmProvider {
         hash: Vec<u8>,
         signature: &[u8],
     ) -> Result<(), OpError> {
-        let (blob, _) = Self::blob_of(keys, name)?;
+        let (blob, attributes) = Self::blob_of(keys, name)?;
         let digest = Digest::try_from(hash).map_err(|e| keys::tss_wrapper("the hash", e))?;
         let blob = blob.to_vec();
         let conn = self.connection()?;
-        let (handle, field_len) = conn.load(&blob)?;
+        let (handle, field_len) = conn.load(&blob, &attributes)?;
         let signature = keys::signature_from(alg, signature, field_len)?;
         conn.call("TPM2_VerifySignature", |ctx| {
             ctx.verify_signature(handle, digest, signature)
@@ -301,8 +302,8 @@ impl TpmProvider {
                 Ok(NativeResult::PsaImportKey(psa_import_key::Result {}))
             }
             NativeOperation::PsaExportPublicKey(op) => {
-                let (blob, _) = Self::blob_of(keys, &op.key_name)?;
-                let data = keys::export_public(&Blob::decode(blob)?.public)?;
+                let (blob, attributes) = Self::blob_of(keys, &op.key_name)?;
+                let data = keys::export_public(&Blob::decode(blob, &attributes)?.public)?;
                 Ok(NativeResult::PsaExportPublicKey(
                     psa_export_public_key::Result { data: data.into() },
                 ))
@@ -358,7 +359,7 @@ impl TpmProvider {
                 );
                 let blob = blob.to_vec();
                 let conn = self.connection()?;
-                let (handle, _) = conn.load(&blob)?;
+                let (handle, _) = conn.load(&blob, &attributes)?;
                 let z = conn.call("TPM2_ECDH_ZGen", |ctx| ctx.ecdh_z_gen(handle, point))?;
                 // The shared secret is the x coordinate of Z, at the field's full length.
                 let x = z.x().value();
@@ -379,7 +380,7 @@ impl TpmProvider {
                     .map_err(|e| keys::tss_wrapper("the plaintext", e))?;
                 let blob = blob.to_vec();
                 let conn = self.connection()?;
-                let (handle, _) = conn.load(&blob)?;
+                let (handle, _) = conn.load(&blob, &attributes)?;
                 let ciphertext = conn.call("TPM2_RSA_Encrypt", |ctx| {
                     ctx.rsa_encrypt(handle, message, scheme, label)
                 })?;
@@ -398,7 +399,7 @@ impl TpmProvider {
                     .map_err(|e| keys::tss_wrapper("the ciphertext", e))?;
                 let blob = blob.to_vec();
                 let conn = self.connection()?;
-                let (handle, _) = conn.load(&blob)?;
+                let (handle, _) = conn.load(&blob, &attributes)?;
                 let plaintext = conn
                     .call("TPM2_RSA_Decrypt", |ctx| {
                         ctx.rsa_decrypt(handle, ciphertext, scheme, label)
