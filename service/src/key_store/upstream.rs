@@ -30,8 +30,8 @@ pub struct Layout {
 }
 
 /// The first byte of a TPM entry's key id read from upstream's store (the TPM provider's own
-/// blobs start with their version, 1): upstream's TPM keys are listed, and refused with the
-/// reason, as this version cannot load them yet.
+/// blobs start with their version, 1): the TPM provider loads such a key under upstream's
+/// primary key, made again (`providers::tpm::upstream`).
 pub const UPSTREAM_TPM_CONTEXT: u8 = 0xFF;
 const TPM: u8 = 3;
 
