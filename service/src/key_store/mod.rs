@@ -906,6 +906,27 @@ fn write_temporary(path: &Path, stored: &StoredEntry) -> io::Result<PathBuf> {
     Ok(tmp)
 }
 
+/// Puts `bytes` at `path` whole or not at all: written to `tmp` (mode 0600), synced, then
+/// renamed over `path`; `tmp` is removed if any step fails. The directory is not synced:
+/// the caller does, once for all it wrote.
+pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
 /// Creates a directory (and missing parents) that only the service user can read: key
 /// names and attributes are nobody else's business. Existing directories keep their mode.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {

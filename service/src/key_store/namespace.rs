@@ -19,10 +19,9 @@
 //! same recorded authenticator (the overlay's `namespaces`), as upstream's OnDisk store
 //! belongs to whichever authenticator upstream is configured with.
 
-use super::{create_private_dir, read_dir_sorted, sync_dir, DamagedEntry};
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use super::{create_private_dir, read_dir_sorted, replace_file, sync_dir, DamagedEntry};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -188,20 +187,12 @@ fn merge(from: &Path, to: &Path, damaged: &mut Vec<DamagedEntry>) -> io::Result<
 /// Writes the record crash-safely: a temporary file, synced, renamed over the name, the
 /// directory synced.
 fn write_record(root: &Path, auth: u8) -> io::Result<()> {
-    let tmp = root.join(format!(".{RECORD}.tmp"));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(
-        file,
-        "{RECORD_HEADER}\nunnamespaced = {}\n# the authenticator of entries written before the store had namespaces (docs/key-store.md)",
+    let text = format!(
+        "{RECORD_HEADER}\nunnamespaced = {}\n# the authenticator of entries written before the store had namespaces (docs/key-store.md)\n",
         auth_name(auth)
-    )?;
-    file.sync_all()?;
-    fs::rename(&tmp, root.join(RECORD))?;
+    );
+    let tmp = root.join(format!(".{RECORD}.tmp"));
+    replace_file(&root.join(RECORD), &tmp, text.as_bytes())?;
     sync_dir(root)
 }
 

@@ -454,12 +454,18 @@ mod real_sqlite {
         }
     }
 
-    #[test]
-    fn rows_across_interior_and_overflow_pages_read_as_sqlite_wrote_them() {
-        let dir = std::env::temp_dir().join(format!("sqlite-{}-rows", std::process::id()));
+    /// An empty scratch directory, and where its database goes.
+    fn scratch(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sqlite-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let db = dir.join("kim.sqlite3");
+        (dir, db)
+    }
+
+    #[test]
+    fn rows_across_interior_and_overflow_pages_read_as_sqlite_wrote_them() {
+        let (dir, db) = scratch("rows");
         // 600 rows in 512-byte pages: three b-tree levels; every 50th key id is 3000 bytes
         // (overflow chains); names in UTF-8 beyond ASCII; authenticators 1 and 3.
         let script = format!(
@@ -497,10 +503,7 @@ c.commit()
 
     #[test]
     fn an_unfinished_transaction_is_refused() {
-        let dir = std::env::temp_dir().join(format!("sqlite-{}-hot", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("kim.sqlite3");
+        let (dir, db) = scratch("hot");
         // A process killed in the middle of a transaction leaves its hot journal behind:
         // os._exit skips SQLite's clean-up as kill -9 would.
         let script = format!(

@@ -12,8 +12,6 @@ use super::{key_file, key_id_of};
 use crate::key_store::KeyStore;
 use parsec_interface::requests::ProviderId;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Copies the key file of every inherited key that `storage_dir` does not have yet.
@@ -68,20 +66,5 @@ pub(super) fn copy_key_files(storage_dir: &Path, upstream_dir: &Path, store: &Ke
 
 fn copy(source: &Path, target: &Path) -> std::io::Result<()> {
     let bytes = fs::read(source)?;
-    let tmp = target.with_extension("psa_its.tmp");
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, target)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::key_store::replace_file(target, &target.with_extension("psa_its.tmp"), &bytes)
 }

@@ -152,6 +152,16 @@ pub(super) fn primary_template() -> Result<Public, tss_esapi::Error> {
         .build()
 }
 
+/// A TPM2_Load the TPM refused as not its parent's (TPM_RC_INTEGRITY): the key is lost, as
+/// `hint` says why; other failures stay as they are.
+fn unwrap_failure(mut e: OpError, hint: &'static str) -> OpError {
+    if e.cause.contains("INTEGRITY") {
+        e.status = ResponseStatus::PsaErrorStorageFailure;
+        e.hint = hint;
+    }
+    e
+}
+
 /// A key kept loaded in the TPM between requests.
 pub(super) struct Loaded {
     pub(super) blob: Vec<u8>,
@@ -319,13 +329,7 @@ impl Connection {
             }
             Some(private) => self
                 .call("TPM2_Load", |ctx| ctx.load(primary, private, public))
-                .map_err(|mut e| {
-                    if e.cause.contains("INTEGRITY") {
-                        e.status = ResponseStatus::PsaErrorStorageFailure;
-                        e.hint = "the TPM cannot unwrap this key: the owner hierarchy was cleared (tpm2_clear), the owner seed changed, or the key store comes from another TPM; the key is lost";
-                    }
-                    e
-                })?,
+                .map_err(|e| unwrap_failure(e, "the TPM cannot unwrap this key: the owner hierarchy was cleared (tpm2_clear), the owner seed changed, or the key store comes from another TPM; the key is lost"))?,
             None => self.call_plain("TPM2_LoadExternal", |ctx| {
                 ctx.load_external_public(public, Hierarchy::Null)
             })?,
@@ -345,13 +349,7 @@ impl Connection {
         let parent = self.upstream_primary()?;
         let loaded = self
             .call("TPM2_Load", |ctx| ctx.load(parent, private, public))
-            .map_err(|mut e| {
-                if e.cause.contains("INTEGRITY") {
-                    e.status = ResponseStatus::PsaErrorStorageFailure;
-                    e.hint = "the TPM cannot unwrap upstream Parsec's key under its primary made again: the owner hierarchy was cleared, or upstream's store comes from another TPM; the key is lost";
-                }
-                e
-            });
+            .map_err(|e| unwrap_failure(e, "the TPM cannot unwrap upstream Parsec's key under its primary made again: the owner hierarchy was cleared, or upstream's store comes from another TPM; the key is lost"));
         if let Err(e) = self.ctx.flush_context(parent.into()) {
             log::warn!(
                 "tpm: flushing upstream's primary key: {}",
