@@ -120,9 +120,12 @@ start_service() {
     exec_start=$(sed -n 's/^ExecStart=//p' "$root/lib/systemd/system/parsec.service")
     local user
     user=$(sed -n 's/^User=//p' "$root/lib/systemd/system/parsec.service")
+    # The working directory an administrator's drop-in gives the unit (systemd's default: /).
+    local workdir
+    workdir=$(cat "$root"/etc/systemd/system/parsec.service.d/*.conf 2>/dev/null | sed -n 's/^WorkingDirectory=//p' | tail -n 1 || true)
     # The unit's UMask and user; its supplementary group tss comes with --init-groups.
     # shellcheck disable=SC2086
-    chroot "$root" /bin/sh -c "umask 0077; exec setpriv --reuid=$user --regid=$user --init-groups $exec_start" \
+    chroot "$root" /bin/sh -c "cd ${workdir:-/} && umask 0077 && exec setpriv --reuid=$user --regid=$user --init-groups $exec_start" \
         > "$root/tmp/parsec.log" 2>&1 &
     service_pid=$!
     for _ in $(seq 1 100); do
@@ -193,18 +196,8 @@ trixie_device() {
     check "the device's config is kept (Debian's, edited), this package's beside it" sh -c \
         "grep -q '^timeout = 300' '$root/etc/parsec/config.toml' && grep -q sqlite-manager '$root/etc/parsec/config.toml' && [ -f '$root/etc/parsec/config.toml.dpkg-dist' ] && [ ! -e '$root/etc/parsec/config.toml.parsec-service' ]"
     check "config root:parsec 0640" test "$(in_root stat -c "%U:%G %a" /etc/parsec/config.toml)" = "root:parsec 640"
-    # systemd would start the service in the drop-in's WorkingDirectory.
-    local exec_start user
-    exec_start=$(sed -n 's/^ExecStart=//p' "$root/lib/systemd/system/parsec.service")
-    user=$(sed -n 's/^User=//p' "$root/lib/systemd/system/parsec.service")
-    while read -r type path mode owner group _; do
-        [ "$type" != d ] || in_root install -d -m "$mode" -o "$owner" -g "$group" "$path"
-    done < "$root/usr/lib/tmpfiles.d/parsec.conf"
-    # shellcheck disable=SC2086
-    chroot "$root" /bin/sh -c "cd /var/lib/parsec && umask 0077 && exec setpriv --reuid=$user --regid=$user --init-groups $exec_start" \
-        > "$root/tmp/parsec.log" 2>&1 &
-    service_pid=$!
-    for _ in $(seq 1 100); do [ -S "$root/run/parsec/parsec.sock" ] && break; sleep 0.2; done
+    # In the drop-in's WorkingDirectory, as systemd would start it.
+    start_service
     as_app parsec-tool list-keys > "$root/tmp/keys" 2>&1 || true
     check "Debian's key is listed" grep -q trixie-key "$root/tmp/keys"
     as_app parsec-tool sign -k trixie-key "signed after the switch" > "$root/tmp/trixie-sig.b64"
