@@ -139,6 +139,8 @@ pub struct Pkcs11Settings {
     pub library_path: PathBuf,
     pub token: TokenSelector,
     pub user_pin: HierarchyAuth,
+    /// Passed to the module's C_Initialize (`pReserved`): NSS's softoken needs it.
+    pub library_parameters: Option<String>,
     pub software_public_operations: bool,
     pub allow_export: bool,
     pub existing_keys: Vec<ExistingKey>,
@@ -163,6 +165,26 @@ pub struct ExistingKey {
     pub name: String,
     /// Whether the service may destroy it (DestroyKey, DeleteClient).
     pub owned: bool,
+}
+
+/// An existing key's CKA_ID as the config writes it: hex digits (what pkcs11-tool and
+/// p11tool show), optionally after `hex:`, or `str:` then text (what `tpm2_ptool addkey
+/// --id` was given: it stores the text's bytes).
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
+fn existing_key_id(value: &str) -> Result<Vec<u8>, String> {
+    if let Some(text) = value.strip_prefix("str:") {
+        if text.is_empty() {
+            return Err("str: with no text".into());
+        }
+        return Ok(text.as_bytes().to_vec());
+    }
+    let hex = value.strip_prefix("hex:").unwrap_or(value);
+    if hex.is_empty() {
+        return Err("empty: give the CKA_ID in hex, or str: then its text".into());
+    }
+    HierarchyAuth::parse(&format!("hex:{hex}"))
+        .map(|id| id.bytes().to_vec())
+        .map_err(|e| format!("{e} (the CKA_ID in hex, as pkcs11-tool shows it, or str: then the text tpm2_ptool was given)"))
 }
 
 /// How the TPM provider reaches its TPM.
@@ -458,6 +480,8 @@ enum FileProvider {
         allow_export: Option<bool>,
         /// Ours: a third way to find the token.
         token_label: Option<String>,
+        /// Ours: the string C_Initialize passes the module (NSS's softoken: its database).
+        library_parameters: Option<String>,
         /// Ours: keys already on the token, made visible to an application.
         existing_keys: Option<Vec<FileExistingKey>>,
     },
@@ -834,6 +858,7 @@ impl Config {
                     software_public_operations,
                     allow_export,
                     token_label,
+                    library_parameters,
                     existing_keys,
                     ..
                 } => {
@@ -858,9 +883,9 @@ impl Config {
                     for key in existing_keys.iter().flatten() {
                         let id = match &key.id {
                             None => None,
-                            Some(hex) => Some(HierarchyAuth::parse(&format!("hex:{hex}")).map_err(|e| {
+                            Some(id) => Some(existing_key_id(id).map_err(|e| {
                                 error(line, format!("existing key \"{}\": id: {e}", key.name))
-                            })?.bytes().to_vec()),
+                            })?),
                         };
                         if id.is_none() && key.label.is_none() {
                             return Err(error(line, format!("existing key \"{}\": give its label, its id (CKA_ID in hex) or both", key.name)));
@@ -880,6 +905,7 @@ impl Config {
                         library_path: PathBuf::from(library_path),
                         token,
                         user_pin: HierarchyAuth::parse_pin(user_pin.as_deref().unwrap_or("")),
+                        library_parameters: library_parameters.clone(),
                         software_public_operations: software_public_operations.unwrap_or(false),
                         allow_export: allow_export.unwrap_or(true),
                         existing_keys: keys,

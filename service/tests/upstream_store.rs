@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{fresh_dir, shell, Daemon, Swtpm};
+use common::{ecdsa_der, fresh_dir, shell, Daemon, Swtpm};
 use parsec_client::core::interface::operations::psa_algorithm::{
     AsymmetricEncryption, AsymmetricSignature, Hash,
 };
@@ -203,24 +203,6 @@ fn public_pem(dir: &Path, key: &Recorded) -> PathBuf {
         );
     }
     pem
-}
-
-/// A raw r||s ECDSA signature as DER (what openssl reads).
-fn ecdsa_der(raw: &[u8]) -> Vec<u8> {
-    let int = |bytes: &[u8]| {
-        let mut v: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
-        if v.first().map_or(true, |b| b & 0x80 != 0) {
-            v.insert(0, 0);
-        }
-        let mut out = vec![0x02, v.len() as u8];
-        out.extend(v);
-        out
-    };
-    let (r, s) = raw.split_at(raw.len() / 2);
-    let body = [int(r), int(s)].concat();
-    let mut out = vec![0x30, body.len() as u8];
-    out.extend(body);
-    out
 }
 
 /// Uses every recorded key of `keys` as upstream's clients did: export, sign (verified by

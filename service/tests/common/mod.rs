@@ -24,6 +24,7 @@ static ENV: Mutex<()> = Mutex::new(());
 
 #[path = "../../../bench/src/slow_tpm.rs"]
 pub mod slow_tpm;
+pub mod tokens;
 
 pub struct Daemon {
     pub dir: PathBuf,
@@ -1148,4 +1149,43 @@ pub fn entry_path(store: &Path, app: &str, provider: u8, name: &str) -> PathBuf 
         .join(hex(app))
         .join(provider.to_string())
         .join(format!("{}.key", hex(name)))
+}
+
+/// A raw r||s ECDSA signature as DER (what openssl reads).
+#[allow(dead_code)]
+pub fn ecdsa_der(raw: &[u8]) -> Vec<u8> {
+    let int = |bytes: &[u8]| {
+        let mut v: Vec<u8> = bytes.iter().copied().skip_while(|b| *b == 0).collect();
+        if v.first().map_or(true, |b| b & 0x80 != 0) {
+            v.insert(0, 0);
+        }
+        let mut out = vec![0x02, v.len() as u8];
+        out.extend(v);
+        out
+    };
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let body = [int(r), int(s)].concat();
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+/// openssl verifies an ECDSA P-256 SHA-256 signature (PSA's r||s) of `message` with the
+/// PSA public key (the uncompressed point).
+#[allow(dead_code)]
+pub fn openssl_verify_p256(public: &[u8], message: &[u8], signature: &[u8]) {
+    let dir = fresh_dir("openssl-verify");
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    spki.extend_from_slice(public);
+    std::fs::write(dir.join("public.der"), spki).unwrap();
+    std::fs::write(dir.join("message"), message).unwrap();
+    std::fs::write(dir.join("sig"), ecdsa_der(signature)).unwrap();
+    shell(
+        &dir,
+        "openssl dgst -sha256 -verify public.der -keyform DER -signature sig message",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -122,3 +122,132 @@ pub(super) fn check(
     }
     Ok(())
 }
+
+/// What the token says it can do: the mechanisms it lists, with their key sizes
+/// (C_GetMechanismInfo), read once when the token is opened. A module
+/// that answers neither is taken at this provider's own table (`known: false`).
+#[derive(Clone, Default)]
+pub(super) struct TokenCaps {
+    known: bool,
+    mechanisms: Vec<(MechanismType, (usize, usize))>,
+}
+
+/// The mechanisms the provider uses, by what their key sizes count (RSA and EC: bits; AES:
+/// bytes, as the standard says).
+const USED: &[MechanismType] = &[
+    MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+    MechanismType::RSA_PKCS,
+    MechanismType::RSA_PKCS_PSS,
+    MechanismType::RSA_PKCS_OAEP,
+    MechanismType::ECC_KEY_PAIR_GEN,
+    MechanismType::ECDSA,
+    MechanismType::ECDH1_DERIVE,
+    MechanismType::AES_KEY_GEN,
+    MechanismType::AES_GCM,
+];
+
+impl TokenCaps {
+    pub(super) fn read(pkcs11: &Pkcs11, slot: Slot) -> TokenCaps {
+        // C_GetMechanismInfo of each mechanism used, not C_GetMechanismList: cryptoki logs
+        // an error for every listed mechanism it has no name for.
+        let mut caps = TokenCaps::default();
+        for mechanism in USED {
+            match pkcs11.get_mechanism_info(slot, *mechanism) {
+                Ok(info) => {
+                    caps.known = true;
+                    caps.mechanisms
+                        .push((*mechanism, (info.min_key_size(), info.max_key_size())));
+                }
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::MechanismInvalid,
+                    _,
+                )) => {
+                    caps.known = true;
+                }
+                Err(_) => {}
+            }
+        }
+        caps
+    }
+
+    /// Whether the token lists the mechanism for a key of `bits` (None: it answered no list).
+    fn offers(&self, mechanism: MechanismType, bits: usize) -> Result<(), String> {
+        if !self.known {
+            return Ok(());
+        }
+        let name = mechanism_name(mechanism);
+        let Some(&(_, (min, max))) = self.mechanisms.iter().find(|(m, _)| *m == mechanism) else {
+            return Err(format!(
+                "the token does not list {name} (C_GetMechanismInfo: CKR_MECHANISM_INVALID)"
+            ));
+        };
+        // AES sizes are in bytes; 0..0 means the module states no range.
+        let size = if mechanism == MechanismType::AES_KEY_GEN || mechanism == MechanismType::AES_GCM
+        {
+            bits / 8
+        } else {
+            bits
+        };
+        if bits == 0 || (min == 0 && max == 0) || (min..=max).contains(&size) {
+            return Ok(());
+        }
+        let unit = if size == bits { "bits" } else { "bytes" };
+        Err(format!(
+            "the token supports {name} with keys of {min}-{max} {unit} (C_GetMechanismInfo), not {size}"
+        ))
+    }
+
+    /// The token's own answer to a check this provider's table passed: the mechanisms the
+    /// key's generation and its algorithm need, at its size.
+    pub(super) fn check(
+        &self,
+        check_type: CheckType,
+        attributes: &Attributes,
+    ) -> Result<(), OpError> {
+        let bits = attributes.bits;
+        let mut needed = Vec::new();
+        if check_type == CheckType::Generate {
+            needed.push(match attributes.key_type {
+                Type::RsaKeyPair => MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+                Type::EccKeyPair { .. } => MechanismType::ECC_KEY_PAIR_GEN,
+                Type::Aes => MechanismType::AES_KEY_GEN,
+                _ => return Ok(()),
+            });
+        }
+        if check_type != CheckType::Derive {
+            needed.extend(match attributes.policy.permitted_algorithms {
+                Algorithm::AsymmetricSignature(AsymmetricSignature::RsaPkcs1v15Sign { .. })
+                | Algorithm::AsymmetricEncryption(AsymmetricEncryption::RsaPkcs1v15Crypt) => {
+                    Some(MechanismType::RSA_PKCS)
+                }
+                Algorithm::AsymmetricSignature(AsymmetricSignature::RsaPss { .. }) => {
+                    Some(MechanismType::RSA_PKCS_PSS)
+                }
+                Algorithm::AsymmetricEncryption(AsymmetricEncryption::RsaOaep { .. }) => {
+                    Some(MechanismType::RSA_PKCS_OAEP)
+                }
+                Algorithm::AsymmetricSignature(AsymmetricSignature::Ecdsa { .. }) => {
+                    Some(MechanismType::ECDSA)
+                }
+                Algorithm::KeyAgreement(_) => Some(MechanismType::ECDH1_DERIVE),
+                Algorithm::Aead(_) => Some(MechanismType::AES_GCM),
+                _ => None,
+            });
+        }
+        for mechanism in needed {
+            self.offers(mechanism, bits).map_err(|cause| {
+                OpError::new(
+                    ResponseStatus::PsaErrorNotSupported,
+                    format!("{:?} of {bits} bits: {cause}", attributes.key_type),
+                    "choose a key size and algorithm the token lists (pkcs11-tool --list-mechanisms shows them)",
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// `CKM_RSA_PKCS_KEY_PAIR_GEN`: cryptoki prints the standard's names.
+pub(super) fn mechanism_name(mechanism: MechanismType) -> String {
+    mechanism.to_string()
+}

@@ -33,7 +33,9 @@ fn meaning(rv: RvError) -> String {
 }
 
 /// Whether the code means the token (or the session on it) is gone, so that the provider
-/// should open the library and find the token again.
+/// should open the library and find the token again. A login lost (CKR_USER_NOT_LOGGED_IN)
+/// is not: the session is there, and a new one logged in again cures it (or, with no
+/// user_pin, nothing does).
 pub fn token_lost(err: &Error) -> bool {
     matches!(
         err,
@@ -46,7 +48,6 @@ pub fn token_lost(err: &Error) -> bool {
                 | RvError::SessionClosed
                 | RvError::SlotIdInvalid
                 | RvError::CryptokiNotInitialized
-                | RvError::UserNotLoggedIn
                 | RvError::KeyHandleInvalid
                 | RvError::ObjectHandleInvalid,
             _
@@ -62,7 +63,7 @@ fn classify(rv: RvError) -> (S, &'static str) {
         R::PinLocked => (S::PsaErrorNotPermitted, "the user PIN is locked after too many wrong tries: unlock it with the SO PIN"),
         R::PinExpired | R::PinInvalid | R::PinLenRange | R::PinTooWeak => (S::PsaErrorNotPermitted, "the user PIN is not usable as given: check user_pin"),
         R::UserPinNotInitialized => (S::PsaErrorNotPermitted, "the token has no user PIN yet: initialise it (softhsm2-util --init-token, pkcs11-tool --init-pin)"),
-        R::UserNotLoggedIn => (S::PsaErrorNotPermitted, "the session is not logged in: set user_pin"),
+        R::UserNotLoggedIn => (S::PsaErrorNotPermitted, "the token wants a login for this (private keys, creating keys): set user_pin"),
         R::TokenNotPresent | R::DeviceRemoved | R::TokenNotRecognized => (S::PsaErrorCommunicationFailure, "the token is not in its slot: insert it; the service finds it again by itself"),
         R::SessionHandleInvalid | R::SessionClosed => (S::PsaErrorCommunicationFailure, "the token's session was closed (the token was removed or reset): the service reopens it"),
         R::SlotIdInvalid => (S::PsaErrorCommunicationFailure, "the slot is gone: check slot_number, or select the token by serial_number or token_label"),

@@ -13,7 +13,12 @@ pub(super) struct Objects {
 pub(super) struct Connection {
     /// Kept so that the module stays initialised while the session lives.
     pub(super) _pkcs11: Pkcs11,
+    pub(super) slot: Slot,
     pub(super) session: Session,
+    /// What the token says it can do (C_GetMechanismInfo), read when it is opened.
+    pub(super) caps: TokenCaps,
+    /// Whether the session was logged in as the user (a user_pin is set).
+    pub(super) logged_in: bool,
     /// For log lines: `token "label" (serial ..., slot N)`.
     pub(super) token: String,
     pub(super) objects: HashMap<Vec<u8>, Objects>,
@@ -35,76 +40,71 @@ pub(super) fn token_line(label: &str, serial: &str, slot: Slot) -> String {
     )
 }
 
+/// A read-write session on the token, logged in as the user when a PIN is set. A wrong or
+/// locked PIN fails here, with what the token says of its retry counter.
+fn open_session(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    settings: &Pkcs11Settings,
+    token: &str,
+) -> Result<Session, String> {
+    let session = pkcs11
+        .open_rw_session(slot)
+        .map_err(|e| format!("{}", ckr::error("opening a session", token, e)))?;
+    if settings.user_pin.bytes().is_empty() {
+        return Ok(session);
+    }
+    let pin = String::from_utf8_lossy(settings.user_pin.bytes()).to_string();
+    match session.login(UserType::User, Some(&Secret::new(pin))) {
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+            Ok(session)
+        }
+        Err(e) => {
+            let mut line = format!("{}", ckr::error("logging in", token, e));
+            if let Some(state) = module::pin_state(pkcs11, slot) {
+                line.push_str("; ");
+                line.push_str(state);
+            }
+            Err(line)
+        }
+    }
+}
+
 impl Connection {
     pub(super) fn open(settings: &Pkcs11Settings) -> Result<Connection, String> {
-        let module = settings.library_path.display().to_string();
-        let pkcs11 = Pkcs11::new(&settings.library_path)
-            .map_err(|e| format!("cannot load the PKCS#11 module {module}: {e}"))?;
-        pkcs11
-            .initialize(CInitializeArgs::OsThreads)
-            .map_err(|e| format!("{}", ckr::error("C_Initialize", &module, e)))?;
-        let slots = pkcs11
-            .get_slots_with_token()
-            .map_err(|e| format!("{}", ckr::error("C_GetSlotList", &module, e)))?;
-        let mut seen = Vec::new();
-        let mut chosen = None;
-        for slot in slots {
-            let Ok(info) = pkcs11.get_token_info(slot) else {
-                continue;
-            };
-            let line = token_line(info.label(), info.serial_number(), slot);
-            let matches = match &settings.token {
-                TokenSelector::Slot(id) => slot.id() == *id,
-                TokenSelector::Serial(serial) => info.serial_number().trim() == serial.trim(),
-                TokenSelector::Label(label) => info.label().trim() == label.trim(),
-                TokenSelector::Only => true,
-            };
-            if matches && info.token_initialized() {
-                chosen = match chosen {
-                    None => Some((slot, line.clone())),
-                    Some(_) if settings.token == TokenSelector::Only => {
-                        return Err(format!(
-                            "{module} has several tokens and the config names none: set slot_number, serial_number or token_label (tokens seen: {})",
-                            std::iter::once(line).chain(seen).collect::<Vec<_>>().join(", ")
-                        ))
-                    }
-                    other => other,
-                };
-            }
-            seen.push(line);
-        }
-        let Some((slot, token)) = chosen else {
-            return Err(format!(
-                "no initialised token matches {:?} in {module}; tokens seen: {}",
-                settings.token,
-                if seen.is_empty() {
-                    "none".to_string()
-                } else {
-                    seen.join(", ")
-                }
-            ));
-        };
-        let session = pkcs11
-            .open_rw_session(slot)
-            .map_err(|e| format!("{}", ckr::error("opening a session", &token, e)))?;
-        if !settings.user_pin.bytes().is_empty() {
-            let pin = String::from_utf8_lossy(settings.user_pin.bytes()).to_string();
-            match session.login(UserType::User, Some(&Secret::new(pin))) {
-                Ok(())
-                | Err(cryptoki::error::Error::Pkcs11(
-                    cryptoki::error::RvError::UserAlreadyLoggedIn,
-                    _,
-                )) => {}
-                Err(e) => return Err(format!("{}", ckr::error("logging in", &token, e))),
-            }
-        }
+        let pkcs11 = module::load(settings)?;
+        let (slot, token) = module::select(&pkcs11, settings)?;
+        let caps = TokenCaps::read(&pkcs11, slot);
+        let session = open_session(&pkcs11, slot, settings, &token)?;
         Ok(Connection {
             _pkcs11: pkcs11,
+            slot,
             session,
             token,
+            caps,
+            logged_in: !settings.user_pin.bytes().is_empty(),
             objects: HashMap::new(),
             broken: false,
         })
+    }
+
+    /// Closes the session and opens a new one, logged in again: what frees the objects a
+    /// module keeps loaded per session (tpm2-pkcs11 keeps each key it used in one of the
+    /// TPM's few object slots until its session closes), without reloading the module.
+    pub(super) fn renew_session(&mut self, settings: &Pkcs11Settings) -> Result<(), OpError> {
+        let fresh = open_session(&self._pkcs11, self.slot, settings, &self.token).map_err(|e| {
+            OpError::new(
+                ResponseStatus::PsaErrorCommunicationFailure,
+                e,
+                "the token refused a new session: see the module's documentation",
+            )
+        })?;
+        // The old session closes when it is dropped here; handles of token objects are
+        // kept by most modules across sessions, but not by all: found again.
+        self.session = fresh;
+        self.objects.clear();
+        Ok(())
     }
 
     /// Decodes a failed call, and notes when the token is gone.

@@ -29,6 +29,7 @@ mod connection;
 mod existing;
 mod export;
 mod mechanisms;
+mod module;
 mod templates;
 
 use capabilities::*;
@@ -78,6 +79,9 @@ pub struct Pkcs11Provider {
     settings: Pkcs11Settings,
     conn: Device<Connection>,
     limits: Limits,
+    /// Set when the token refused the PIN on a reconnect: it is not tried again (each try
+    /// costs a count of the token's lockout counter) until a reload gives a new provider.
+    pin_refused: Option<String>,
     /// Create records: made durable before a key's objects are; removed once the key's entry
     /// is durable (`committed`), or resolved at the next start after a crash.
     journal: Journal,
@@ -121,6 +125,7 @@ impl Pkcs11Provider {
                 Some(conn),
             ),
             limits,
+            pin_refused: None,
             journal,
         })
     }
@@ -135,11 +140,28 @@ impl Pkcs11Provider {
         Ok(())
     }
 
-    /// The connection, reopened if the token went away.
+    /// The connection, reopened if the token went away. A PIN the token refused is never
+    /// tried again by itself.
     fn connection(&mut self) -> Result<&mut Connection, OpError> {
+        if let Some(refused) = &self.pin_refused {
+            return Err(OpError::new(
+                ResponseStatus::PsaErrorNotPermitted,
+                format!("{refused} (not tried again: each wrong try counts towards the token's lockout)"),
+                "correct user_pin in the config and reload (SIGHUP)",
+            ));
+        }
         let settings = &self.settings;
+        let refused = &mut self.pin_refused;
         self.conn.get(|| {
             let conn = Connection::open(settings).map_err(|e| {
+                if e.contains("CKR_PIN_INCORRECT") || e.contains("CKR_PIN_LOCKED") {
+                    *refused = Some(e.clone());
+                    return OpError::new(
+                        ResponseStatus::PsaErrorNotPermitted,
+                        e,
+                        "the token refused user_pin: correct it and reload (SIGHUP); it is not tried again before",
+                    );
+                }
                 OpError::new(
                     ResponseStatus::PsaErrorCommunicationFailure,
                     e,
@@ -149,6 +171,19 @@ impl Pkcs11Provider {
             log::info!("pkcs11: {} is back", conn.token);
             Ok(conn)
         })
+    }
+
+    /// The token's own answer to what this provider's table allows (key sizes, curves,
+    /// mechanisms it lists); nothing more to say while it is away.
+    fn token_check(
+        &mut self,
+        check_type: CheckType,
+        attributes: &Attributes,
+    ) -> Result<(), OpError> {
+        match self.conn.open_now() {
+            Some(conn) => conn.caps.check(check_type, attributes),
+            None => Ok(()),
+        }
     }
 
     fn existing(&self, app: &str, name: &str) -> Option<&ExistingKey> {
@@ -246,18 +281,49 @@ impl Pkcs11Provider {
             .map_err(|e| conn.fail("C_Verify", e))
     }
 
-    /// Runs an operation; if the token turns out to be gone, reopens it and runs it once more.
+    /// Runs an operation; if the token turns out to be gone, reopens it and runs it once
+    /// more. A failure that a new session cures (a module out of object space, a login the
+    /// token dropped) gets a new logged-in session and one more try, without reloading the
+    /// module.
     fn run(
         &mut self,
         op: &NativeOperation,
         keys: &mut AppKeys<'_>,
     ) -> Result<NativeResult, OpError> {
-        super::device::retry_once(
+        let result = super::device::retry_once(
             self,
             |p| p.conn.is_broken(),
             |p| p.conn.name().to_string(),
             |p| p.run_once(op, keys),
-        )
+        );
+        let Err(err) = &result else {
+            return result;
+        };
+        if !session_may_cure(err) || self.conn.is_broken() {
+            return result;
+        }
+        let Some(conn) = self.conn.open_now() else {
+            return result;
+        };
+        if err.cause.contains("CKR_USER_NOT_LOGGED_IN") && !conn.logged_in {
+            return result;
+        }
+        log::warn!(
+            "pkcs11: {}; opening a new session on {} (logged in again) and trying once more",
+            err.cause,
+            conn.token
+        );
+        if let Err(e) = conn.renew_session(&self.settings) {
+            log::error!("pkcs11: {e}");
+            return result;
+        }
+        match self.run_once(op, keys) {
+            Ok(done) => {
+                log::info!("pkcs11: the new session cured it");
+                Ok(done)
+            }
+            Err(again) => Err(again),
+        }
     }
 
     fn run_once(
@@ -270,6 +336,7 @@ impl Pkcs11Provider {
             NativeOperation::PsaGenerateKey(op) => {
                 super::refuse_public_key_generation(&op.attributes)?;
                 check(CheckType::Generate, op.attributes, allow_export)?;
+                self.token_check(CheckType::Generate, &op.attributes)?;
                 keys.ensure_free(&op.key_name)?;
                 let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
                 self.intend(&key)?;
@@ -310,6 +377,7 @@ impl Pkcs11Provider {
                 let supported = capabilities::size_ok(CheckType::Import, attributes);
                 import::supported_size(supported, &attributes, "the PKCS#11 provider")?;
                 check(CheckType::Import, attributes, allow_export)?;
+                self.token_check(CheckType::Import, &attributes)?;
                 keys.ensure_free(&op.key_name)?;
                 let key = new_key_ref(self.connection()?, keys.app(), &op.key_name)?;
                 self.intend(&key)?;
@@ -553,6 +621,7 @@ impl Pkcs11Provider {
             NativeOperation::CanDoCrypto(op) => {
                 super::can_do::common_rules(op.check_type, &op.attributes)?;
                 check(op.check_type, op.attributes, allow_export)?;
+                self.token_check(op.check_type, &op.attributes)?;
                 Ok(NativeResult::CanDoCrypto(can_do_crypto::Result))
             }
             other => Err(OpError::new(
@@ -562,6 +631,26 @@ impl Pkcs11Provider {
             )),
         }
     }
+}
+
+/// Whether a failure may be the session's state rather than the request: the module ran
+/// out of room for loaded objects (tpm2-pkcs11 on a TPM with three object slots answers
+/// CKR_GENERAL_ERROR, others CKR_DEVICE_MEMORY or CKR_HOST_MEMORY), or the token dropped the
+/// session's login, or an operation a module left active after it failed (tpm2-pkcs11
+/// keeps a C_Decrypt that failed active, and the session's next C_SignInit answers
+/// CKR_OPERATION_ACTIVE). A ciphertext that does not decrypt (CKR_GENERAL_ERROR too, on
+/// SoftHSM2) is already told apart (InvalidPadding).
+fn session_may_cure(err: &OpError) -> bool {
+    err.status != ResponseStatus::PsaErrorInvalidPadding
+        && [
+            "CKR_GENERAL_ERROR",
+            "CKR_DEVICE_MEMORY",
+            "CKR_HOST_MEMORY",
+            "CKR_USER_NOT_LOGGED_IN",
+            "CKR_OPERATION_ACTIVE",
+        ]
+        .iter()
+        .any(|ckr| err.cause.contains(ckr))
 }
 
 /// A fresh CKA_ID from the token's random number generator, and the key's label.

@@ -85,26 +85,45 @@ pub(super) fn uses(attributes: &Attributes) -> (bool, bool) {
     (sign || !(crypt || flags.derive()), crypt)
 }
 
+/// The private key's attributes. Only the uses the key has are named (CKA_SIGN, CKA_DECRYPT,
+/// CKA_DERIVE set to true), never a use it lacks set to false: tpm2-pkcs11 maps the usage
+/// attributes of both halves onto one TPM object, and a false on one half clears what the
+/// other half set (CKR_GENERAL_ERROR, "User specified and TPM specified attr mismatch").
+/// The service checks every use against the key's PSA policy before the token sees it, so
+/// a module's default for an unnamed use does not widen what a client can do.
 pub(super) fn private_common(
     key: &KeyRef,
     attributes: &Attributes,
     key_type: KeyType,
 ) -> Vec<Attribute> {
     let (sign, crypt) = uses(attributes);
-    let exportable = attributes.policy.usage_flags.export();
     let mut template = common(key, ObjectClass::PRIVATE_KEY, key_type);
-    template.extend([
-        Attribute::Private(true),
+    template.push(Attribute::Private(true));
+    template.extend(protection(attributes));
+    template.extend(
+        [
+            (sign, Attribute::Sign(true)),
+            (crypt, Attribute::Decrypt(true)),
+            // Raw ECDH (CKM_ECDH1_DERIVE) needs CKA_DERIVE.
+            (
+                attributes.policy.usage_flags.derive(),
+                Attribute::Derive(true),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, a)| wanted.then_some(a)),
+    );
+    template
+}
+
+/// CKA_SENSITIVE and CKA_EXTRACTABLE: a key without the export flag is both sensitive and
+/// not extractable (never left to a module's default); an exportable one neither.
+fn protection(attributes: &Attributes) -> [Attribute; 2] {
+    let exportable = attributes.policy.usage_flags.export();
+    [
         Attribute::Sensitive(!exportable),
         Attribute::Extractable(exportable),
-        Attribute::Sign(sign),
-        Attribute::Decrypt(crypt),
-    ]);
-    // Raw ECDH (CKM_ECDH1_DERIVE) needs CKA_DERIVE; asked for only when used.
-    if attributes.policy.usage_flags.derive() {
-        template.push(Attribute::Derive(true));
-    }
-    template
+    ]
 }
 
 pub(super) fn public_common(
@@ -114,11 +133,15 @@ pub(super) fn public_common(
 ) -> Vec<Attribute> {
     let (sign, crypt) = uses(attributes);
     let mut template = common(key, ObjectClass::PUBLIC_KEY, key_type);
-    template.extend([
-        Attribute::Private(false),
-        Attribute::Verify(sign),
-        Attribute::Encrypt(crypt),
-    ]);
+    template.push(Attribute::Private(false));
+    template.extend(
+        [
+            (sign, Attribute::Verify(true)),
+            (crypt, Attribute::Encrypt(true)),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, a)| wanted.then_some(a)),
+    );
     template
 }
 
@@ -129,15 +152,17 @@ pub(super) fn secret_template(
     value: Option<&[u8]>,
 ) -> Vec<Attribute> {
     let flags = attributes.policy.usage_flags;
-    let exportable = flags.export();
     let mut template = common(key, ObjectClass::SECRET_KEY, KeyType::AES);
-    template.extend([
-        Attribute::Private(true),
-        Attribute::Sensitive(!exportable),
-        Attribute::Extractable(exportable),
-        Attribute::Encrypt(flags.encrypt()),
-        Attribute::Decrypt(flags.decrypt()),
-    ]);
+    template.push(Attribute::Private(true));
+    template.extend(protection(attributes));
+    template.extend(
+        [
+            (flags.encrypt(), Attribute::Encrypt(true)),
+            (flags.decrypt(), Attribute::Decrypt(true)),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, a)| wanted.then_some(a)),
+    );
     match value {
         Some(value) => template.push(Attribute::Value(value.to_vec())),
         None => template.push(Attribute::ValueLen(
