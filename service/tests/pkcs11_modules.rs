@@ -148,6 +148,41 @@ fn suite(token: &Token) {
     let public = alice.psa_export_public_key("p256").unwrap();
     common::openssl_verify_p256(&public, b"checked by openssl", &signature);
 
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("C_GenerateKeyPair") && !log.contains("CKR_TEMPLATE"),
+        "{module}: no template was refused:\n{log}"
+    );
+
+    // An exportable key comes out as it went in where the module makes such keys; where it
+    // does not, the generation is NotSupported and says why (never a key that cannot be
+    // exported after the client was told it could).
+    let mut exportable = attributes(ecc(), 256, ecdsa(Hash::Sha256));
+    exportable.policy.usage_flags.set_export();
+    let made = alice.psa_generate_key("exportable", exportable);
+    match token {
+        Token::SoftHsm(_) => {
+            made.unwrap();
+            assert_eq!(alice.psa_export_key("exportable").unwrap().len(), 32);
+        }
+        Token::Tpm2(_) | Token::Nss(_) => {
+            assert_eq!(
+                service_error(made.unwrap_err()),
+                ResponseStatus::PsaErrorNotSupported
+            );
+            let log = daemon.log_text();
+            let line = log
+                .lines()
+                .find(|l| l.contains("does not make exportable private keys"))
+                .unwrap_or_else(|| panic!("{module}:\n{log}"));
+            assert!(line.contains("drop the export flag"), "{line}");
+            assert_eq!(
+                service_error(alice.psa_export_public_key("exportable").unwrap_err()),
+                ResponseStatus::PsaErrorDoesNotExist
+            );
+        }
+    }
+
     // Another application sees none of it.
     assert_eq!(
         service_error(
@@ -175,11 +210,6 @@ fn suite(token: &Token) {
     assert_eq!(
         service_error(alice.psa_export_public_key("rsa2048-pss").unwrap_err()),
         ResponseStatus::PsaErrorDoesNotExist
-    );
-    let log = daemon.log_text();
-    assert!(
-        !log.contains("C_GenerateKeyPair") && !log.contains("CKR_TEMPLATE"),
-        "{module}: no template was refused:\n{log}"
     );
 }
 
@@ -235,4 +265,238 @@ fn key_sizes_come_from_the_token() {
         !log.contains("C_GenerateKeyPair"),
         "never sent to the module:\n{log}"
     );
+}
+
+/// What `parsec --config` prints when it does not start.
+fn start_fails(token: &Token, name: &str, table: &str, env: &[(String, String)]) -> String {
+    let dir = common::fresh_dir(name);
+    let config = dir.join("config.toml");
+    let text = with_provider_first(
+        common::config_text(&dir.join("parsec.sock"), &dir.join("store"), "Direct", &[]),
+        table,
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = std::process::Command::new(common::BIN)
+        .arg("--config")
+        .arg(&config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{}: started", token.name());
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// A key made by tpm2_ptool with `--id=1011` has the text's bytes as CKA_ID: `id = "1011"`
+/// (hex) finds nothing and says what to write; `id = "str:1011"` finds it; it signs (openssl
+/// verifies) and survives a restart. With no user_pin it is mounted public only, with a
+/// warning.
+#[test]
+fn existing_keys_made_by_tpm2_ptool() {
+    let tpm2 = Tpm2Token::new("existing");
+    tpm2.ptool(&[
+        "addkey",
+        &format!("--label={}", tpm2.label),
+        "--key-label=factory",
+        "--id=1011",
+        &format!("--userpin={USER_PIN}"),
+        "--algorithm=ecc256",
+    ]);
+    let token = Token::Tpm2(tpm2);
+    let mapping = |id: &str| {
+        format!("[[provider.existing_keys]]\nid = \"{id}\"\napplication = \"carol\"\nname = \"identity\"\n")
+    };
+    let stderr = start_fails(
+        &token,
+        "existing-hex",
+        &token.table(&mapping("1011")),
+        &token.env(),
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("existing key \"identity\""))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("id = \\\"str:1011\\\"") || line.contains("id = \"str:1011\""),
+        "{line}"
+    );
+    assert!(line.contains("31303131"), "{line}");
+
+    let mut daemon = token.daemon("existing-text", &mapping("str:1011"));
+    let carol = client(&daemon, "carol");
+    let digest = sha(Hash::Sha256, b"factory key");
+    let signature = carol
+        .psa_sign_hash("identity", &digest, ecdsa(Hash::Sha256))
+        .unwrap();
+    let public = carol.psa_export_public_key("identity").unwrap();
+    common::openssl_verify_p256(&public, b"factory key", &signature);
+    drop(carol);
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    let carol = client(&daemon, "carol");
+    assert_eq!(carol.psa_export_public_key("identity").unwrap(), public);
+    drop(carol);
+    assert!(daemon.stop().success());
+
+    let no_pin = token
+        .table(&mapping("str:1011"))
+        .replace(&format!("user_pin = \"{USER_PIN}\"\n"), "");
+    let owned_env = token.env();
+    let env: Vec<(&str, &str)> = owned_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let daemon = Daemon::start_in_env(
+        "existing-no-pin",
+        "Direct",
+        &["admin"],
+        |text| with_provider_first(text, &no_pin),
+        &env,
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.contains("mounted as a public key only: user_pin is empty"),
+        "{log}"
+    );
+}
+
+/// tpm2-pkcs11 gives every token serial 0000000000000000: selecting by that serial is
+/// refused at start-up with both tokens listed (taking the first tried its PIN on the other
+/// token, a count on the TPM's lockout counter each start).
+#[test]
+fn a_selector_two_tokens_match_is_refused() {
+    let tpm2 = Tpm2Token::new("twins");
+    tpm2.add_token("parsec-twin");
+    let token = Token::Tpm2(tpm2);
+    let table = token.table("").replace(
+        "token_label = \"parsec-twins\"",
+        "serial_number = \"0000000000000000\"",
+    );
+    let stderr = start_fails(&token, "twins", &table, &token.env());
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("2 tokens of"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("\"parsec-twins\"") && line.contains("\"parsec-twin\""),
+        "both listed: {line}"
+    );
+    assert!(!stderr.contains("CKR_PIN"), "no PIN tried: {stderr}");
+}
+
+/// A PIN the token refuses when the service reconnects (the token was away, and its PIN
+/// changed meanwhile) is tried once, with what the token says of its retry counter
+/// (SoftHSM2 sets CKF_USER_PIN_COUNT_LOW), and never again until a reload gives the right
+/// one: each try costs a count towards the token's lockout.
+#[test]
+fn a_refused_pin_is_not_tried_again() {
+    let hsm = SoftHsm::new("repin");
+    let token = Token::SoftHsm(hsm);
+    let daemon = token.daemon("repin", "");
+    let alice = client(&daemon, "alice");
+    let alg = ecdsa(Hash::Sha256);
+    alice
+        .psa_generate_key("k", attributes(ecc(), 256, alg))
+        .unwrap();
+    let digest = sha(Hash::Sha256, b"x");
+    alice.psa_sign_hash("k", &digest, alg).unwrap();
+
+    // The token goes away; its PIN is changed elsewhere; it comes back.
+    let Token::SoftHsm(hsm) = &token else {
+        unreachable!()
+    };
+    let token_dir = hsm.token_dir();
+    let away = hsm.dir.join("away");
+    std::fs::create_dir_all(&away).unwrap();
+    let moved = away.join(token_dir.file_name().unwrap());
+    std::fs::rename(&token_dir, &moved).unwrap();
+    assert_eq!(
+        service_error(alice.psa_sign_hash("k", &digest, alg).unwrap_err()),
+        ResponseStatus::PsaErrorCommunicationFailure
+    );
+    let conf = hsm.dir.join("away.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\n",
+            away.display()
+        ),
+    )
+    .unwrap();
+    let changed = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--module",
+            SOFTHSM,
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--change-pin",
+            "--new-pin",
+            "4321",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        changed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&changed.stderr)
+    );
+    std::fs::rename(&moved, &token_dir).unwrap();
+
+    for _ in 0..4 {
+        assert_eq!(
+            service_error(alice.psa_sign_hash("k", &digest, alg).unwrap_err()),
+            ResponseStatus::PsaErrorNotPermitted
+        );
+    }
+    let log = daemon.log_text();
+    let tries = log
+        .lines()
+        .filter(|l| l.contains("CKR_PIN_INCORRECT") && !l.contains("(not tried again:"))
+        .count();
+    assert_eq!(tries, 1, "the wrong PIN was tried {tries} times:\n{log}");
+    assert!(log.contains("CKF_USER_PIN_COUNT_LOW"), "{log}");
+    assert!(log.contains("not tried again"), "{log}");
+
+    // The right PIN, by a reload: the key signs again.
+    daemon.reload_edited(|text| {
+        text.replace(&format!("user_pin = \"{USER_PIN}\""), "user_pin = \"4321\"")
+    });
+    let signature = alice.psa_sign_hash("k", &digest, alg).unwrap();
+    alice
+        .psa_verify_hash("k", &digest, alg, &signature)
+        .unwrap();
+}
+
+/// On a bare TPM (no resource manager: three object slots), tpm2-pkcs11 keeps every key its
+/// session used loaded: the third key used fails. The service opens a new session (logged
+/// in again) and the request succeeds; it never needs a restart.
+#[test]
+fn tpm2_pkcs11_out_of_object_space_is_recovered() {
+    let mut tpm2 = Tpm2Token::new("bare");
+    tpm2.stop_abrmd();
+    let env = tpm2.bare_env();
+    let token = Token::Tpm2(tpm2);
+    let daemon = token.daemon_in("bare", "", &env);
+    let alice = client(&daemon, "alice");
+    let alg = ecdsa(Hash::Sha256);
+    let names = ["k1", "k2", "k3", "k4", "k5"];
+    for name in names {
+        alice
+            .psa_generate_key(name, attributes(ecc(), 256, alg))
+            .unwrap_or_else(|e| panic!("generating {name}: {e}\n{}", daemon.log_text()));
+    }
+    let digest = sha(Hash::Sha256, b"slots");
+    for round in 0..3 {
+        for name in names {
+            let signature = alice
+                .psa_sign_hash(name, &digest, alg)
+                .unwrap_or_else(|e| panic!("round {round}, {name}: {e}\n{}", daemon.log_text()));
+            alice
+                .psa_verify_hash(name, &digest, alg, &signature)
+                .unwrap();
+        }
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("the new session cured it"), "{log}");
 }

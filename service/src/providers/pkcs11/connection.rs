@@ -89,10 +89,15 @@ impl Connection {
         })
     }
 
-    /// Closes the session and opens a new one, logged in again: what frees the objects a
-    /// module keeps loaded per session (tpm2-pkcs11 keeps each key it used in one of the
-    /// TPM's few object slots until its session closes), without reloading the module.
+    /// Logs out, closes the session and opens a new one, logged in again: what frees the
+    /// objects a module keeps loaded for a login (tpm2-pkcs11 keeps each key it used in one
+    /// of the TPM's few object slots until C_Logout), without reloading the module.
     pub(super) fn renew_session(&mut self, settings: &Pkcs11Settings) -> Result<(), OpError> {
+        // The login belongs to the application, not the session: logged out first, or the
+        // new session would share the old login state (and tpm2-pkcs11 its loaded objects).
+        if self.logged_in {
+            let _ = self.session.logout();
+        }
         let fresh = open_session(&self._pkcs11, self.slot, settings, &self.token).map_err(|e| {
             OpError::new(
                 ResponseStatus::PsaErrorCommunicationFailure,

@@ -30,9 +30,14 @@ pub(super) fn mount(
                 .unwrap_or_else(|| "-".into())
         )
     };
-    let objects = conn
-        .objects(&key_id)
-        .map_err(|e| format!("{}: {}", describe(), e.cause))?;
+    let objects = conn.objects(&key_id).map_err(|e| {
+        format!(
+            "{}: {}{}",
+            describe(),
+            e.cause,
+            text_id_hint(conn, existing).unwrap_or_default()
+        )
+    })?;
     let attributes =
         attributes_of(conn, objects).map_err(|e| format!("{}: {}", describe(), e.cause))?;
     store
@@ -45,6 +50,12 @@ pub(super) fn mount(
             KeyEntry { key_id, attributes },
         )
         .map_err(|e| format!("{}: {e}", describe()))?;
+    if objects.private.is_none() && !conn.logged_in {
+        log::warn!(
+            "pkcs11: {} is mounted as a public key only: user_pin is empty, and tokens show private keys only to a logged-in session (set user_pin to sign or decrypt with it)",
+            describe()
+        );
+    }
     log::info!(
         "pkcs11: {} mapped: {:?} of {} bits{}",
         describe(),
@@ -53,6 +64,27 @@ pub(super) fn mount(
         if existing.owned { ", owned" } else { "" }
     );
     Ok(())
+}
+
+/// When no object has the configured CKA_ID but one has its hex digits as text (what
+/// `tpm2_ptool addkey --id=1011` stores: the bytes of "1011"), what to write instead.
+fn text_id_hint(conn: &mut Connection, existing: &ExistingKey) -> Option<String> {
+    let id = existing.id.as_ref()?;
+    let digits = super::hex(id);
+    let as_text = digits.as_bytes().to_vec();
+    let found = conn
+        .session
+        .find_objects(&[Attribute::Id(as_text.clone())])
+        .ok()?;
+    if found.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "; but {} objects have the text \"{digits}\" as CKA_ID (hex {}), as tpm2_ptool --id stores it: write id = \"str:{digits}\" (or id = \"{}\")",
+        found.len(),
+        super::hex(&as_text),
+        super::hex(&as_text)
+    ))
 }
 
 /// Reports the service's objects on the token (labels starting with `parsec/`) that no key

@@ -347,6 +347,7 @@ impl Pkcs11Provider {
                         .session
                         .generate_key(&Mechanism::AesKeyGen, &template)
                         .map_err(|e| conn.fail("C_GenerateKey", e))?;
+                    ensure_exportable(conn, &op.attributes, handle, &[handle])?;
                     crate::crash_point("pkcs11:after-objects");
                     record(conn, keys, &op.key_name, key, op.attributes, &[handle])?;
                     return Ok(NativeResult::PsaGenerateKey(psa_generate_key::Result {}));
@@ -360,7 +361,10 @@ impl Pkcs11Provider {
                     .session
                     .generate_key_pair(&mechanism, &public, &private)
                     .map_err(|e| conn.fail("C_GenerateKeyPair", e))
+                    .map_err(|e| refused_export(conn, e, &mechanism, &key, &op.attributes))
                     .map_err(|e| name_refused_attribute(conn, e, &mechanism, &public, &private))?;
+                let pair = [public_handle, private_handle];
+                ensure_exportable(conn, &op.attributes, private_handle, &pair)?;
                 crate::crash_point("pkcs11:after-objects");
                 record(
                     conn,
@@ -396,6 +400,9 @@ impl Pkcs11Provider {
                             return Err(err);
                         }
                     }
+                }
+                if let Some(first) = handles.first() {
+                    ensure_exportable(conn, &attributes, *first, &handles)?;
                 }
                 record(conn, keys, &op.key_name, key, attributes, &handles)?;
                 Ok(NativeResult::PsaImportKey(psa_import_key::Result {}))

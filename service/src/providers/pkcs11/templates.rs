@@ -355,3 +355,114 @@ pub(super) fn name_refused_attribute(
     }
     err
 }
+
+/// A generation refused for an exportable key: generated again without the export flag (and
+/// destroyed at once); if the token takes that, the refusal was of exportability, said so as
+/// NotSupported. tpm2-pkcs11 refuses CKA_EXTRACTABLE private keys ("Cannot mark object both
+/// extractable AND sensitive", CKR_ATTRIBUTE_VALUE_INVALID).
+pub(super) fn refused_export(
+    conn: &mut Connection,
+    err: OpError,
+    mechanism: &Mechanism,
+    key: &KeyRef,
+    attributes: &Attributes,
+) -> OpError {
+    if !attributes.policy.usage_flags.export()
+        || !(err.cause.contains("CKR_TEMPLATE_") || err.cause.contains("CKR_ATTRIBUTE_"))
+    {
+        return err;
+    }
+    let mut sealed = *attributes;
+    let had = attributes.policy.usage_flags;
+    let mut flags = UsageFlags::default();
+    for (set, wanted) in [
+        (
+            UsageFlags::set_sign_hash as fn(&mut UsageFlags) -> &mut UsageFlags,
+            had.sign_hash(),
+        ),
+        (UsageFlags::set_verify_hash, had.verify_hash()),
+        (UsageFlags::set_sign_message, had.sign_message()),
+        (UsageFlags::set_verify_message, had.verify_message()),
+        (UsageFlags::set_encrypt, had.encrypt()),
+        (UsageFlags::set_decrypt, had.decrypt()),
+        (UsageFlags::set_derive, had.derive()),
+    ] {
+        if wanted {
+            set(&mut flags);
+        }
+    }
+    sealed.policy.usage_flags = flags;
+    let Ok((public, private)) = templates(key, &sealed) else {
+        return err;
+    };
+    match conn.session.generate_key_pair(mechanism, &public, &private) {
+        Ok((a, b)) => {
+            let _ = conn.session.destroy_object(a);
+            let _ = conn.session.destroy_object(b);
+            not_exportable(
+                conn,
+                format!(
+                    "{}; the same key without the export flag is accepted",
+                    err.cause
+                ),
+            )
+        }
+        Err(_) => err,
+    }
+}
+
+/// Checks that a key made exportable is so on the token (its secret value can be read):
+/// NSS's softoken keeps the value of its token keys to itself whatever the template says,
+/// and a key the client was told is exportable must be. If not, its objects are destroyed
+/// and the request refused.
+pub(super) fn ensure_exportable(
+    conn: &mut Connection,
+    attributes: &Attributes,
+    secret: ObjectHandle,
+    all: &[ObjectHandle],
+) -> Result<(), OpError> {
+    if !attributes.policy.usage_flags.export() || attributes.key_type.is_public_key() {
+        return Ok(());
+    }
+    // The value itself, not CKA_SENSITIVE: NSS's softoken reports a token key
+    // non-sensitive and still gives no CKA_VALUE.
+    let part = match attributes.key_type {
+        Type::RsaKeyPair => AttributeType::PrivateExponent,
+        _ => AttributeType::Value,
+    };
+    let readable = conn
+        .session
+        .get_attributes(secret, &[part])
+        .map(|values| {
+            values.into_iter().any(|v| {
+                let found = matches!(v, Attribute::Value(_) | Attribute::PrivateExponent(_));
+                // The secret read is dropped here; zeroed as every exported value is.
+                if let Attribute::Value(bytes) | Attribute::PrivateExponent(bytes) = v {
+                    drop(Zeroizing::new(bytes));
+                }
+                found
+            })
+        })
+        .unwrap_or(false);
+    if readable {
+        return Ok(());
+    }
+    for handle in all {
+        let _ = conn.session.destroy_object(*handle);
+    }
+    Err(not_exportable(
+        conn,
+        format!(
+            "{} does not give the new key's secret value although CKA_SENSITIVE false and CKA_EXTRACTABLE true were asked; the key is destroyed",
+            conn.token
+        ),
+    ))
+}
+
+fn not_exportable(_conn: &Connection, cause: String) -> OpError {
+    OpError::new(
+        ResponseStatus::PsaErrorNotSupported,
+        format!("{cause}: this token does not make exportable private keys"),
+        "drop the export flag (keys on a token are meant to stay there), or keep exportable keys in the software provider",
+    )
+}
