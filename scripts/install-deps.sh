@@ -3,7 +3,8 @@
 # cmake and libclang (Mbed TLS and its bindings, built by psa-crypto-sys), libtss2-dev (the
 # TPM provider links tpm2-tss), swtpm and tpm2-tools (the TPM provider's tests run against a
 # software TPM), softhsm2 and opensc (the PKCS#11 provider's tests use a SoftHSM2 token and
-# pkcs11-tool), systemd (socket activation tests and unit checks), openssl (tests verify
+# pkcs11-tool), tpm2-pkcs11 with its tools, tpm2-abrmd (on a private D-Bus: dbus-daemon) and
+# NSS's softoken with certutil (the same tests on two more PKCS#11 modules), systemd (socket activation tests and unit checks), openssl (tests verify
 # signatures with it), file (cross/check.sh), cpio and e2fsprogs (qemu-tests: the initramfs
 # and the guest disk), busybox (the init script is checked with BusyBox's start-stop-daemon,
 # as on Buildroot), debhelper, lintian, debootstrap and fakeroot (the bookworm .debs are built,
@@ -13,7 +14,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc file shellcheck cpio e2fsprogs busybox debhelper lintian debootstrap fakeroot dpkg-dev)
+packages=(cmake clang libclang-dev pkg-config openssl passwd systemd libtss2-dev swtpm swtpm-tools tpm2-tools softhsm2 opensc libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon libnss3 libnss3-tools file shellcheck cpio e2fsprogs busybox debhelper lintian debootstrap fakeroot dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
