@@ -17,6 +17,8 @@ pub mod front_end;
 pub mod key_store;
 pub mod logging;
 pub mod migrate;
+#[cfg_attr(not(feature = "pkcs11-provider"), allow(dead_code))]
+pub mod module_output;
 pub mod providers;
 pub mod rate_limit;
 

@@ -4,7 +4,6 @@
 
 use crate::config::LogTarget;
 use log::{LevelFilter, Log, Metadata, Record};
-use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 struct StderrLogger {
@@ -32,17 +31,22 @@ impl Log for StderrLogger {
             record.level(),
             record.args()
         ));
-        // A closed stderr must not take the service down.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // To the original stderr when libraries' output is captured (`module_output`); a
+        // closed stderr must not take the service down.
+        crate::module_output::write_log(line.as_bytes());
     }
 
     fn flush(&self) {}
 }
 
 /// Libraries log their own view of a failure, which the provider then logs decoded, with
-/// the client and a hint: their lines only show at debug level.
+/// the client and a hint: their lines only show at debug level. cryptoki logs an error for
+/// every mechanism a token lists that it has no name for ("Mechanism type 4356 is not
+/// supported."): nothing is wrong then.
 fn wanted(record: &Record) -> bool {
-    !record.target().starts_with("tss_esapi") || log::max_level() >= LevelFilter::Debug
+    let target = record.target();
+    !(target.starts_with("tss_esapi") || target.starts_with("cryptoki"))
+        || log::max_level() >= LevelFilter::Debug
 }
 
 /// Drops the records `wanted` refuses, whatever the target.

@@ -176,6 +176,14 @@ fn suite(token: &Token) {
                 .find(|l| l.contains("does not make exportable private keys"))
                 .unwrap_or_else(|| panic!("{module}:\n{log}"));
             assert!(line.contains("drop the export flag"), "{line}");
+            if let Token::Tpm2(_) = token {
+                // The module's own reason, from its stderr, in the request's line.
+                assert!(
+                    line.contains("stderr meanwhile")
+                        && line.contains("Cannot mark object both extractable AND sensitive"),
+                    "{line}"
+                );
+            }
             assert_eq!(
                 service_error(alice.psa_export_public_key("exportable").unwrap_err()),
                 ResponseStatus::PsaErrorDoesNotExist
@@ -499,4 +507,60 @@ fn tpm2_pkcs11_out_of_object_space_is_recovered() {
     }
     let log = daemon.log_text();
     assert!(log.contains("the new session cured it"), "{log}");
+}
+
+/// A key made by NSS's certutil (CKA_ID: the SHA-1 of its public value, no label) mapped by
+/// its id as `certutil -K` shows it: it signs (openssl verifies) and survives a restart.
+#[test]
+fn existing_keys_made_by_certutil() {
+    let nss = NssToken::new("existing");
+    let noise = nss.dir.join("noise");
+    std::fs::write(
+        &noise,
+        (0..64u8).map(|i| i.wrapping_mul(37)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    nss.certutil(&[
+        "-G",
+        "-k",
+        "ec",
+        "-q",
+        "nistp256",
+        "-z",
+        noise.to_str().unwrap(),
+    ]);
+    // "< 0> ec       aca7ee87e4d4e8ea1b7890437576fef801ac8522   (orphan)"
+    let listing = nss.certutil(&["-K"]);
+    let id = listing
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.len() == 40 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .unwrap_or_else(|| panic!("{listing}"))
+        .to_string();
+    let token = Token::Nss(nss);
+    let mapping = format!(
+        "[[provider.existing_keys]]\nid = \"{id}\"\napplication = \"carol\"\nname = \"identity\"\n"
+    );
+    let mut daemon = token.daemon("certutil-key", &mapping);
+    let carol = client(&daemon, "carol");
+    let digest = sha(Hash::Sha256, b"certutil key");
+    let signature = carol
+        .psa_sign_hash("identity", &digest, ecdsa(Hash::Sha256))
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_text()));
+    let public = carol
+        .psa_export_public_key("identity")
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_text()));
+    common::openssl_verify_p256(&public, b"certutil key", &signature);
+    drop(carol);
+    assert!(daemon.stop().success());
+    daemon.spawn();
+    let carol = client(&daemon, "carol");
+    assert_eq!(carol.psa_export_public_key("identity").unwrap(), public);
+    assert_eq!(
+        service_error(carol.psa_destroy_key("identity").unwrap_err()),
+        ResponseStatus::PsaErrorNotPermitted,
+        "not owned: left on the token"
+    );
 }

@@ -583,7 +583,7 @@ impl Dispatcher {
                     header.provider,
                     header.opcode,
                     error.status,
-                    crate::error::escape_capped(&error.cause, 512),
+                    crate::error::escape_capped(&error.cause, 1024),
                     error.hint
                 );
                 Response::from_request_header(header, error.status)

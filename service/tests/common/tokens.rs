@@ -76,6 +76,7 @@ impl Tpm2Token {
                 .arg(format!("--config-file={}", conf.display()))
                 .arg("--nofork")
                 .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .spawn()
                 .expect("dbus-daemon (apt-get install dbus)"),
         );

@@ -124,7 +124,7 @@ pub(super) fn check(
 }
 
 /// What the token says it can do: the mechanisms it lists, with their key sizes
-/// (C_GetMechanismInfo), read once when the token is opened. A module
+/// (C_GetMechanismList, C_GetMechanismInfo), read once when the token is opened. A module
 /// that answers neither is taken at this provider's own table (`known: false`).
 #[derive(Clone, Default)]
 pub(super) struct TokenCaps {
@@ -148,24 +148,22 @@ const USED: &[MechanismType] = &[
 
 impl TokenCaps {
     pub(super) fn read(pkcs11: &Pkcs11, slot: Slot) -> TokenCaps {
-        // C_GetMechanismInfo of each mechanism used, not C_GetMechanismList: cryptoki logs
-        // an error for every listed mechanism it has no name for.
-        let mut caps = TokenCaps::default();
-        for mechanism in USED {
-            match pkcs11.get_mechanism_info(slot, *mechanism) {
-                Ok(info) => {
-                    caps.known = true;
-                    caps.mechanisms
-                        .push((*mechanism, (info.min_key_size(), info.max_key_size())));
-                }
-                Err(cryptoki::error::Error::Pkcs11(
-                    cryptoki::error::RvError::MechanismInvalid,
-                    _,
-                )) => {
-                    caps.known = true;
-                }
-                Err(_) => {}
-            }
+        // Only the mechanisms the token lists are asked about: tpm2-pkcs11 prints an error
+        // on stderr for each one it is asked about and lacks.
+        let Ok(list) = pkcs11.get_mechanism_list(slot) else {
+            return TokenCaps::default();
+        };
+        let mut caps = TokenCaps {
+            known: true,
+            mechanisms: Vec::new(),
+        };
+        for mechanism in USED.iter().filter(|m| list.contains(m)) {
+            let sizes = match pkcs11.get_mechanism_info(slot, *mechanism) {
+                Ok(info) => (info.min_key_size(), info.max_key_size()),
+                // Listed but not described: no size limit known.
+                Err(_) => (0, 0),
+            };
+            caps.mechanisms.push((*mechanism, sizes));
         }
         caps
     }
@@ -178,7 +176,7 @@ impl TokenCaps {
         let name = mechanism_name(mechanism);
         let Some(&(_, (min, max))) = self.mechanisms.iter().find(|(m, _)| *m == mechanism) else {
             return Err(format!(
-                "the token does not list {name} (C_GetMechanismInfo: CKR_MECHANISM_INVALID)"
+                "the token does not list {name} (C_GetMechanismList)"
             ));
         };
         // AES sizes are in bytes; 0..0 means the module states no range.

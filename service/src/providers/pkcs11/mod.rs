@@ -95,6 +95,10 @@ impl Pkcs11Provider {
         store: &mut KeyStore,
         limits: Limits,
     ) -> Result<Pkcs11Provider, String> {
+        // Modules say why on stderr: kept for the failed request's log line.
+        if let Err(e) = crate::module_output::start() {
+            log::warn!("pkcs11: the module's stderr is not captured ({e}): its messages stay on stderr only");
+        }
         let mut conn = Connection::open(settings)?;
         let stored = store.keys_in(ProviderId::Pkcs11).count();
         for existing in &settings.existing_keys {
@@ -286,6 +290,29 @@ impl Pkcs11Provider {
     /// token dropped) gets a new logged-in session and one more try, without reloading the
     /// module.
     fn run(
+        &mut self,
+        op: &NativeOperation,
+        keys: &mut AppKeys<'_>,
+    ) -> Result<NativeResult, OpError> {
+        let mark = crate::module_output::mark();
+        self.run_cured(op, keys).map_err(|mut err| {
+            // What the module printed while it failed (its reason, often: tpm2-pkcs11's
+            // "Cannot mark object both extractable AND sensitive" comes with a bare
+            // CKR_ATTRIBUTE_VALUE_INVALID), for a failure that came from the module.
+            if err.cause.contains("CKR_") {
+                let lines = crate::module_output::since(mark, 3);
+                if !lines.is_empty() {
+                    err.cause.push_str(&format!(
+                        "; stderr meanwhile (the module's, or another library's): {}",
+                        lines.join(" | ")
+                    ));
+                }
+            }
+            err
+        })
+    }
+
+    fn run_cured(
         &mut self,
         op: &NativeOperation,
         keys: &mut AppKeys<'_>,
