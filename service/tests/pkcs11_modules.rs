@@ -12,11 +12,12 @@ use common::{
     with_provider_first, Daemon, SoftHsm, SOFTHSM, USER_PIN,
 };
 use parsec_client::core::interface::operations::can_do_crypto::CheckType;
+use parsec_client::core::interface::operations::psa_algorithm::RawKeyAgreement;
 use parsec_client::core::interface::operations::psa_algorithm::{
     AsymmetricEncryption, AsymmetricSignature, Hash,
 };
 use parsec_client::core::interface::operations::psa_key_attributes::Type;
-use parsec_client::core::interface::requests::{ProviderId, ResponseStatus};
+use parsec_client::core::interface::requests::{Opcode, ProviderId, ResponseStatus};
 use parsec_client::BasicClient;
 
 /// One token of one module.
@@ -236,11 +237,12 @@ fn nss_softoken_passes_the_suite() {
     suite(&Token::Nss(NssToken::new("suite")));
 }
 
-/// Sizes come from the token: tpm2-pkcs11 lists RSA 1024-3072, so RSA-4096 is NotSupported
-/// up front (CanDoCrypto and generation), with the token's range in the log, where the
-/// provider's own table (1024-4096) would have sent it to the module.
+/// Sizes and mechanisms come from the token: tpm2-pkcs11 lists RSA 1024-3072, so RSA-4096 is
+/// NotSupported up front (CanDoCrypto and generation), with the token's range in the log,
+/// where the provider's own table (1024-4096) would have sent it to the module; and
+/// ListOpcodes leaves out what it has no mechanism for.
 #[test]
-fn key_sizes_come_from_the_token() {
+fn capabilities_come_from_the_token() {
     let token = Token::Tpm2(Tpm2Token::new("sizes"));
     let daemon = token.daemon("modules-sizes", "");
     let alice = client(&daemon, "alice");
@@ -272,6 +274,43 @@ fn key_sizes_come_from_the_token() {
     assert!(
         !log.contains("C_GenerateKeyPair"),
         "never sent to the module:\n{log}"
+    );
+
+    // tpm2-pkcs11 lists neither CKM_AES_GCM nor CKM_ECDH1_DERIVE: ListOpcodes leaves AEAD
+    // and key agreement out, and such a request is NotSupported before the token sees it.
+    let opcodes = alice.list_opcodes(ProviderId::Pkcs11).unwrap();
+    assert!(opcodes.contains(&Opcode::PsaSignHash), "{opcodes:?}");
+    for missing in [
+        Opcode::PsaAeadEncrypt,
+        Opcode::PsaAeadDecrypt,
+        Opcode::PsaRawKeyAgreement,
+    ] {
+        assert!(
+            !opcodes.contains(&missing),
+            "{missing:?} listed: {opcodes:?}"
+        );
+    }
+    assert_eq!(
+        service_error(
+            alice
+                .psa_raw_key_agreement(RawKeyAgreement::Ecdh, "none", &[4; 65])
+                .unwrap_err()
+        ),
+        ResponseStatus::PsaErrorNotSupported
+    );
+    assert!(
+        log.contains("lists no mechanism for PsaRawKeyAgreement, PsaAeadEncrypt, PsaAeadDecrypt"),
+        "{log}"
+    );
+    // SoftHSM2 lists them all: the provider's whole table.
+    let hsm = Token::SoftHsm(SoftHsm::new("opcodes"));
+    let daemon = hsm.daemon("modules-opcodes", "");
+    let all = client(&daemon, "alice")
+        .list_opcodes(ProviderId::Pkcs11)
+        .unwrap();
+    assert!(
+        all.contains(&Opcode::PsaAeadEncrypt) && all.contains(&Opcode::PsaRawKeyAgreement),
+        "{all:?}"
     );
 }
 

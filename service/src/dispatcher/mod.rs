@@ -208,6 +208,7 @@ impl Dispatcher {
     fn adopt(&mut self, id: ProviderId, worker: Worker, built: Built) -> Running {
         self.store.adopt(id, built.store);
         Running {
+            opcodes: built.opcodes,
             worker,
             busy_since: None,
             in_flight: 0,
@@ -685,10 +686,10 @@ impl Dispatcher {
         if let Some(error) = self.slots[index].refusal() {
             return Err(error);
         }
-        // From the provider's capability table, not from a running instance: a provider
-        // that is starting (or waiting for its predecessor to stop) takes requests into its
-        // queue.
-        let serves = providers::opcodes_of(&self.slots[index].settings.kind).contains(&opcode);
+        // From the running instance's list (its device's answer), else from the provider's
+        // capability table: a provider that is starting (or waiting for its predecessor to
+        // stop) takes requests into its queue.
+        let serves = self.slots[index].serves(opcode);
         if !serves {
             return Err(OpError::new(
                 ResponseStatus::PsaErrorNotSupported,

@@ -50,6 +50,8 @@ pub(super) struct Running {
     /// Jobs only this instance may run (a deferred request's completion), ahead of the
     /// slot's queue.
     pub pinned: VecDeque<Waiting>,
+    /// What it serves, where its device says less than the provider's table.
+    pub opcodes: Option<Vec<Opcode>>,
 }
 
 impl Running {
@@ -155,12 +157,30 @@ impl Slot {
     }
 
     /// Serving or about to (requests are taken, also while it starts after a reload): what
-    /// ListProviders and ListOpcodes say of it, from its provider's static tables.
-    pub fn listed(&self) -> Option<(ProviderInfo, &'static [Opcode])> {
-        match self.state {
+    /// ListProviders and ListOpcodes say of it: the running instance's list where its device
+    /// said less than the provider's table, else the table.
+    pub fn listed(&self) -> Option<(ProviderInfo, &[Opcode])> {
+        match &self.state {
             State::Down { .. } => None,
-            _ => crate::providers::info_of(&self.settings.kind)
-                .map(|info| (info, crate::providers::opcodes_of(&self.settings.kind))),
+            state => crate::providers::info_of(&self.settings.kind).map(|info| {
+                let opcodes = match state {
+                    State::Serving(Running {
+                        opcodes: Some(opcodes),
+                        ..
+                    }) => opcodes.as_slice(),
+                    _ => crate::providers::opcodes_of(&self.settings.kind),
+                };
+                (info, opcodes)
+            }),
+        }
+    }
+
+    /// Whether it takes requests of this opcode (as `listed` says; the table while it is
+    /// down, when `refusal` answers first).
+    pub fn serves(&self, opcode: Opcode) -> bool {
+        match self.listed() {
+            Some((_, opcodes)) => opcodes.contains(&opcode),
+            None => crate::providers::opcodes_of(&self.settings.kind).contains(&opcode),
         }
     }
 

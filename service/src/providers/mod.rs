@@ -164,6 +164,13 @@ pub trait Provider {
     /// create record kept for it can go.
     fn committed(&mut self, _entry: &KeyEntry) {}
 
+    /// What this instance serves, when its device says less than the provider's capability
+    /// table (`opcodes_of`): a PKCS#11 token without AES-GCM serves no AEAD requests. Read
+    /// once when it is built; `None`: the table.
+    fn opcodes(&self) -> Option<Vec<Opcode>> {
+        None
+    }
+
     /// Called on the worker before an entry leaves the key store for good (DeleteClient), so
     /// that the provider can record that its material is to be destroyed (a tombstone), made
     /// durable by the batch's `flush`: a crash after the entry's removal then still lets the

@@ -99,6 +99,8 @@ pub struct Built {
     /// The provider's entries, read from its key store directory on the worker (and the
     /// in-memory ones it mounted from its config).
     pub store: KeyStore,
+    /// What the instance serves, if its device says less than its provider's table.
+    pub opcodes: Option<Vec<parsec_interface::requests::Opcode>>,
 }
 
 /// A provider as built, with its entries of the key store.
@@ -285,7 +287,10 @@ impl Worker {
                 match built {
                     Ok(Some((provider, store))) => {
                         crate::crash_point("start:built");
-                        let started = Built { store };
+                        let started = Built {
+                            store,
+                            opcodes: provider.opcodes(),
+                        };
                         outbox.deliver([Event::Started(instance, Ok(Some(started)))]);
                         run(instance, provider, receiver, outbox);
                     }

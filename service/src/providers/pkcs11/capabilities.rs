@@ -144,6 +144,7 @@ const USED: &[MechanismType] = &[
     MechanismType::ECDH1_DERIVE,
     MechanismType::AES_KEY_GEN,
     MechanismType::AES_GCM,
+    MechanismType::SHA256,
 ];
 
 impl TokenCaps {
@@ -242,6 +243,40 @@ impl TokenCaps {
             })?;
         }
         Ok(())
+    }
+}
+
+impl TokenCaps {
+    fn lists(&self, mechanism: MechanismType) -> bool {
+        self.mechanisms.iter().any(|(m, _)| *m == mechanism)
+    }
+
+    /// The requests of `OPCODES` the token has the mechanisms for (None: it listed none, so
+    /// the table stands): AEAD needs CKM_AES_GCM, a key agreement CKM_ECDH1_DERIVE, hashing
+    /// CKM_SHA256, asymmetric encryption CKM_RSA_PKCS or CKM_RSA_PKCS_OAEP.
+    pub(super) fn opcodes(&self) -> Option<Vec<Opcode>> {
+        if !self.known {
+            return None;
+        }
+        let rsa_crypt =
+            self.lists(MechanismType::RSA_PKCS) || self.lists(MechanismType::RSA_PKCS_OAEP);
+        Some(
+            OPCODES
+                .iter()
+                .copied()
+                .filter(|opcode| match opcode {
+                    Opcode::PsaAeadEncrypt | Opcode::PsaAeadDecrypt => {
+                        self.lists(MechanismType::AES_GCM)
+                    }
+                    Opcode::PsaRawKeyAgreement => self.lists(MechanismType::ECDH1_DERIVE),
+                    Opcode::PsaHashCompute | Opcode::PsaHashCompare => {
+                        self.lists(MechanismType::SHA256)
+                    }
+                    Opcode::PsaAsymmetricEncrypt | Opcode::PsaAsymmetricDecrypt => rsa_crypt,
+                    _ => true,
+                })
+                .collect(),
+        )
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Pkcs11Provider {
     /// Set when the token refused the PIN on a reconnect: it is not tried again (each try
     /// costs a count of the token's lockout counter) until a reload gives a new provider.
     pin_refused: Option<String>,
+    /// What the token has the mechanisms for, read at start (ListOpcodes).
+    opcodes: Option<Vec<Opcode>>,
     /// Create records: made durable before a key's objects are; removed once the key's entry
     /// is durable (`committed`), or resolved at the next start after a crash.
     journal: Journal,
@@ -122,7 +124,23 @@ impl Pkcs11Provider {
         if settings.software_public_operations {
             log::warn!("pkcs11: software_public_operations = true is accepted for upstream configs, but this service verifies and encrypts on the token too");
         }
+        let opcodes = conn.caps.opcodes();
+        if let Some(served) = &opcodes {
+            let left: Vec<String> = OPCODES
+                .iter()
+                .filter(|o| !served.contains(o))
+                .map(|o| format!("{o:?}"))
+                .collect();
+            if !left.is_empty() {
+                log::info!(
+                    "pkcs11: {} lists no mechanism for {}: not served (ListOpcodes leaves them out)",
+                    conn.token,
+                    left.join(", ")
+                );
+            }
+        }
         Ok(Pkcs11Provider {
+            opcodes,
             settings: settings.clone(),
             conn: Device::new(
                 format!("pkcs11: the token of {}", settings.library_path.display()),
@@ -734,6 +752,10 @@ impl Provider for Pkcs11Provider {
         mut keys: AppKeys<'_>,
     ) -> Result<NativeResult, OpError> {
         self.run(&op, &mut keys)
+    }
+
+    fn opcodes(&self) -> Option<Vec<Opcode>> {
+        self.opcodes.clone()
     }
 
     fn committed(&mut self, entry: &KeyEntry) {
