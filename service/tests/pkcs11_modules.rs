@@ -603,3 +603,46 @@ fn existing_keys_made_by_certutil() {
         "not owned: left on the token"
     );
 }
+
+/// No user_pin: generating a key the token wants a login for is NotPermitted with "set
+/// user_pin", and the module is not reloaded for it (a lost login is not a lost token: it
+/// was reloaded twice a request).
+#[test]
+fn no_pin_is_not_a_lost_token() {
+    let token = Token::SoftHsm(SoftHsm::new("nopin"));
+    let table = token
+        .table("")
+        .replace(&format!("user_pin = \"{USER_PIN}\"\n"), "");
+    let owned_env = token.env();
+    let env: Vec<(&str, &str)> = owned_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let daemon = Daemon::start_in_env(
+        "nopin",
+        "Direct",
+        &["admin"],
+        |text| with_provider_first(text, &table),
+        &env,
+    );
+    let alice = client(&daemon, "alice");
+    for _ in 0..2 {
+        assert_eq!(
+            service_error(
+                alice
+                    .psa_generate_key("k", attributes(ecc(), 256, ecdsa(Hash::Sha256)))
+                    .unwrap_err()
+            ),
+            ResponseStatus::PsaErrorNotPermitted
+        );
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("CKR_USER_NOT_LOGGED_IN") && log.contains("set user_pin"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("reconnecting"),
+        "the module was reloaded:\n{log}"
+    );
+}

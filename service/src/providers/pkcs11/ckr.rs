@@ -87,6 +87,8 @@ fn classify(rv: RvError) -> (S, &'static str) {
         R::ActionProhibited | R::FunctionRejected => (S::PsaErrorNotPermitted, "the token's policy forbids this"),
         R::PublicKeyInvalid => (S::PsaErrorInvalidArgument, "the public key is not valid"),
         R::SessionCount => (S::PsaErrorInsufficientMemory, "the token has no more sessions"),
+        R::GeneralError | R::FunctionFailed => (S::PsaErrorGenericError, "the module gives no reason in its return value: its stderr, if it printed one, follows as \"stderr meanwhile\"; raise its own log level for more (tpm2-pkcs11: TPM2_PKCS11_LOG_LEVEL=2, SoftHSM2: log.level in softhsm2.conf)"),
+        R::OperationActive => (S::PsaErrorBadState, "the module kept an earlier operation open on the session (tpm2-pkcs11 does after a failed C_Decrypt): the service opens a new session and tries once more"),
         _ => (S::PsaErrorGenericError, "see the PKCS#11 specification for this return value"),
     }
 }
