@@ -91,6 +91,9 @@ unpack_part() {
     local package arch tested deb version
     read -r package arch tested <<< "$(part "$1")"
     if ! dpkg --print-foreign-architectures | grep -qx "$arch" && [ "$arch" != "$(dpkg --print-architecture)" ]; then
+        # The parts are downloaded as $arch packages: apt needs the architecture known. This
+        # changes the build machine's dpkg configuration, so it is said, with how to undo it.
+        echo "   note: running 'dpkg --add-architecture $arch' on this machine to download $package:$arch (never installed); undo with 'dpkg --remove-architecture $arch' while no $arch package is installed"
         $debs_sudo dpkg --add-architecture "$arch"
         apt_update
     fi
