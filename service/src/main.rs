@@ -63,9 +63,10 @@ fn parse_args() -> Result<Option<Args>, String> {
             },
             "--version" | "-V" => {
                 println!(
-                    "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured)",
+                    "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured){}",
                     env!("CARGO_PKG_VERSION"),
-                    config::built_in_providers().join(", ")
+                    config::built_in_providers().join(", "),
+                    crypto_library()
                 );
                 return Ok(None);
             }
@@ -164,9 +165,10 @@ fn main() -> ExitCode {
         );
     }
     log::info!(
-        "parsec {} starting with {}",
+        "parsec {} starting with {}{}",
         env!("CARGO_PKG_VERSION"),
-        source.describe()
+        source.describe(),
+        crypto_library()
     );
     let dispatcher = match Dispatcher::new(&config) {
         Ok(dispatcher) => dispatcher,
@@ -187,4 +189,17 @@ fn fatal(target: LogTarget, message: &str) -> ExitCode {
         eprintln!("parsec: {message}");
     }
     ExitCode::FAILURE
+}
+
+/// "; software provider on Mbed TLS 3.0.0", as the linked library says (empty without it).
+fn crypto_library() -> String {
+    #[cfg(feature = "mbed-crypto-provider")]
+    {
+        format!(
+            "; software provider on {}",
+            parsec_service::providers::mbed_crypto::version::mbedtls_version()
+        )
+    }
+    #[cfg(not(feature = "mbed-crypto-provider"))]
+    String::new()
 }

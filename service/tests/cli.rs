@@ -65,10 +65,17 @@ fn check_config_accepts_good_files_and_explains_bad_ones() {
 }
 
 #[test]
-fn version_names_the_built_in_providers() {
+fn version_names_the_built_in_providers_and_mbed_tls() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("providers: MbedCrypto"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("providers: MbedCrypto"), "{text}");
+    // The crypto library as it names itself: what a device's security updates are judged by.
+    assert!(
+        text.to_lowercase()
+            .contains("software provider on mbed tls 3."),
+        "{text}"
+    );
     let out = Command::new(BIN).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -24,6 +24,7 @@ mod digests;
 mod inherited;
 mod keygen;
 mod message;
+pub mod version;
 
 use super::journal;
 use super::{AppKeys, Deferred, Limits, Provider, Start};
