@@ -63,18 +63,24 @@ impl Token {
         }
     }
 
-    fn daemon(&self, name: &str, extra: &str) -> Daemon {
-        self.daemon_in(name, extra, &self.env())
+    /// The table with no user_pin line: a service that never logs in.
+    fn table_without_pin(&self, extra: &str) -> String {
+        self.table(extra)
+            .replace(&format!("user_pin = \"{USER_PIN}\"\n"), "")
     }
 
-    fn daemon_in(&self, name: &str, extra: &str, env: &[(String, String)]) -> Daemon {
-        let table = self.table(extra);
+    fn daemon(&self, name: &str, extra: &str) -> Daemon {
+        self.daemon_on(name, &self.table(extra), &self.env())
+    }
+
+    /// A daemon with this provider `table` first, in `env`.
+    fn daemon_on(&self, name: &str, table: &str, env: &[(String, String)]) -> Daemon {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Daemon::start_in_env(
             name,
             "Direct",
             &["admin"],
-            |text| with_provider_first(text, &table),
+            |text| with_provider_first(text, table),
             &env,
         )
     }
@@ -314,8 +320,8 @@ fn capabilities_come_from_the_token() {
     );
 }
 
-/// What `parsec --config` prints when it does not start.
-fn start_fails(token: &Token, name: &str, table: &str, env: &[(String, String)]) -> String {
+/// What `parsec --config` prints when it does not start with this provider `table`.
+fn start_fails(token: &Token, name: &str, table: &str) -> String {
     let dir = common::fresh_dir(name);
     let config = dir.join("config.toml");
     let text = with_provider_first(
@@ -326,7 +332,7 @@ fn start_fails(token: &Token, name: &str, table: &str, env: &[(String, String)])
     let output = std::process::Command::new(common::BIN)
         .arg("--config")
         .arg(&config)
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(token.env())
         .output()
         .unwrap();
     assert!(!output.status.success(), "{}: started", token.name());
@@ -352,12 +358,7 @@ fn existing_keys_made_by_tpm2_ptool() {
     let mapping = |id: &str| {
         format!("[[provider.existing_keys]]\nid = \"{id}\"\napplication = \"carol\"\nname = \"identity\"\n")
     };
-    let stderr = start_fails(
-        &token,
-        "existing-hex",
-        &token.table(&mapping("1011")),
-        &token.env(),
-    );
+    let stderr = start_fails(&token, "existing-hex", &token.table(&mapping("1011")));
     let line = stderr
         .lines()
         .find(|l| l.contains("existing key \"identity\""))
@@ -384,21 +385,8 @@ fn existing_keys_made_by_tpm2_ptool() {
     drop(carol);
     assert!(daemon.stop().success());
 
-    let no_pin = token
-        .table(&mapping("str:1011"))
-        .replace(&format!("user_pin = \"{USER_PIN}\"\n"), "");
-    let owned_env = token.env();
-    let env: Vec<(&str, &str)> = owned_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let daemon = Daemon::start_in_env(
-        "existing-no-pin",
-        "Direct",
-        &["admin"],
-        |text| with_provider_first(text, &no_pin),
-        &env,
-    );
+    let no_pin = token.table_without_pin(&mapping("str:1011"));
+    let daemon = token.daemon_on("existing-no-pin", &no_pin, &token.env());
     let log = daemon.log_text();
     assert!(
         log.contains("mounted as a public key only: user_pin is empty"),
@@ -418,7 +406,7 @@ fn a_selector_two_tokens_match_is_refused() {
         "token_label = \"parsec-twins\"",
         "serial_number = \"0000000000000000\"",
     );
-    let stderr = start_fails(&token, "twins", &table, &token.env());
+    let stderr = start_fails(&token, "twins", &table);
     let line = stderr
         .lines()
         .find(|l| l.contains("2 tokens of"))
@@ -524,7 +512,7 @@ fn tpm2_pkcs11_out_of_object_space_is_recovered() {
     tpm2.stop_abrmd();
     let env = tpm2.bare_env();
     let token = Token::Tpm2(tpm2);
-    let daemon = token.daemon_in("bare", "", &env);
+    let daemon = token.daemon_on("bare", &token.table(""), &env);
     let alice = client(&daemon, "alice");
     let alg = ecdsa(Hash::Sha256);
     let names = ["k1", "k2", "k3", "k4", "k5"];
@@ -610,21 +598,7 @@ fn existing_keys_made_by_certutil() {
 #[test]
 fn no_pin_is_not_a_lost_token() {
     let token = Token::SoftHsm(SoftHsm::new("nopin"));
-    let table = token
-        .table("")
-        .replace(&format!("user_pin = \"{USER_PIN}\"\n"), "");
-    let owned_env = token.env();
-    let env: Vec<(&str, &str)> = owned_env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let daemon = Daemon::start_in_env(
-        "nopin",
-        "Direct",
-        &["admin"],
-        |text| with_provider_first(text, &table),
-        &env,
-    );
+    let daemon = token.daemon_on("nopin", &token.table_without_pin(""), &token.env());
     let alice = client(&daemon, "alice");
     for _ in 0..2 {
         assert_eq!(

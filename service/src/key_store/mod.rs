@@ -890,37 +890,32 @@ fn write_temporary(path: &Path, stored: &StoredEntry) -> io::Result<PathBuf> {
     }
     let file_name = path.file_name().expect("entry paths have a file name");
     let tmp = dir.join(format!(".{}.tmp", file_name.to_string_lossy()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&encode(stored))
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+    write_private(&tmp, &encode(stored))?;
     Ok(tmp)
+}
+
+/// Writes `bytes` to `tmp` (mode 0600, truncated), not synced; `tmp` is removed if that
+/// fails.
+fn write_private(tmp: &Path, bytes: &[u8]) -> io::Result<fs::File> {
+    let result = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .and_then(|mut file| file.write_all(bytes).map(|()| file));
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
 }
 
 /// Puts `bytes` at `path` whole or not at all: written to `tmp` (mode 0600), synced, then
 /// renamed over `path`; `tmp` is removed if any step fails. The directory is not synced:
 /// the caller does, once for all it wrote.
 pub fn replace_file(path: &Path, tmp: &Path, bytes: &[u8]) -> io::Result<()> {
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(tmp, path)
-    })();
+    let file = write_private(tmp, bytes)?;
+    let result = file.sync_all().and_then(|()| fs::rename(tmp, path));
     if result.is_err() {
         let _ = fs::remove_file(tmp);
     }

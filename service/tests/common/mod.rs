@@ -665,26 +665,22 @@ impl SoftHsm {
 
     /// Runs pkcs11-tool (opensc) on this token, logged in; returns its stdout.
     pub fn tool(&self, args: &[&str]) -> String {
-        let output = Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", &self.conf)
-            .args([
-                "--module",
-                SOFTHSM,
-                "--token-label",
-                &self.label,
-                "--login",
-                "--pin",
-                USER_PIN,
-            ])
-            .args(args)
-            .output()
-            .expect("pkcs11-tool (apt-get install opensc)");
-        assert!(
-            output.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
+        stdout_of(
+            Command::new("pkcs11-tool")
+                .env("SOFTHSM2_CONF", &self.conf)
+                .args([
+                    "--module",
+                    SOFTHSM,
+                    "--token-label",
+                    &self.label,
+                    "--login",
+                    "--pin",
+                    USER_PIN,
+                ])
+                .args(args),
+            &format!("pkcs11-tool {args:?}"),
+            "apt-get install opensc",
+        )
     }
 
     /// The directory of the token's files (moving it away "removes" the token).
@@ -853,6 +849,20 @@ pub fn assert_public_key_generation_refused(client: &BasicClient) {
         service_error(client.psa_generate_key("p", public).unwrap_err()),
         parsec_client::core::interface::requests::ResponseStatus::PsaErrorInvalidArgument
     );
+}
+
+/// Runs a tool that must succeed; its stdout, or a panic with its stderr (`what` names the
+/// call, `install` how to get the tool).
+pub fn stdout_of(command: &mut Command, what: &str, install: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e} ({install})"));
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
 }
 
 /// Runs `script` with sh in `dir` (openssl pipelines); its stdout, or a panic with its stderr.

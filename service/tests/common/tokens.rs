@@ -3,7 +3,7 @@
 //! and NSS's softoken on a database of its own. CI installs them (scripts/install-deps.sh);
 //! a machine without them fails these tests rather than skipping them.
 
-use super::{fresh_dir, Swtpm, USER_PIN};
+use super::{fresh_dir, stdout_of, Swtpm, USER_PIN};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -141,45 +141,14 @@ impl Tpm2Token {
 
     /// Runs tpm2_ptool on this token's store; returns its stdout.
     pub fn ptool(&self, args: &[&str]) -> String {
-        let mut command = Command::new("tpm2_ptool");
-        command
-            .arg(args[0])
-            .args(&args[1..])
-            .arg(format!("--path={}", self.store.display()))
-            .envs(self.tools_env());
-        let output = command
-            .output()
-            .expect("tpm2_ptool (apt-get install libtpm2-pkcs11-tools)");
-        assert!(
-            output.status.success(),
-            "tpm2_ptool {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
-    }
-
-    /// Runs pkcs11-tool (opensc) on this token through the module, logged in.
-    pub fn tool(&self, args: &[&str]) -> String {
-        let output = Command::new("pkcs11-tool")
-            .envs(self.tools_env())
-            .args([
-                "--module",
-                TPM2_PKCS11,
-                "--token-label",
-                &self.label,
-                "--login",
-                "--pin",
-                USER_PIN,
-            ])
-            .args(args)
-            .output()
-            .expect("pkcs11-tool (apt-get install opensc)");
-        assert!(
-            output.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
+        stdout_of(
+            Command::new("tpm2_ptool")
+                .args(args)
+                .arg(format!("--path={}", self.store.display()))
+                .envs(self.tools_env()),
+            &format!("tpm2_ptool {args:?}"),
+            "apt-get install libtpm2-pkcs11-tools",
+        )
     }
 }
 
@@ -221,20 +190,16 @@ impl NssToken {
 
     /// Runs certutil (libnss3-tools) on this database; returns its stdout.
     pub fn certutil(&self, args: &[&str]) -> String {
-        let output = Command::new("certutil")
-            .args(args)
-            .arg("-d")
-            .arg(format!("sql:{}", self.dir.display()))
-            .arg("-f")
-            .arg(self.password_file())
-            .output()
-            .expect("certutil (apt-get install libnss3-tools)");
-        assert!(
-            output.status.success(),
-            "certutil {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).to_string()
+        stdout_of(
+            Command::new("certutil")
+                .args(args)
+                .arg("-d")
+                .arg(format!("sql:{}", self.dir.display()))
+                .arg("-f")
+                .arg(self.password_file()),
+            &format!("certutil {args:?}"),
+            "apt-get install libnss3-tools",
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use std::path::Path;
 pub(super) fn load(settings: &Pkcs11Settings) -> Result<Pkcs11, String> {
     let module = settings.library_path.display().to_string();
     // Kept loaded until cryptoki holds the module too (its own dlopen of the same file).
-    let _early = match &settings.library_parameters {
+    let initialised_here = match &settings.library_parameters {
         Some(parameters) => Some(initialize_with(&settings.library_path, parameters)?),
         None => None,
     };
@@ -30,7 +30,7 @@ pub(super) fn load(settings: &Pkcs11Settings) -> Result<Pkcs11, String> {
         Err(cryptoki::error::Error::Pkcs11(
             cryptoki::error::RvError::CryptokiAlreadyInitialized,
             _,
-        )) if _early.is_some() => {}
+        )) if initialised_here.is_some() => {}
         Err(e @ cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::ArgumentsBad, _)) => {
             return Err(format!(
                 "{}; this module wants parameters in C_Initialize: set library_parameters (NSS's softoken: \"configdir='sql:/path/to/nssdb' certPrefix='' keyPrefix='' secmod='secmod.db'\")",

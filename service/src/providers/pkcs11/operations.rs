@@ -127,7 +127,9 @@ impl Pkcs11Provider {
                     .session
                     .generate_key_pair(&mechanism, &public, &private)
                     .map_err(|e| conn.fail("C_GenerateKeyPair", e))
-                    .map_err(|e| refused_export(conn, e, &mechanism, &key, &op.attributes))
+                    .map_err(|e| {
+                        refused_export(conn, e, &mechanism, &public, &private, &op.attributes)
+                    })
                     .map_err(|e| name_refused_attribute(conn, e, &mechanism, &public, &private))?;
                 let pair = [public_handle, private_handle];
                 ensure_exportable(conn, &op.attributes, private_handle, &pair)?;

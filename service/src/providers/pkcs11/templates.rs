@@ -99,7 +99,7 @@ pub(super) fn private_common(
     let (sign, crypt) = uses(attributes);
     let mut template = common(key, ObjectClass::PRIVATE_KEY, key_type);
     template.push(Attribute::Private(true));
-    template.extend(protection(attributes));
+    template.extend(protection(attributes.policy.usage_flags.export()));
     template.extend(
         [
             (sign, Attribute::Sign(true)),
@@ -118,8 +118,7 @@ pub(super) fn private_common(
 
 /// CKA_SENSITIVE and CKA_EXTRACTABLE: a key without the export flag is both sensitive and
 /// not extractable (never left to a module's default); an exportable one neither.
-fn protection(attributes: &Attributes) -> [Attribute; 2] {
-    let exportable = attributes.policy.usage_flags.export();
+fn protection(exportable: bool) -> [Attribute; 2] {
     [
         Attribute::Sensitive(!exportable),
         Attribute::Extractable(exportable),
@@ -154,7 +153,7 @@ pub(super) fn secret_template(
     let flags = attributes.policy.usage_flags;
     let mut template = common(key, ObjectClass::SECRET_KEY, KeyType::AES);
     template.push(Attribute::Private(true));
-    template.extend(protection(attributes));
+    template.extend(protection(attributes.policy.usage_flags.export()));
     template.extend(
         [
             (flags.encrypt(), Attribute::Encrypt(true)),
@@ -364,7 +363,8 @@ pub(super) fn refused_export(
     conn: &mut Connection,
     err: OpError,
     mechanism: &Mechanism,
-    key: &KeyRef,
+    public: &[Attribute],
+    private: &[Attribute],
     attributes: &Attributes,
 ) -> OpError {
     if !attributes.policy.usage_flags.export()
@@ -372,40 +372,21 @@ pub(super) fn refused_export(
     {
         return err;
     }
-    let mut sealed = *attributes;
-    let had = attributes.policy.usage_flags;
-    let mut flags = UsageFlags::default();
-    for (set, wanted) in [
-        (
-            UsageFlags::set_sign_hash as fn(&mut UsageFlags) -> &mut UsageFlags,
-            had.sign_hash(),
-        ),
-        (UsageFlags::set_verify_hash, had.verify_hash()),
-        (UsageFlags::set_sign_message, had.sign_message()),
-        (UsageFlags::set_verify_message, had.verify_message()),
-        (UsageFlags::set_encrypt, had.encrypt()),
-        (UsageFlags::set_decrypt, had.decrypt()),
-        (UsageFlags::set_derive, had.derive()),
-    ] {
-        if wanted {
-            set(&mut flags);
-        }
-    }
-    sealed.policy.usage_flags = flags;
-    let Ok((public, private)) = templates(key, &sealed) else {
-        return err;
-    };
-    match conn.session.generate_key_pair(mechanism, &public, &private) {
+    // The same private template, not exportable (sensitive, not extractable).
+    let private: Vec<Attribute> = private
+        .iter()
+        .filter(|a| !matches!(a, Attribute::Sensitive(_) | Attribute::Extractable(_)))
+        .cloned()
+        .chain(protection(false))
+        .collect();
+    match conn.session.generate_key_pair(mechanism, public, &private) {
         Ok((a, b)) => {
             let _ = conn.session.destroy_object(a);
             let _ = conn.session.destroy_object(b);
-            not_exportable(
-                conn,
-                format!(
-                    "{}; the same key without the export flag is accepted",
-                    err.cause
-                ),
-            )
+            not_exportable(format!(
+                "{}; the same key without the export flag is accepted",
+                err.cause
+            ))
         }
         Err(_) => err,
     }
@@ -450,16 +431,14 @@ pub(super) fn ensure_exportable(
     for handle in all {
         let _ = conn.session.destroy_object(*handle);
     }
-    Err(not_exportable(
-        conn,
-        format!(
+    Err(not_exportable(format!(
             "{} does not give the new key's secret value although CKA_SENSITIVE false and CKA_EXTRACTABLE true were asked; the key is destroyed",
             conn.token
         ),
     ))
 }
 
-fn not_exportable(_conn: &Connection, cause: String) -> OpError {
+fn not_exportable(cause: String) -> OpError {
     OpError::new(
         ResponseStatus::PsaErrorNotSupported,
         format!("{cause}: this token does not make exportable private keys"),
