@@ -8,7 +8,8 @@
 # signatures with it), file (cross/check.sh), cpio and e2fsprogs (qemu-tests: the initramfs
 # and the guest disk), busybox (the init script is checked with BusyBox's start-stop-daemon,
 # as on Buildroot), debhelper, lintian, debootstrap and fakeroot (the bookworm .debs are built,
-# linted and installed in clean roots), shellcheck and parsec-tool (a real client the tests drive).
+# linted and installed in clean roots), shellcheck and parsec-tool (a real client the tests drive);
+# then Mbed TLS 3.6 for the software provider (scripts/mbedtls.sh).
 set -euo pipefail
 
 SUDO=""
@@ -41,4 +42,7 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
     echo "install-deps: cargo install cargo-deny"
     cargo install --locked cargo-deny --version 0.20.2
 fi
+# The software provider's Mbed TLS 3.6, from Debian's signed source (.cargo/config.toml
+# points the build at it).
+"$(dirname "$0")/mbedtls.sh"
 echo "install-deps: done"

@@ -12,7 +12,8 @@
 
 mod common;
 
-use common::{ecdsa_der, fresh_dir, shell, Daemon, Swtpm};
+use common::recorded::{assert_served, Recorded};
+use common::{fresh_dir, Daemon, Swtpm};
 use parsec_client::core::interface::operations::psa_algorithm::{
     AsymmetricEncryption, AsymmetricSignature, Hash,
 };
@@ -24,18 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream-1.5.0");
-/// What upstream encrypted into each recorded ciphertext (service/examples/upstream_fixture.rs).
-const PLAINTEXT: &[u8] = b"recorded by upstream Parsec 1.5.0";
-const MESSAGE: &[u8] = b"signed after the switch";
-
-struct Recorded {
-    app: String,
-    provider: u8,
-    name: String,
-    public: Vec<u8>,
-    ciphertext: Option<Vec<u8>>,
-}
-
 /// A copy of one fixture, with its TPM running.
 struct Device {
     dir: PathBuf,
@@ -45,13 +34,6 @@ struct Device {
     upstream_files: BTreeMap<PathBuf, Vec<u8>>,
     // Dropped last: the daemon talks to it.
     _tpm: Swtpm,
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 fn files_under(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
@@ -107,20 +89,7 @@ fn device(variant: &str, name: &str) -> Device {
         .replace("@TCTI@", &tpm.tcti());
     let config = dir.join("run.toml");
     std::fs::write(&config, text).unwrap();
-    let keys = std::fs::read_to_string(dir.join("keys.txt"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            Recorded {
-                app: f[0].to_string(),
-                provider: f[1].parse().unwrap(),
-                name: f[2].to_string(),
-                public: unhex(f[3]),
-                ciphertext: f.get(4).map(|c| unhex(c)),
-            }
-        })
-        .collect();
+    let keys = Recorded::read(&dir.join("keys.txt"));
     let upstream_files = upstream_files(&dir);
     Device {
         dir,
@@ -175,104 +144,6 @@ fn provider(id: u8) -> ProviderId {
     ProviderId::try_from(id).unwrap()
 }
 
-/// A P-256 point or a PKCS#1 RSA public key as a SubjectPublicKeyInfo PEM file, for openssl.
-fn public_pem(dir: &Path, key: &Recorded) -> PathBuf {
-    let der = dir.join(format!("{}-{}-{}.der", key.app, key.provider, key.name));
-    let pem = der.with_extension("pem");
-    if kind(key).starts_with("ecc") {
-        let mut spki = unhex("3059301306072a8648ce3d020106082a8648ce3d030107034200");
-        spki.extend_from_slice(&key.public);
-        std::fs::write(&der, spki).unwrap();
-        shell(
-            dir,
-            &format!(
-                "openssl pkey -pubin -inform DER -in {} -out {}",
-                der.display(),
-                pem.display()
-            ),
-        );
-    } else {
-        std::fs::write(&der, &key.public).unwrap();
-        shell(
-            dir,
-            &format!(
-                "openssl rsa -RSAPublicKey_in -inform DER -in {} -pubout -out {} 2>/dev/null",
-                der.display(),
-                pem.display()
-            ),
-        );
-    }
-    pem
-}
-
-/// Uses every recorded key of `keys` as upstream's clients did: export, sign (verified by
-/// openssl against the public key upstream exported), decrypt (upstream's ciphertext).
-fn assert_served(device: &Device, client: &mut BasicClient, keys: &[&Recorded]) {
-    let work = device.dir.join("openssl");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("message"), MESSAGE).unwrap();
-    let hash = Sha256::digest(MESSAGE).to_vec();
-    for key in keys {
-        let what = format!("{} of {} on provider {}", key.name, key.app, key.provider);
-        client.set_implicit_provider(provider(key.provider));
-        let public = client
-            .psa_export_public_key(&key.name)
-            .unwrap_or_else(|e| panic!("export {what}: {e}"));
-        assert_eq!(
-            public, key.public,
-            "{what}: another public key than upstream's"
-        );
-        match kind(key) {
-            "rsa-decrypt" => {
-                let plain = client
-                    .psa_asymmetric_decrypt(
-                        &key.name,
-                        AsymmetricEncryption::RsaPkcs1v15Crypt,
-                        key.ciphertext.as_ref().unwrap(),
-                        None,
-                    )
-                    .unwrap_or_else(|e| panic!("decrypt {what}: {e}"));
-                assert_eq!(plain, PLAINTEXT, "{what}");
-            }
-            name => {
-                let alg = if name == "ecc-sign" {
-                    AsymmetricSignature::Ecdsa {
-                        hash_alg: Hash::Sha256.into(),
-                    }
-                } else {
-                    AsymmetricSignature::RsaPkcs1v15Sign {
-                        hash_alg: Hash::Sha256.into(),
-                    }
-                };
-                let mut signature = client
-                    .psa_sign_hash(&key.name, &hash, alg)
-                    .unwrap_or_else(|e| panic!("sign with {what}: {e}"));
-                if name == "ecc-sign" {
-                    signature = ecdsa_der(&signature);
-                }
-                let sig = work.join("sig");
-                std::fs::write(&sig, signature).unwrap();
-                let pem = public_pem(&work, key);
-                shell(
-                    &work,
-                    &format!(
-                        "openssl dgst -sha256 -verify {} -signature {} message",
-                        pem.display(),
-                        sig.display()
-                    ),
-                );
-            }
-        }
-    }
-}
-
-/// What a recorded key is (`ecc-sign`, `rsa-sign`, `rsa-decrypt`): SQLite fixtures' names
-/// end in `-p<provider>`, as upstream's SQLite store has one key of a name per application.
-fn kind(key: &Recorded) -> &str {
-    let suffix = format!("-p{}", key.provider);
-    key.name.strip_suffix(&suffix).unwrap_or(&key.name)
-}
-
 fn listed(client: &mut BasicClient) -> BTreeSet<(u8, String)> {
     client
         .list_keys()
@@ -320,7 +191,7 @@ fn a_direct_device_keeps_every_key_and_upstream_files_stay_as_they_were() {
             .map(|k| (k.provider, k.name.clone()))
             .collect();
         assert_eq!(listed(&mut client), expected, "{app}'s keys");
-        assert_served(&device, &mut client, &recorded_of(&device, app));
+        assert_served(&device.dir, &mut client, &recorded_of(&device, app));
     }
 
     // Keys made after the switch do not disturb upstream's; destroys of upstream keys stick.
@@ -368,7 +239,7 @@ fn a_direct_device_keeps_every_key_and_upstream_files_stay_as_they_were() {
             expected,
             "{app}'s keys after the restart"
         );
-        assert_served(&device, &mut client, &keys);
+        assert_served(&device.dir, &mut client, &keys);
     }
     let mut alice = daemon.client("alice");
     for id in [1u8, 2] {
@@ -417,7 +288,7 @@ fn a_peer_credentials_device_serves_its_uid_its_keys() {
     assert_eq!(listed(&mut client), expected);
     if !mine.is_empty() {
         assert_eq!(mine.len(), 9);
-        assert_served(&device, &mut client, &mine);
+        assert_served(&device.dir, &mut client, &mine);
     } else {
         assert!(std::env::var_os("CI").is_none(), "CI runs as root");
     }
@@ -462,7 +333,7 @@ fn an_sqlite_device_keeps_every_key_of_each_authenticator() {
     if peer_keys.is_empty() {
         assert!(std::env::var_os("CI").is_none(), "CI runs as root");
     } else {
-        assert_served(&device, &mut client, &peer_keys);
+        assert_served(&device.dir, &mut client, &peer_keys);
         // A destroy of one of its keys does not touch Direct "0"'s key of that name.
         client.set_implicit_provider(ProviderId::MbedCrypto);
         client.psa_destroy_key("ecc-sign-p1").unwrap();
@@ -489,7 +360,7 @@ fn an_sqlite_device_keeps_every_key_of_each_authenticator() {
         let expected: BTreeSet<(u8, String)> =
             keys.iter().map(|k| (k.provider, k.name.clone())).collect();
         assert_eq!(listed(&mut client), expected, "Direct {app}'s keys");
-        assert_served(&device, &mut client, &keys);
+        assert_served(&device.dir, &mut client, &keys);
     }
     let mut alice = daemon.client("alice");
     alice.set_implicit_provider(ProviderId::Pkcs11);

@@ -22,6 +22,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_parsec");
 /// Serialises the one moment parsec-client reads the socket path from the environment.
 static ENV: Mutex<()> = Mutex::new(());
 
+pub mod recorded;
 #[path = "../../../bench/src/slow_tpm.rs"]
 pub mod slow_tpm;
 pub mod tokens;
