@@ -191,13 +191,20 @@ fn fatal(target: LogTarget, message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// "; software provider on Mbed TLS 3.0.0", as the linked library says (empty without it).
+/// "; software provider on Mbed TLS 3.6.6, thread-safe (2 crypto threads)", as the linked
+/// library says (empty without it).
 fn crypto_library() -> String {
     #[cfg(feature = "mbed-crypto-provider")]
     {
+        use parsec_service::providers::mbed_crypto::version;
         format!(
-            "; software provider on {}",
-            parsec_service::providers::mbed_crypto::version::mbedtls_version()
+            "; software provider on {}, {}",
+            version::mbedtls_version(),
+            if version::thread_safe() {
+                "thread-safe (2 crypto threads on 2 cores or more)"
+            } else {
+                "not thread-safe (1 crypto thread)"
+            }
         )
     }
     #[cfg(not(feature = "mbed-crypto-provider"))]

@@ -12,11 +12,8 @@
 
 mod common;
 
-use common::recorded::{assert_served, Recorded};
+use common::recorded::{assert_served, Recorded, MESSAGE};
 use common::{fresh_dir, Daemon, Swtpm};
-use parsec_client::core::interface::operations::psa_algorithm::{
-    AsymmetricEncryption, AsymmetricSignature, Hash,
-};
 use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::BasicClient;
 use sha2::{Digest, Sha256};

@@ -15,6 +15,7 @@ use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{NativeOperation, NativeResult};
 use parsec_interface::requests::{Opcode, ProviderId, ResponseStatus};
 
+mod batch;
 pub mod can_do;
 #[cfg(any(
     feature = "tpm-provider",
@@ -130,6 +131,14 @@ pub trait Provider {
     /// Which provider this is on the wire.
     fn id(&self) -> ProviderId;
 
+    /// The part of the provider a second thread may run at the same time as this one, for
+    /// the operations it `takes` (they change nothing the provider keeps), when its library
+    /// is thread-safe: the worker runs a batch's such operations on two threads
+    /// (`batch.rs`). `None`: everything runs on the worker's thread.
+    fn shared(&self) -> Option<std::sync::Arc<dyn Shared>> {
+        None
+    }
+
     /// Runs one operation for one application.
     fn execute(&mut self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
 
@@ -182,6 +191,15 @@ pub trait Provider {
     /// Destroys the key material behind an entry that has already left the key store
     /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError>;
+}
+
+/// Operations of a provider that may run on two threads at once (`Provider::shared`).
+pub trait Shared: Send + Sync {
+    /// Whether this operation may run through `execute`, on any thread.
+    fn takes(&self, op: &NativeOperation) -> bool;
+
+    /// Runs one operation `takes` accepted, for one application.
+    fn execute(&self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
 }
 
 /// Builds the provider a config table describes, and tidies up what a crash may have left

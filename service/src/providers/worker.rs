@@ -19,7 +19,7 @@
 //! Threads: the event loop, the store's writer, plus one per provider configured.
 
 pub use super::store_writer::StoreWriter;
-use super::{AppKeys, Change, Deferred, Limits, Provider, Snapshot, Start};
+use super::{Change, Deferred, Limits, Provider, Snapshot};
 use crate::config::ProviderSettings;
 use crate::error::OpError;
 use crate::key_store::{AppId, Committed, KeyEntry, KeyStore};
@@ -364,23 +364,12 @@ fn run(
     outbox: Outbox,
 ) {
     let id = provider.id();
+    let shared = provider.shared();
     // Ends when the dispatcher drops its handle (a reload or shutdown), after the job in hand.
     while let Ok(message) = receiver.recv() {
         match message {
             Message::Run(jobs) => {
-                let mut batch: Vec<Done> = jobs
-                    .into_iter()
-                    .map(|job| run_job(instance, provider.as_mut(), job))
-                    .collect();
-                // What the batch wrote becomes durable once, before any result leaves.
-                let changed = |d: &Done| !d.changes.is_empty();
-                if batch.iter().any(changed) {
-                    if let Err(error) = provider.flush() {
-                        for done in batch.iter_mut().filter(|d| changed(d)) {
-                            undo(provider.as_mut(), done, &error);
-                        }
-                    }
-                }
+                let batch = super::batch::run(instance, provider.as_mut(), shared.as_deref(), jobs);
                 outbox.deliver(batch.into_iter().map(Event::Done));
             }
             Message::Destroy(entry) => {
@@ -397,74 +386,4 @@ fn run(
     // after every job it was sent. Only then may a successor open the same device.
     drop(provider);
     outbox.deliver([Event::Stopped(instance)]);
-}
-
-fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Job) -> Done {
-    let id = provider.id();
-    let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app.name);
-    let outcome = match job.work {
-        Work::Op(op) => match provider.start(op, keys) {
-            Ok(Start::Now(op)) => {
-                let keys = AppKeys::in_snapshot(&mut job.snapshot, &job.app.name);
-                Outcome::Finished(provider.execute(op, keys))
-            }
-            Ok(Start::Deferred(deferred)) => Outcome::Deferred(deferred),
-            Err(error) => Outcome::Finished(Err(error)),
-        },
-        Work::Complete(state, output) => Outcome::Finished(provider.complete(state, output, keys)),
-        Work::Forget(names) => Outcome::Finished(forget(provider, keys, &names)),
-    };
-    // A failed or deferred operation changes nothing (yet).
-    let changes = match outcome {
-        Outcome::Finished(Ok(_)) => std::mem::take(&mut job.snapshot.changes),
-        _ => Vec::new(),
-    };
-    Done {
-        instance,
-        provider: id,
-        ticket: job.ticket,
-        app: job.app,
-        outcome,
-        changes,
-    }
-}
-
-/// One chunk of a DeleteClient: a tombstone for each key (durable with the batch's `flush`,
-/// before the results leave), then its entry's removal. Keys already gone are skipped.
-fn forget(
-    provider: &mut (dyn Provider + Send),
-    mut keys: AppKeys<'_>,
-    names: &[String],
-) -> Result<NativeResult, OpError> {
-    for name in names {
-        let Ok(entry) = keys.get(name).cloned() else {
-            continue;
-        };
-        provider.before_forget(&entry)?;
-        keys.remove_then_destroy(name)?;
-    }
-    Ok(NativeResult::DeleteClient(
-        parsec_interface::operations::delete_client::Result {},
-    ))
-}
-
-/// The batch could not be made durable: a request that changed a key fails, and the keys it
-/// made are destroyed again (their create records stay until that is done).
-fn undo(provider: &mut (dyn Provider + Send), done: &mut Done, error: &OpError) {
-    for change in std::mem::take(&mut done.changes) {
-        if let Change::Create(name, entry) = change {
-            if let Err(e) = provider.destroy_material(&entry) {
-                log::warn!(
-                    "{:?}: cannot undo key \"{}\" after a failed sync: {e} (resolved at the next start)",
-                    done.provider,
-                    crate::error::escape(&name)
-                );
-            }
-        }
-    }
-    done.outcome = Outcome::Finished(Err(OpError::new(
-        error.status,
-        error.cause.clone(),
-        error.hint,
-    )));
 }

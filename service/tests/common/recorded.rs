@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// What upstream_fixture encrypted into each recorded ciphertext.
 const PLAINTEXT: &[u8] = b"recorded by upstream Parsec 1.5.0";
-const MESSAGE: &[u8] = b"signed after the switch";
+pub const MESSAGE: &[u8] = b"signed after the switch";
 
 pub struct Recorded {
     pub app: String,

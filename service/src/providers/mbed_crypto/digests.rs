@@ -15,9 +15,9 @@ use super::psa_error;
 use crate::error::OpError;
 use parsec_interface::operations::psa_algorithm::Hash;
 use parsec_interface::requests::ResponseStatus;
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 pub(super) const DIGEST_LEN: usize = 32;
 
@@ -33,22 +33,30 @@ pub(super) fn of_file(key_file: &Path) -> Result<[u8; DIGEST_LEN], OpError> {
     Ok(digest)
 }
 
-/// Keys whose file matched its digest in this run (checked once per key and run).
+/// Keys whose file matched its digest in this run (checked once per key and run), shared
+/// by the provider's two crypto threads.
 #[derive(Default)]
-pub(super) struct Verified(RefCell<HashSet<u32>>);
+pub(super) struct Verified(Mutex<HashSet<u32>>);
 
 impl Verified {
+    fn ids(&self) -> MutexGuard<'_, HashSet<u32>> {
+        // A set of ids is whole whatever panicked while it was held.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub(super) fn insert(&self, id: u32) {
-        self.0.borrow_mut().insert(id);
+        self.ids().insert(id);
     }
 
     pub(super) fn forget(&self, id: u32) {
-        self.0.borrow_mut().remove(&id);
+        self.ids().remove(&id);
     }
 
     /// Checks a key file against the digest its entry recorded.
     pub(super) fn check(&self, id: u32, key_file: &Path, recorded: &[u8]) -> Result<(), OpError> {
-        if self.0.borrow().contains(&id) {
+        if self.ids().contains(&id) {
             return Ok(());
         }
         if !key_file.exists() {

@@ -42,8 +42,8 @@ pub fn sign(
     let mut length = 0;
     // SAFETY: the declaration above is Mbed TLS's prototype; the pointers and lengths describe live Rust slices for the whole call (the input
     // is only read, the output is written within signature.len() bytes and its length stored
-    // in `length`); Mbed TLS keeps none of them. The provider's worker is the only thread that
-    // calls Mbed TLS, and psa_crypto::init ran when the provider was built.
+    // in `length`); Mbed TLS keeps none of them. Mbed TLS is called from two threads at once only when it is
+    // thread-safe (`version::thread_safe`), and psa_crypto::init ran when the provider was built.
     Status::from(unsafe {
         psa_sign_message(
             key_id,

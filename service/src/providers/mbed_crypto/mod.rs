@@ -5,8 +5,11 @@
 //! `storage_dir` the working directory at start-up; every other path the service uses is
 //! absolute by then. The key store maps (application, name) to the key id.
 //!
-//! The provider runs on a worker thread of its own, the only thread that calls Mbed TLS
-//! (its PSA core is not thread-safe), in batches of requests on different keys.
+//! The provider runs on a worker thread of its own, in batches of requests on different keys.
+//! On Mbed TLS 3.6 built thread-safe (`version::thread_safe`), a batch's operations that
+//! change nothing (`reader.rs`: signatures, decryptions, exports) run on two threads, after
+//! the batch's creates and destroys, which stay on the worker's thread; on an older or
+//! unthreaded Mbed TLS the worker's thread is the only one that calls it.
 //!
 //! Key files are destroyed only on positive evidence (`journal`): an intent record is
 //! written before a key file is made, a tombstone before a key is forgotten; start-up
@@ -24,32 +27,27 @@ mod digests;
 mod inherited;
 mod keygen;
 mod message;
+mod reader;
 pub mod version;
 
 use super::journal;
-use super::{AppKeys, Deferred, Limits, Provider, Start};
+use super::{AppKeys, Deferred, Limits, Provider, Shared, Start};
 use crate::error::OpError;
 use crate::key_store::{KeyEntry, KeyStore};
 use parsec_interface::operations::can_do_crypto::CheckType;
 use parsec_interface::operations::list_providers::ProviderInfo;
 use parsec_interface::operations::{
-    can_do_crypto, psa_aead_decrypt, psa_aead_encrypt, psa_asymmetric_decrypt,
-    psa_asymmetric_encrypt, psa_destroy_key, psa_export_key, psa_export_public_key,
-    psa_generate_key, psa_generate_random, psa_hash_compare, psa_hash_compute, psa_import_key,
-    psa_raw_key_agreement, psa_sign_hash, psa_sign_message, psa_verify_hash, psa_verify_message,
-    NativeOperation, NativeResult,
+    psa_destroy_key, psa_generate_key, psa_import_key, NativeOperation, NativeResult,
 };
 use parsec_interface::requests::{ProviderId, ResponseStatus};
-use parsec_interface::secrecy::{ExposeSecret, Secret};
-use psa_crypto::operations::{
-    aead, asym_encryption, asym_signature, hash, key_agreement, key_management, other,
-};
+use parsec_interface::secrecy::ExposeSecret;
+use psa_crypto::operations::key_management;
 use psa_crypto::types::key::{Attributes, Id, Type};
 use psa_crypto::types::status::Error as PsaError;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::Path;
-use zeroize::Zeroizing;
+use std::sync::Arc;
 
 const UUID: &str = "1c1139dc-ad7c-47dc-ad6b-db6fdb466552";
 /// PSA's range of key ids an application may choose.
@@ -66,9 +64,11 @@ pub struct MbedCryptoProvider {
     next_id: u32,
     /// The lowest id this provider gives out (`OVERLAY_FIRST_KEY_ID` beside upstream's store).
     first_id: u32,
-    limits: Limits,
-    /// Absolute: the working directory, where Mbed TLS keeps its key files.
-    storage_dir: std::path::PathBuf,
+    /// What the operations that change nothing need, shared with a second thread when
+    /// Mbed TLS is thread-safe (`shared`).
+    reader: Arc<reader::Reader>,
+    /// Whether `reader` runs on two threads (a thread-safe Mbed TLS, two cores or more).
+    two_threads: bool,
     journal: journal::Journal,
     /// Tombstones written by destroys and `before_forget` (DeleteClient), done once the
     /// material is gone.
@@ -81,8 +81,6 @@ pub struct MbedCryptoProvider {
     dir_unsynced: bool,
     /// Records of keys whose material is gone, done once that is durable (`flush`).
     gone: Vec<journal::Record>,
-    /// Keys whose file matched its entry's digest in this run (`digests.rs`).
-    verified: digests::Verified,
 }
 
 /// Mbed TLS's file for a persistent key (owner 0, the key id), in the working directory.
@@ -265,15 +263,18 @@ impl MbedCryptoProvider {
             } else {
                 FIRST_KEY_ID
             },
-            limits,
-            storage_dir,
+            reader: Arc::new(reader::Reader {
+                storage_dir,
+                limits,
+                verified: digests::Verified::default(),
+            }),
+            two_threads: version::thread_safe() && two_cores(),
             journal,
             tombstones: Vec::new(),
             creates: Vec::new(),
             unsynced: Vec::new(),
             dir_unsynced: false,
             gone: Vec::new(),
-            verified: digests::Verified::default(),
         };
         let damaged = store.damaged_in(ProviderId::MbedCrypto);
         let kept = provider.resolve_journal(&referenced, damaged)?;
@@ -284,7 +285,11 @@ impl MbedCryptoProvider {
         {
             log::warn!(
                 "mbed-crypto: key file {} names no key store entry{}: kept, never reused. {}",
-                provider.storage_dir.join(key_file(*unnamed)).display(),
+                provider
+                    .reader
+                    .storage_dir
+                    .join(key_file(*unnamed))
+                    .display(),
                 if damaged > 0 {
                     format!(" (and {damaged} entries of this provider are damaged or unreadable)")
                 } else {
@@ -305,7 +310,7 @@ impl MbedCryptoProvider {
                         crate::error::escape(&triple.name),
                         crate::error::escape(&triple.app),
                         key_file(id),
-                        provider.storage_dir.display()
+                        provider.reader.storage_dir.display()
                     );
                 }
             }
@@ -323,9 +328,16 @@ impl MbedCryptoProvider {
             .map_or(FIRST_KEY_ID, |id| id + 1)
             .max(provider.first_id);
         log::info!(
-            "mbed-crypto: {} keys, key files in {}",
+            "mbed-crypto: {} keys, key files in {}; {}",
             referenced.len(),
-            provider.storage_dir.display()
+            provider.reader.storage_dir.display(),
+            if provider.two_threads {
+                "signatures, decryptions and exports on 2 threads"
+            } else if version::thread_safe() {
+                "1 crypto thread (1 core)"
+            } else {
+                "1 crypto thread (this Mbed TLS is not thread-safe: 3.6 with MBEDTLS_THREADING_C runs 2)"
+            }
         );
         Ok(provider)
     }
@@ -341,7 +353,7 @@ impl MbedCryptoProvider {
         let pending = self.journal.pending().map_err(|e| {
             format!(
                 "cannot read the journal in {}: {e}",
-                self.storage_dir.display()
+                self.reader.storage_dir.display()
             )
         })?;
         for (kind, key) in pending {
@@ -350,7 +362,7 @@ impl MbedCryptoProvider {
                 continue;
             };
             let record = self.journal.found(kind, &key);
-            let file = self.storage_dir.join(key_file(id));
+            let file = self.reader.storage_dir.join(key_file(id));
             match (kind, referenced.contains(&id)) {
                 (_, true) => {
                     // A finished create, or a destroy that never removed the entry (and was
@@ -423,29 +435,6 @@ impl MbedCryptoProvider {
         ))
     }
 
-    fn open(&self, keys: &AppKeys<'_>, name: &str) -> Result<(Id, Attributes), OpError> {
-        let entry = keys.get(name)?;
-        let id = key_id_of(entry)?;
-        if let Some(recorded) = recorded_digest(entry) {
-            self.verified
-                .check(id, &self.storage_dir.join(key_file(id)), recorded)?;
-        }
-        let id = Id::from_persistent_key_id(id).map_err(|e| {
-            let mut error = psa_error("opening the key", e);
-            if e == PsaError::DoesNotExist {
-                error.status = ResponseStatus::PsaErrorStorageFailure;
-                error.hint = "the key's file is missing from storage_dir: restore it from a backup or destroy the key";
-            }
-            error
-        })?;
-        let mut attributes = entry.attributes;
-        if attributes.bits == 0 {
-            // Imported with size 0 before the size was recorded at import: Mbed TLS knows it.
-            attributes.bits = actual_bits(id).unwrap_or(0);
-        }
-        Ok((id, attributes))
-    }
-
     /// Creates a key with `make`, then records it; undoes the key if it cannot be recorded.
     /// The intent record is written before the key file exists; both are durable (`flush`)
     /// before the entry that names the key can be stored; the record goes once it is.
@@ -476,7 +465,7 @@ impl MbedCryptoProvider {
             }
         };
         self.used_ids.insert(id);
-        self.verified.insert(id);
+        self.reader.verified.insert(id);
         self.unsynced.push(id);
         self.dir_unsynced = true;
         crate::crash_point("create:after-material");
@@ -487,15 +476,15 @@ impl MbedCryptoProvider {
         if attributes.bits == 0 {
             attributes.bits = actual_bits(key).unwrap_or(0);
         }
-        let digest = digests::of_file(&self.storage_dir.join(key_file(id)));
+        let digest = digests::of_file(&self.reader.storage_dir.join(key_file(id)));
         let stored = digest.and_then(|digest| {
             let mut key_id = id.to_le_bytes().to_vec();
             key_id.extend_from_slice(&digest);
             keys.create(name, KeyEntry { key_id, attributes })
         });
         if let Err(e) = stored {
-            // SAFETY: this worker is the only thread that uses Mbed TLS: nothing else uses
-            // the key being undone.
+            // SAFETY: nothing else uses the key being undone: it was made just now and no
+            // entry names it (a batch's creates run before its shared phase, on this thread).
             if unsafe { key_management::destroy(key) }.is_ok() {
                 self.unsynced.retain(|&u| u != id);
                 self.used_ids.remove(&id);
@@ -511,12 +500,15 @@ impl MbedCryptoProvider {
     /// Destroys a key's material (its entry is gone already, durably, or never existed).
     fn destroy_id(&mut self, id: u32) -> Result<(), OpError> {
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
-        // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
-        // can be in flight.
+        // SAFETY: no operation on this key can be in flight: its entry is gone, and this runs
+        // between batches, when the worker's thread is the only one using Mbed TLS.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
-        self.verified.forget(id);
-        journal::sync_dir(&self.storage_dir).map_err(|e| {
-            OpError::storage(&format!("syncing {}", self.storage_dir.display()), &e)
+        self.reader.verified.forget(id);
+        journal::sync_dir(&self.reader.storage_dir).map_err(|e| {
+            OpError::storage(
+                &format!("syncing {}", self.reader.storage_dir.display()),
+                &e,
+            )
         })?;
         self.used_ids.remove(&id);
         Ok(())
@@ -537,25 +529,24 @@ impl MbedCryptoProvider {
         self.tombstones.push((id, record));
         Ok(())
     }
+}
 
-    /// Runs a PSA call writing into a buffer of `size` bytes and returns the bytes written.
-    fn output(
-        &self,
-        size: usize,
-        what: &str,
-        call: impl FnOnce(&mut [u8]) -> Result<usize, PsaError>,
-    ) -> Result<Zeroizing<Vec<u8>>, OpError> {
-        self.limits.check_output(size)?;
-        let mut buffer = Zeroizing::new(vec![0u8; size]);
-        let written = call(&mut buffer).map_err(|e| psa_error(what, e))?;
-        buffer.truncate(written);
-        Ok(buffer)
-    }
+/// Whether this machine has two cores or more for the second crypto thread.
+fn two_cores() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
 }
 
 impl Provider for MbedCryptoProvider {
     fn id(&self) -> ProviderId {
         ProviderId::MbedCrypto
+    }
+
+    fn shared(&self) -> Option<Arc<dyn Shared>> {
+        if self.two_threads {
+            Some(Arc::clone(&self.reader) as Arc<dyn Shared>)
+        } else {
+            None
+        }
     }
 
     fn execute(
@@ -596,195 +587,11 @@ impl Provider for MbedCryptoProvider {
                 )?;
                 Ok(NativeResult::PsaImportKey(psa_import_key::Result {}))
             }
-            NativeOperation::PsaExportPublicKey(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                let size = attributes
-                    .export_public_key_output_size()
-                    .map_err(|e| psa_error("sizing the public key", e))?;
-                let data = self.output(size, "psa_export_public_key", |buf| {
-                    key_management::export_public(id, buf)
-                })?;
-                Ok(NativeResult::PsaExportPublicKey(
-                    psa_export_public_key::Result { data },
-                ))
-            }
-            NativeOperation::PsaExportKey(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                let size = attributes
-                    .export_key_output_size()
-                    .map_err(|e| psa_error("sizing the key", e))?;
-                let data = self.output(size, "psa_export_key", |buf| {
-                    key_management::export(id, buf)
-                })?;
-                Ok(NativeResult::PsaExportKey(psa_export_key::Result {
-                    data: Secret::new(data.to_vec()),
-                }))
-            }
             NativeOperation::PsaDestroyKey(op) => {
                 self.destroy_key(&mut keys, &op.key_name)?;
                 Ok(NativeResult::PsaDestroyKey(psa_destroy_key::Result {}))
             }
-            NativeOperation::PsaSignHash(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .sign_output_size(op.alg)
-                    .map_err(|e| psa_error("sizing the signature", e))?;
-                let signature = self.output(size, "psa_sign_hash", |buf| {
-                    asym_signature::sign_hash(id, op.alg, &op.hash, buf)
-                })?;
-                Ok(NativeResult::PsaSignHash(psa_sign_hash::Result {
-                    signature,
-                }))
-            }
-            NativeOperation::PsaVerifyHash(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                asym_signature::verify_hash(id, op.alg, &op.hash, &op.signature)
-                    .map_err(|e| psa_error("psa_verify_hash", e))?;
-                Ok(NativeResult::PsaVerifyHash(psa_verify_hash::Result {}))
-            }
-            NativeOperation::PsaSignMessage(op) => {
-                let (_, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let key_id = key_id_of(keys.get(&op.key_name)?)?;
-                let size = attributes
-                    .sign_output_size(op.alg)
-                    .map_err(|e| psa_error("sizing the signature", e))?;
-                let signature = self.output(size, "psa_sign_message", |buf| {
-                    message::sign(key_id, op.alg, &op.message, buf)
-                })?;
-                Ok(NativeResult::PsaSignMessage(psa_sign_message::Result {
-                    signature,
-                }))
-            }
-            NativeOperation::PsaVerifyMessage(op) => {
-                let (_, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let key_id = key_id_of(keys.get(&op.key_name)?)?;
-                message::verify(key_id, op.alg, &op.message, &op.signature)
-                    .map_err(|e| psa_error("psa_verify_message", e))?;
-                Ok(NativeResult::PsaVerifyMessage(
-                    psa_verify_message::Result {},
-                ))
-            }
-            NativeOperation::PsaAsymmetricEncrypt(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .asymmetric_encrypt_output_size(op.alg)
-                    .map_err(|e| psa_error("sizing the ciphertext", e))?;
-                let salt = op.salt.as_deref().map(|s| s.as_slice());
-                let ciphertext = self.output(size, "psa_asymmetric_encrypt", |buf| {
-                    asym_encryption::encrypt(id, op.alg, &op.plaintext, salt, buf)
-                })?;
-                Ok(NativeResult::PsaAsymmetricEncrypt(
-                    psa_asymmetric_encrypt::Result { ciphertext },
-                ))
-            }
-            NativeOperation::PsaAsymmetricDecrypt(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .asymmetric_decrypt_output_size(op.alg)
-                    .map_err(|e| psa_error("sizing the plaintext", e))?;
-                let salt = op.salt.as_deref().map(|s| s.as_slice());
-                let plaintext = self.output(size, "psa_asymmetric_decrypt", |buf| {
-                    asym_encryption::decrypt(id, op.alg, &op.ciphertext, salt, buf)
-                })?;
-                Ok(NativeResult::PsaAsymmetricDecrypt(
-                    psa_asymmetric_decrypt::Result { plaintext },
-                ))
-            }
-            NativeOperation::PsaAeadEncrypt(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .aead_encrypt_output_size(op.alg, op.plaintext.len())
-                    .map_err(|e| psa_error("sizing the ciphertext", e))?;
-                let ciphertext = self.output(size, "psa_aead_encrypt", |buf| {
-                    aead::encrypt(
-                        id,
-                        op.alg,
-                        &op.nonce,
-                        &op.additional_data,
-                        &op.plaintext,
-                        buf,
-                    )
-                })?;
-                Ok(NativeResult::PsaAeadEncrypt(psa_aead_encrypt::Result {
-                    ciphertext,
-                }))
-            }
-            NativeOperation::PsaAeadDecrypt(op) => {
-                let (id, attributes) = self.open(&keys, &op.key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .aead_decrypt_output_size(op.alg, op.ciphertext.len())
-                    .map_err(|e| psa_error("sizing the plaintext", e))?;
-                let plaintext = self.output(size, "psa_aead_decrypt", |buf| {
-                    aead::decrypt(
-                        id,
-                        op.alg,
-                        &op.nonce,
-                        &op.additional_data,
-                        &op.ciphertext,
-                        buf,
-                    )
-                })?;
-                Ok(NativeResult::PsaAeadDecrypt(psa_aead_decrypt::Result {
-                    plaintext,
-                }))
-            }
-            NativeOperation::PsaHashCompute(op) => {
-                let hash = self.output(op.alg.hash_length(), "psa_hash_compute", |buf| {
-                    hash::hash_compute(op.alg, &op.input, buf)
-                })?;
-                Ok(NativeResult::PsaHashCompute(psa_hash_compute::Result {
-                    hash,
-                }))
-            }
-            NativeOperation::PsaHashCompare(op) => {
-                hash::hash_compare(op.alg, &op.input, &op.hash)
-                    .map_err(|e| psa_error("psa_hash_compare", e))?;
-                Ok(NativeResult::PsaHashCompare(psa_hash_compare::Result {}))
-            }
-            NativeOperation::PsaRawKeyAgreement(op) => {
-                let (id, attributes) = self.open(&keys, &op.private_key_name)?;
-                op.validate(attributes)?;
-                let size = attributes
-                    .raw_key_agreement_output_size(op.alg)
-                    .map_err(|e| psa_error("sizing the shared secret", e))?;
-                let secret = self.output(size, "psa_raw_key_agreement", |buf| {
-                    key_agreement::raw_key_agreement(op.alg, id, &op.peer_key, buf)
-                })?;
-                Ok(NativeResult::PsaRawKeyAgreement(
-                    psa_raw_key_agreement::Result {
-                        shared_secret: Secret::new(secret.to_vec()),
-                    },
-                ))
-            }
-            NativeOperation::PsaGenerateRandom(op) => {
-                let random_bytes = self.output(op.size, "psa_generate_random", |buf| {
-                    other::generate_random(buf).map(|()| buf.len())
-                })?;
-                Ok(NativeResult::PsaGenerateRandom(
-                    psa_generate_random::Result { random_bytes },
-                ))
-            }
-            NativeOperation::CanDoCrypto(op) => {
-                super::can_do::common_rules(op.check_type, &op.attributes)?;
-                capabilities::check(op.check_type, op.attributes)?;
-                Ok(NativeResult::CanDoCrypto(can_do_crypto::Result {}))
-            }
-            other => Err(OpError::new(
-                ResponseStatus::PsaErrorNotSupported,
-                format!(
-                    "{:?} is not implemented by the Mbed Crypto provider",
-                    other.opcode()
-                ),
-                "see ListOpcodes for what this provider serves",
-            )),
+            op => self.reader.execute(op, keys),
         }
     }
 
@@ -805,10 +612,10 @@ impl Provider for MbedCryptoProvider {
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
-        // SAFETY: this worker is the only thread that uses Mbed TLS: no operation on this key
-        // can be in flight.
+        // SAFETY: no operation on this key can be in flight: its entry is gone, and this runs
+        // between batches, when the worker's thread is the only one using Mbed TLS.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
-        self.verified.forget(id);
+        self.reader.verified.forget(id);
         self.used_ids.remove(&id);
         self.dir_unsynced = true;
         crate::crash_point("destroy:after-material");
@@ -828,7 +635,7 @@ impl Provider for MbedCryptoProvider {
         let created = !new_files.is_empty();
         if new_files.len() > 1 {
             // A batch: one syncfs for the records, the key files and the directories.
-            let dirs = [self.storage_dir.as_path(), self.journal.dir()];
+            let dirs = [self.reader.storage_dir.as_path(), self.journal.dir()];
             crate::key_store::sync_file_systems(dirs.into_iter()).map_err(storage)?;
             self.journal.synced();
             self.dir_unsynced = false;
@@ -836,14 +643,14 @@ impl Provider for MbedCryptoProvider {
             self.journal.sync().map_err(storage)?;
             for id in new_files {
                 // Mbed TLS writes a temporary file and renames it, without fsync.
-                let path = self.storage_dir.join(key_file(id));
+                let path = self.reader.storage_dir.join(key_file(id));
                 File::open(&path)
                     .and_then(|file| file.sync_all())
                     .map_err(|e| OpError::storage(&format!("syncing {}", path.display()), &e))?;
             }
         }
         if std::mem::take(&mut self.dir_unsynced) {
-            journal::sync_dir(&self.storage_dir).map_err(storage)?;
+            journal::sync_dir(&self.reader.storage_dir).map_err(storage)?;
         }
         if created {
             crate::crash_point("create:after-sync");
@@ -869,7 +676,7 @@ impl Provider for MbedCryptoProvider {
             NativeOperation::PsaGenerateKey(op) if op.attributes.key_type == Type::RsaKeyPair => {
                 capabilities::check(CheckType::Generate, op.attributes)?;
                 keys.ensure_free(&op.key_name)?;
-                let slot = super::ChildSlot::take(&self.limits)?;
+                let slot = super::ChildSlot::take(&self.reader.limits)?;
                 let (output, child) = keygen::spawn(op.attributes)?;
                 crate::crash_point("keygen:spawned");
                 Ok(Start::Deferred(Deferred {
