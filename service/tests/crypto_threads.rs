@@ -67,13 +67,28 @@ fn signers_and_key_makers_at_once_each_get_their_own_answers() {
             }
         });
     });
+    let mut daemon = daemon;
+    assert!(daemon.stop().success());
     let log = daemon.log_text();
-    assert!(
-        log.contains("on two threads"),
-        "no batch ran on two threads:\n{log}"
-    );
     assert!(
         log.contains("signatures, decryptions and exports on 2 threads"),
         "{log}"
     );
+    // The pool's count, logged as the provider stops: both threads ran some.
+    let line = log
+        .lines()
+        .find(|l| l.contains("operations that change nothing"))
+        .unwrap_or_else(|| panic!("no count of the two threads' work:\n{log}"));
+    let count = |after: &str| -> u64 {
+        let rest = &line[line.find(after).unwrap() + after.len()..];
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (worker, second) = (count("worker's thread ran"), count("second crypto thread"));
+    assert!(worker > 0 && second > 0, "{line}");
+    assert!(worker + second >= (SIGNERS * ROUNDS * 3) as u64, "{line}");
 }

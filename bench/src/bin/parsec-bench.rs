@@ -1,6 +1,6 @@
 //! `parsec-bench`: drives a real daemon through parsec-client and prints rates and footprint.
 //!
-//! usage: parsec-bench [--daemon PATH] [--seconds S]
+//! usage: parsec-bench [--daemon PATH] [--seconds S] [--core 'KEY = VALUE']...
 //!
 //! Figures: ping/s, ECDSA P-256 sign_hash/s, verify/s and generate+destroy/s for 1 and 8
 //! concurrent clients, and how the 8-client rates scale on the 1-client ones; the same sign
@@ -101,6 +101,9 @@ fn main() {
     let mut bin = PathBuf::from("target/release/parsec");
     let mut seconds = 2.0;
     let mut only: Option<String> = None;
+    // Extra [core_settings] lines: upstream Parsec's idle_listener_sleep_duration, say, for
+    // the side-by-side in docs/benchmark.md.
+    let mut core = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -108,9 +111,13 @@ fn main() {
             "--seconds" => seconds = args.next().expect("--seconds S").parse().expect("a number"),
             // One figure alone, against a running daemon, for profiling (strace, perf).
             "--only" => only = Some(args.next().expect("--only sign|generate")),
+            "--core" => {
+                core.push_str(&args.next().expect("--core 'KEY = VALUE'"));
+                core.push('\n');
+            }
             _ => {
                 eprintln!(
-                    "usage: parsec-bench [--daemon PATH] [--seconds S] [--only sign|generate]"
+                    "usage: parsec-bench [--daemon PATH] [--seconds S] [--only sign|generate] [--core 'KEY = VALUE']..."
                 );
                 std::process::exit(2);
             }
@@ -125,9 +132,14 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("parsec-bench-{}", std::process::id()));
 
     // Start-up: the median of several cold starts.
-    let mut startups: Vec<Duration> = (0..7).map(|_| Daemon::start(&bin, &dir).1).collect();
+    let start = || {
+        let software = "[[provider]]\nprovider_type = \"MbedCrypto\"\nkey_info_manager = \"m\"\n";
+        let listener = "timeout = 5000\nmax_connections = 256\n";
+        Daemon::start_with_config(&bin, &dir, &core, listener, "", software)
+    };
+    let mut startups: Vec<Duration> = (0..7).map(|_| start().1).collect();
     startups.sort();
-    let (daemon, _) = Daemon::start(&bin, &dir);
+    let (daemon, _) = start();
     std::thread::sleep(Duration::from_millis(200));
     let idle_rss = daemon.status_field("VmRSS");
     let threads = daemon.status_field("Threads");

@@ -121,7 +121,9 @@ impl Dispatcher {
                 running.busy_since = (running.in_flight > 0).then(Instant::now);
             }
             if let Some(i) = self.serving(d.instance) {
-                if !self.slots[i].running().is_some_and(Running::busy) {
+                let limit = self.slots[i].batch_limit;
+                let takes = |r: &Running| !r.busy() || r.takes_more_reads(limit);
+                if self.slots[i].running().is_some_and(takes) && !freed.contains(&i) {
                     freed.push(i);
                 }
             }

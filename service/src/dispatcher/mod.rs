@@ -209,6 +209,7 @@ impl Dispatcher {
         self.store.adopt(id, built.store);
         Running {
             opcodes: built.opcodes,
+            shares: built.shares,
             worker,
             busy_since: None,
             in_flight: 0,
@@ -395,6 +396,16 @@ impl Dispatcher {
         let State::Serving(running) = &mut slot.state else {
             return;
         };
+        if running.takes_more_reads(limit) {
+            // Its second crypto thread serves reads as they come; what changes keys waits
+            // until everything in flight is back (one batch of those at a time, as before).
+            let batch = slots::next_read_batch(&mut slot.queue, limit - running.in_flight);
+            if !batch.is_empty() {
+                let id = slot.id;
+                self.hand_over(Some(index), None, id, batch);
+            }
+            return;
+        }
         if running.busy() {
             return;
         }
@@ -478,8 +489,10 @@ impl Dispatcher {
         };
         match running.worker.run(jobs) {
             Ok(()) => {
-                running.in_flight = count;
-                running.busy_since = Some(Instant::now());
+                if running.in_flight == 0 {
+                    running.busy_since = Some(Instant::now());
+                }
+                running.in_flight += count;
             }
             // The worker is gone: answered with the next results.
             Err(error) => {

@@ -52,6 +52,9 @@ pub(super) struct Running {
     pub pinned: VecDeque<Waiting>,
     /// What it serves, where its device says less than the provider's table.
     pub opcodes: Option<Vec<Opcode>>,
+    /// It runs operations that change nothing on two threads (`Built::shares`): it may be
+    /// handed more of those while it runs others.
+    pub shares: bool,
 }
 
 impl Running {
@@ -61,6 +64,12 @@ impl Running {
 
     pub fn busy(&self) -> bool {
         self.in_flight > 0
+    }
+
+    /// Whether, busy, it may take more operations that change nothing now (`limit`: the
+    /// most it may have in flight).
+    pub fn takes_more_reads(&self, limit: usize) -> bool {
+        self.shares && self.busy() && self.in_flight < limit && self.pinned.is_empty()
     }
 
     /// Destroys a key's material, queued behind the worker's batch.
@@ -248,6 +257,26 @@ pub(super) fn next_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Wai
         }
         batch.extend(queue.pop_front());
     }
+    batch
+}
+
+/// More work for a busy instance that shares (`Running::takes_more_reads`): up to
+/// `limit` requests that change nothing, taken from anywhere in the queue (the others stay
+/// in order). Everything queued was sent concurrently (nothing of it has been answered), so
+/// running a read before a create, destroy or another read queued ahead of it is one of the
+/// orders the clients may see.
+pub(super) fn next_read_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Waiting> {
+    let mut batch = Vec::new();
+    let mut kept = VecDeque::with_capacity(queue.len());
+    while let Some(waiting) = queue.pop_front() {
+        let reads = matches!(&waiting.work, Work::Op(op) if crate::providers::changes_nothing(op));
+        if reads && batch.len() < limit {
+            batch.push(waiting);
+        } else {
+            kept.push_back(waiting);
+        }
+    }
+    *queue = kept;
     batch
 }
 

@@ -41,6 +41,7 @@ pub mod mbed_crypto;
 mod message;
 #[cfg(feature = "pkcs11-provider")]
 pub mod pkcs11;
+mod pool;
 pub mod preflight;
 pub mod store_writer;
 #[cfg(feature = "tpm-provider")]
@@ -191,6 +192,18 @@ pub trait Provider {
     /// Destroys the key material behind an entry that has already left the key store
     /// (DeleteClient). Failures are logged by the caller; the name is gone either way.
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError>;
+}
+
+/// Whether an operation leaves what a provider keeps as it was (no key made, destroyed or
+/// recorded): what a provider's shared part may run (`Shared::takes`), and what the event
+/// loop may hand such a provider in a second batch while its first runs.
+pub fn changes_nothing(op: &NativeOperation) -> bool {
+    !matches!(
+        op,
+        NativeOperation::PsaGenerateKey(_)
+            | NativeOperation::PsaImportKey(_)
+            | NativeOperation::PsaDestroyKey(_)
+    )
 }
 
 /// Operations of a provider that may run on two threads at once (`Provider::shared`).

@@ -19,7 +19,7 @@
 //! Threads: the event loop, the store's writer, plus one per provider configured.
 
 pub use super::store_writer::StoreWriter;
-use super::{Change, Deferred, Limits, Provider, Snapshot};
+use super::{Change, Deferred, Limits, Provider, Shared, Snapshot};
 use crate::config::ProviderSettings;
 use crate::error::OpError;
 use crate::key_store::{AppId, Committed, KeyEntry, KeyStore};
@@ -101,6 +101,9 @@ pub struct Built {
     pub store: KeyStore,
     /// What the instance serves, if its device says less than its provider's table.
     pub opcodes: Option<Vec<parsec_interface::requests::Opcode>>,
+    /// It runs operations that change nothing on two threads (`Provider::shared`): the loop
+    /// may hand it a second batch of those while the first runs, and it merges them.
+    pub shares: bool,
 }
 
 /// A provider as built, with its entries of the key store.
@@ -290,6 +293,7 @@ impl Worker {
                         let started = Built {
                             store,
                             opcodes: provider.opcodes(),
+                            shares: provider.shared().is_some(),
                         };
                         outbox.deliver([Event::Started(instance, Ok(Some(started)))]);
                         run(instance, provider, receiver, outbox);
@@ -357,6 +361,11 @@ impl Worker {
     }
 }
 
+/// Whether a job may run in a batch's shared part.
+pub(super) fn takes(shared: &dyn Shared, job: &Job) -> bool {
+    matches!(&job.work, Work::Op(op) if shared.takes(op))
+}
+
 fn run(
     instance: Instance,
     mut provider: Box<dyn Provider + Send>,
@@ -364,15 +373,45 @@ fn run(
     outbox: Outbox,
 ) {
     let id = provider.id();
-    let shared = provider.shared();
-    // Ends when the dispatcher drops its handle (a reload or shutdown), after the job in hand.
-    while let Ok(message) = receiver.recv() {
+    let pool = provider
+        .shared()
+        .and_then(|shared| super::pool::Pool::start(shared, instance, id, outbox.clone()));
+    // Ends when the dispatcher drops its handle (a reload or shutdown), after every job it
+    // was sent (the pool's queue included).
+    loop {
+        // With the pool's jobs waiting, this thread takes one between messages.
+        let message = match &pool {
+            Some(pool) if !pool.is_empty() => match receiver.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::TryRecvError::Empty) => {
+                    pool.run_one();
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            },
+            _ => match receiver.recv() {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+        };
         match message {
             Message::Run(jobs) => {
-                let batch = super::batch::run(instance, provider.as_mut(), shared.as_deref(), jobs);
-                outbox.deliver(batch.into_iter().map(Event::Done));
+                let Some(pool) = &pool else {
+                    let batch = super::batch::run(instance, provider.as_mut(), jobs);
+                    outbox.deliver(batch.into_iter().map(Event::Done));
+                    continue;
+                };
+                let (reads, changes): (Vec<Job>, Vec<Job>) =
+                    jobs.into_iter().partition(|job| takes(pool.shared(), job));
+                if !changes.is_empty() {
+                    let _paused = pool.pause();
+                    let batch = super::batch::run(instance, provider.as_mut(), changes);
+                    outbox.deliver(batch.into_iter().map(Event::Done));
+                }
+                pool.push(reads);
             }
             Message::Destroy(entry) => {
+                let _paused = pool.as_ref().map(|pool| pool.pause());
                 if let Err(e) = provider.destroy_material(&entry) {
                     log::warn!(
                         "{id:?}: cannot destroy the material of a forgotten key: {e} (resolved at the next start)"
@@ -382,6 +421,8 @@ fn run(
             Message::Committed(entry) => provider.committed(&entry),
         }
     }
+    // What is queued runs, then the second thread ends.
+    drop(pool);
     // The provider goes here, on this thread: its device closes, its module is finalised,
     // after every job it was sent. Only then may a successor open the same device.
     drop(provider);

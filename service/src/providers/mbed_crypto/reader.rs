@@ -77,12 +77,7 @@ impl Reader {
 
 impl Shared for Reader {
     fn takes(&self, op: &NativeOperation) -> bool {
-        !matches!(
-            op,
-            NativeOperation::PsaGenerateKey(_)
-                | NativeOperation::PsaImportKey(_)
-                | NativeOperation::PsaDestroyKey(_)
-        )
+        crate::providers::changes_nothing(op)
     }
 
     fn execute(&self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError> {
