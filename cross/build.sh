@@ -12,8 +12,9 @@
 #   3. downloads the recipe's .debs into cross/.cache/debs/ARCH (kept, checked by SHA-256);
 #   4. unpacks them into cross/.cache/sysroot/TARGET, rewriting absolute symlinks, unless
 #      the sysroot's stamp says it was made from exactly these .debs and this recipe;
-#   5. sets the pkg-config wrapper, linker and compiler variables (cross/env.sh) and runs
-#      cargo build --release for TARGET;
+#   5. builds Mbed TLS 3.6 for TARGET with the cross gcc (scripts/mbedtls.sh), sets the
+#      pkg-config wrapper, linker and compiler variables (cross/env.sh) and runs cargo build
+#      --release for TARGET;
 #   6. checks the binary (cross/check.sh): file, readelf, and a run under qemu user mode.
 # Re-running reuses everything and only lets cargo decide what to rebuild.
 set -euo pipefail
@@ -108,6 +109,13 @@ if [ ! -x "$qemu_dir/usr/bin/$qemu" ]; then
         dpkg-deb -x qemu-user-static_*.deb . && rm -f qemu-user-static_*.deb)
     echo "   unpacked into $qemu_dir (not installed: no conflict with the machine's qemu)"
 fi
+
+step "Mbed TLS for $target"
+# The software provider's library, built with the cross gcc from Debian's signed source
+# (scripts/mbedtls.sh; kept in .deps/mbedtls/MULTIARCH).
+multiarch=$(setting multiarch)
+scripts/mbedtls.sh "$multiarch" "$sysroot"
+export MBEDTLS_LIB_DIR=$PWD/.deps/mbedtls/$multiarch/lib MBEDTLS_INCLUDE_DIR=$PWD/.deps/mbedtls/$multiarch/include
 
 # shellcheck source=cross/env.sh
 . cross/env.sh "$target" "$sysroot" "$gcc"

@@ -5,11 +5,14 @@
 # (MBEDTLS_THREADING_C, MBEDTLS_THREADING_PTHREAD), optimised for speed, as a static library.
 #
 #   scripts/mbedtls.sh                    # for this machine: .deps/mbedtls/host
-#   scripts/mbedtls.sh aarch64-linux-gnu  # with Debian's cross gcc: .deps/mbedtls/aarch64-linux-gnu
+#   scripts/mbedtls.sh aarch64-linux-gnu [SYSROOT]
+#                                         # with Debian's cross gcc (against SYSROOT's libc,
+#                                         # cross/build.sh's): .deps/mbedtls/aarch64-linux-gnu
 #   scripts/mbedtls.sh --print-version    # the version the installed host build has
 #
 # .cargo/config.toml points psa-crypto-sys at .deps/mbedtls/host (MBEDTLS_LIB_DIR,
-# MBEDTLS_INCLUDE_DIR, MBEDCRYPTO_STATIC); cross/build.sh sets them to the target's build.
+# MBEDTLS_INCLUDE_DIR); cross/build.sh sets them to the target's build. The library is
+# static (libmbedcrypto.a only), so the service needs no Mbed TLS on the device.
 #
 # Trust: apt fetches the source's index from an InRelease file it checks against Debian's
 # archive keyring (no trusted=yes), and refuses a .dsc or tarball whose SHA-256 differs from
@@ -46,6 +49,7 @@ if [ "${1:-}" = "--min-version" ]; then
 fi
 
 target=${1:-host}
+sysroot=${2:-}
 case "$target" in
     host) cc=${CC:-cc} ;;
     aarch64-linux-gnu | arm-linux-gnueabihf) cc=$target-gcc ;;
@@ -114,6 +118,9 @@ cmake_args=(-S "$src" -B "$build/cmake" -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLA
     -DCMAKE_INSTALL_PREFIX="$out.new" -DCMAKE_INSTALL_LIBDIR=lib)
 if [ "$target" != host ]; then
     cmake_args+=(-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR="${target%%-*}")
+    if [ -n "$sysroot" ]; then
+        cmake_args+=(-DCMAKE_SYSROOT="$sysroot")
+    fi
 fi
 log "building Mbed TLS $upstream for $target"
 cmake "${cmake_args[@]}" >"$build/configure.log" 2>&1 || die "cmake failed: $build/configure.log"
@@ -124,7 +131,7 @@ cmake --install "$build/cmake" >"$build/install.log" 2>&1 || die "install failed
 rm -f "$out.new/lib/libmbedtls.a" "$out.new/lib/libmbedx509.a"
 
 # 4. The ABI check (host compiler: it compares two configs, the same for every target).
-"$root/scripts/mbedtls-abi.sh" "$out.new/include" ||
+"$root/scripts/mbedtls-abi.sh" "$out.new/include" --strict ||
     die "psa-crypto-sys would see other PSA structures than Mbed TLS $upstream: see above"
 
 echo "$upstream" >"$out.new/VERSION"

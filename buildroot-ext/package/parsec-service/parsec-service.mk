@@ -230,11 +230,23 @@ endif
 endif
 
 ifeq ($(BR2_PACKAGE_PARSEC_SERVICE_MBED_CRYPTO),y)
-# psa-crypto-sys builds Mbed TLS with cmake (its configure step is a Python script) and
-# generates its bindings with bindgen. The build machine's cmake is used when it is new
-# enough (BR2_CMAKE_HOST_DEPENDENCY, as package/rust does); host-cmake is built otherwise.
-PARSEC_SERVICE_DEPENDENCIES += $(BR2_CMAKE_HOST_DEPENDENCY) host-python3
+# The software provider links Buildroot's own Mbed TLS (package/mbedtls: 3.6 LTS, built
+# thread-safe when the toolchain has threads, so the service runs its signatures on two
+# threads), from the staging directory, dynamically where it is a shared library: its
+# security updates come with Buildroot's. psa-crypto-sys then only generates its bindings
+# (bindgen), against the staging headers.
+PARSEC_SERVICE_DEPENDENCIES += mbedtls host-python3
 PARSEC_SERVICE_NEEDS_BINDGEN = y
+PARSEC_SERVICE_CARGO_ENV += \
+	MBEDTLS_LIB_DIR=$(STAGING_DIR)/usr/lib \
+	MBEDTLS_INCLUDE_DIR=$(STAGING_DIR)/usr/include
+# The binding compiles against its own config: check that every PSA type the service
+# passes has the library's layout (scripts/mbedtls-abi.sh, the host compiler).
+define PARSEC_SERVICE_CHECK_MBEDTLS_ABI
+	CC="$(HOSTCC)" PSA_CRYPTO_SYS_DIR=$(@D)/VENDOR/psa-crypto-sys \
+		PATH=$(BR_PATH) bash $(@D)/scripts/mbedtls-abi.sh $(STAGING_DIR)/usr/include
+endef
+PARSEC_SERVICE_PRE_BUILD_HOOKS += PARSEC_SERVICE_CHECK_MBEDTLS_ABI
 endif
 
 ifeq ($(PARSEC_SERVICE_NEEDS_BINDGEN),y)

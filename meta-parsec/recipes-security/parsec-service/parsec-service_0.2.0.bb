@@ -32,8 +32,10 @@ require ${BPN}-crates.inc
 inherit cargo pkgconfig systemd update-rc.d useradd
 
 # Providers. Default: the TPM when the distro has tpm2, and PKCS#11 (no build dependency:
-# the token's module is loaded at run time). The software provider (mbed-crypto) builds
-# Mbed TLS and its bindings with bindgen, so it needs clang-native: meta-clang on
+# the token's module is loaded at run time). The software provider (mbed-crypto) links the
+# build's own Mbed TLS (meta-networking's mbedtls, 3.6 LTS: its security updates reach the
+# image with that recipe; this layer's mbedtls bbappend makes its PSA core thread-safe)
+# and generates its bindings with bindgen, so it needs clang-native: meta-clang on
 # scarthgap, OE-core itself from whinlatter on. It is a default only without tpm2, and
 # only where a clang recipe exists.
 def parsec_clang_available(d):
@@ -56,7 +58,7 @@ PARSEC_TSS_BINDGEN = "${@'' if d.getVar('TARGET_ARCH') in d.getVar('PARSEC_TSS_P
 # tss, mode 0660, what the service opens as a member of tss) and creates the tss group.
 PACKAGECONFIG[tpm] = ",,tpm2-tss ${PARSEC_TSS_BINDGEN},tpm2-tss libtss2 libtss2-mu libtss2-tcti-device"
 PACKAGECONFIG[pkcs11] = ",,,"
-PACKAGECONFIG[mbed-crypto] = ",,clang-native cmake-native"
+PACKAGECONFIG[mbed-crypto] = ",,mbedtls clang-native"
 
 # The providers PACKAGECONFIG enables: each one's cargo feature and its provider_type in
 # config.toml.
@@ -86,6 +88,21 @@ export CARGO_PROFILE_RELEASE_STRIP = "false"
 # headers from the target sysroot.
 export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
 export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${RECIPE_SYSROOT}"
+# psa-crypto-sys links the recipe sysroot's libmbedcrypto (dynamically: the .so is there)
+# instead of building the copy it carries (Mbed TLS 3.0.0).
+export MBEDTLS_LIB_DIR = "${STAGING_LIBDIR}"
+export MBEDTLS_INCLUDE_DIR = "${STAGING_INCDIR}"
+
+# The binding compiles against its own config, not the library's: check that every PSA
+# type the service passes has the library's layout (scripts/mbedtls-abi.sh; the build
+# machine's compiler, the target's headers).
+do_compile:prepend() {
+    if ${@bb.utils.contains('PACKAGECONFIG', 'mbed-crypto', 'true', 'false', d)}; then
+        CC="${BUILD_CC}" PSA_CRYPTO_SYS_DIR="${CARGO_VENDORING_DIRECTORY}/psa-crypto-sys-0.12.0" \
+            bash ${S}/scripts/mbedtls-abi.sh ${STAGING_INCDIR} ||
+            bbfatal "psa-crypto-sys does not match ${STAGING_INCDIR}'s Mbed TLS (see above)"
+    fi
+}
 
 python () {
     # Say why at parse time rather than "Nothing PROVIDES 'clang-native'".
