@@ -42,6 +42,10 @@ echo "   NEEDED: $(tr '\n' ' ' <<< "$needed")"
 run() { "$qemu" -L "$sysroot" "$binary" "$@"; }
 version=$(run --version)
 echo "   under $(basename "$qemu"): $version"
+if [[ "$version" == *"software provider on"* ]]; then
+    # The Mbed TLS linked in is at least the pinned minimum, and thread-safe.
+    bash "$(dirname "$0")/../scripts/check-mbedtls.sh" "$binary" "$qemu" -L "$sysroot" | sed 's/^/   /'
+fi
 
 dir=$(mktemp -d)
 cleanup() {

@@ -65,19 +65,19 @@ cc=${CC:-cc}
 "$cc" -o "$work/binding/probe" -I"$work/binding" '-DMBEDTLS_CONFIG_FILE=<config.h>' -I"$include" "$work/probe.c"
 "$work/library" >"$work/library.txt"
 "$work/binding/probe" >"$work/binding.txt"
-differs=$(diff "$work/library.txt" "$work/binding.txt" | awk '/^</ {print $2}' || true)
+differs=$(diff "$work/library.txt" "$work/binding.txt" | awk '/^</ {print $2}' | paste -sd' ' || true)
 if [ -z "$differs" ]; then
     echo "mbedtls-abi: $(wc -l <"$work/library.txt") PSA types agree between the library's config and psa-crypto-sys's" >&2
     exit 0
 fi
 diff -u --label "Mbed TLS as built" --label "psa-crypto-sys's view" "$work/library.txt" "$work/binding.txt" >&2 || true
-used=$(echo "$differs" | grep -v '_operation_t$' || true)
+used=$(echo "$differs" | tr ' ' '\n' | grep -v '_operation_t$' | paste -sd' ' || true)
 if [ -n "$used" ]; then
     echo "mbedtls-abi: the service passes these with another layout than the library's: $used" >&2
     exit 1
 fi
 if [ "$strict" = --strict ]; then
-    echo "mbedtls-abi: multi-part operation structures differ ($(echo $differs)): build the library with psa-crypto-sys's choices (scripts/mbedtls.sh)" >&2
+    echo "mbedtls-abi: multi-part operation structures differ ($differs): build the library with psa-crypto-sys's choices (scripts/mbedtls.sh)" >&2
     exit 1
 fi
-echo "mbedtls-abi: warning: multi-part operation structures differ ($(echo $differs)); the service calls none of their functions" >&2
+echo "mbedtls-abi: warning: multi-part operation structures differ ($differs); the service calls none of their functions" >&2

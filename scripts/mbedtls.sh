@@ -92,7 +92,7 @@ src="$apt_dir/src/mbedtls-$upstream"
 if [ ! -d "$src" ]; then
     log "downloading mbedtls $version (checked against the signed index)"
     (cd "$apt_dir/src" && apt-get "${apt_opts[@]}" -q source --download-only "mbedtls=$version" >/dev/null)
-    dsc=$(ls "$apt_dir/src"/mbedtls_"${version#*:}".dsc)
+    dsc="$apt_dir/src/mbedtls_${version#*:}.dsc"
     (cd "$apt_dir/src" && dpkg-source --no-check -x "$dsc" "$src" >/dev/null)
 fi
 

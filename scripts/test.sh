@@ -22,6 +22,8 @@ cargo check -p parsec-service --no-default-features --features tpm-provider --lo
 cargo check -p parsec-service --no-default-features --features pkcs11-provider --locked
 echo "== systemd units"
 cargo build -p parsec-service --locked
+echo "== Mbed TLS: the linked library is at least the pinned minimum, and thread-safe"
+bash scripts/check-mbedtls.sh target/debug/parsec
 bash scripts/check-systemd.sh
 echo "== init script: start waits for the socket, reports failure with the reason, logs to its file"
 bash scripts/check-init-script.sh target/debug/parsec

@@ -14,9 +14,10 @@
 //! Bounds: the queue holds what the event loop handed over, at most `providers::batch_limit`
 //! requests in flight (the loop's count); one thread.
 
-use super::worker::{Done, Event, Instance, Job, Outbox};
+use super::worker::{Done, Event, Instance, Job, Outbox, Outcome};
 use super::Shared;
-use parsec_interface::requests::ProviderId;
+use crate::error::OpError;
+use parsec_interface::requests::{ProviderId, ResponseStatus};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -184,7 +185,23 @@ fn second_thread(
             if let Some(job) = state.jobs.pop_front() {
                 state.running = true;
                 drop(state);
-                let done: Done = super::batch::run_shared(instance, provider, shared, job);
+                let (ticket, app) = (job.ticket, job.app.clone());
+                // A bug must not leave a client unanswered and the provider busy for good.
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    super::batch::run_shared(instance, provider, shared, job)
+                }))
+                .unwrap_or_else(|_| Done {
+                    instance,
+                    provider,
+                    ticket,
+                    app,
+                    outcome: Outcome::Finished(Err(OpError::new(
+                        ResponseStatus::PsaErrorGenericError,
+                        "the software provider's second crypto thread panicked",
+                        "a bug: report it with the log",
+                    ))),
+                    changes: Vec::new(),
+                });
                 outbox.deliver([Event::Done(done)]);
                 state = inner.lock();
                 state.running = false;
