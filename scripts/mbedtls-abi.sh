@@ -65,13 +65,15 @@ cc=${CC:-cc}
 "$cc" -o "$work/binding/probe" -I"$work/binding" '-DMBEDTLS_CONFIG_FILE=<config.h>' -I"$include" "$work/probe.c"
 "$work/library" >"$work/library.txt"
 "$work/binding/probe" >"$work/binding.txt"
-differs=$(diff "$work/library.txt" "$work/binding.txt" | awk '/^</ {print $2}' | paste -sd' ' || true)
+# (Only tools Yocto's HOSTTOOLS has: no paste.)
+differs=$(diff "$work/library.txt" "$work/binding.txt" | awk '/^</ {printf "%s%s", sep, $2; sep = " "}' || true)
 if [ -z "$differs" ]; then
     echo "mbedtls-abi: $(wc -l <"$work/library.txt") PSA types agree between the library's config and psa-crypto-sys's" >&2
     exit 0
 fi
 diff -u --label "Mbed TLS as built" --label "psa-crypto-sys's view" "$work/library.txt" "$work/binding.txt" >&2 || true
-used=$(echo "$differs" | tr ' ' '\n' | grep -v '_operation_t$' | paste -sd' ' || true)
+used=$(echo "$differs" | tr ' ' '\n' | grep -v '_operation_t$' | tr '\n' ' ' || true)
+used=${used% }
 if [ -n "$used" ]; then
     echo "mbedtls-abi: the service passes these with another layout than the library's: $used" >&2
     exit 1

@@ -72,7 +72,7 @@ pub(super) fn check(check_type: CheckType, attributes: Attributes) -> Result<(),
         || flags.derive()
     {
         use parsec_interface::operations::psa_algorithm::{
-            Algorithm, AsymmetricSignature, KeyAgreement, RawKeyAgreement,
+            Algorithm, KeyAgreement, RawKeyAgreement,
         };
         match alg {
             Algorithm::AsymmetricSignature(sig) => {
