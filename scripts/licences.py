@@ -10,7 +10,8 @@ package (x86_64 and aarch64): what the binary links (normal dependencies) and wh
 (build dependencies: bindgen, cmake, cc). `cargo metadata` says which, from Cargo.lock.
 
 - debian/copyright (DEP-5) lists every one of them with its own licence expression, plus
-  Mbed TLS (inside psa-crypto-sys), and a stand-alone paragraph per licence.
+  Mbed TLS (the 3.6 build scripts/mbedtls.sh compiles in, and psa-crypto-sys's own
+  copy), and a stand-alone paragraph per licence.
 - The binary's licence set: the crates it links, each OR expression resolved the way the
   Yocto recipe's LICENSE does it (Apache-2.0 first, then MIT). It must equal the recipe's
   LICENSE and the Buildroot package's _LICENSE.
@@ -273,7 +274,15 @@ def copyright_text(every, linked):
             out += [f"Files: vendor/{name}-{ver}/vendor/*",
                     "Copyright: The Mbed TLS contributors",
                     "License: Apache-2.0",
-                    "Comment: Mbed TLS, compiled into the binary (the software provider)", ""]
+                    "Comment: psa-crypto-sys's copy of Mbed TLS 3.0.0: only its config script",
+                    " runs at build time; none of it is compiled in", "",
+                    "Files: .deps/apt/src/mbedtls-*/*",
+                    "Copyright: The Mbed TLS contributors",
+                    "License: Apache-2.0",
+                    "Comment: Mbed TLS 3.6 LTS from Debian trixie's mbedtls source package",
+                    " (scripts/mbedtls.sh), compiled into the binary (the software provider).",
+                    " Upstream offers it under Apache-2.0 or GPL-2.0-or-later; used here under",
+                    " Apache-2.0.", ""]
     for name in sorted(names):
         text = special_text(name, every)
         if text is None:

@@ -63,7 +63,7 @@ fn parse_args() -> Result<Option<Args>, String> {
             },
             "--version" | "-V" => {
                 println!(
-                    "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured){}",
+                    "parsec {} (providers: {}; threads: 1 event loop + 1 key store writer + 1 worker per provider configured, the software provider's with a second crypto thread when its Mbed TLS is thread-safe){}",
                     env!("CARGO_PKG_VERSION"),
                     config::built_in_providers().join(", "),
                     crypto_library()

@@ -196,7 +196,7 @@ impl Dispatcher {
             dispatcher.slots.push(slot);
         }
         log::info!(
-            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {} provider workers",
+            "key store: {} keys loaded, {} damaged entries skipped; threads: 1 event loop + 1 key store writer + {} provider workers (+1 crypto thread for a thread-safe software provider)",
             dispatcher.store.len(),
             dispatcher.store.damaged_total(),
             dispatcher.slots.len()
