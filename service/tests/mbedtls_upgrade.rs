@@ -9,8 +9,8 @@
 
 mod common;
 
-use common::recorded::{assert_served, Recorded};
-use common::{fresh_dir, Daemon};
+use common::recorded::{assert_served, copy_fixture, Recorded};
+use common::Daemon;
 use parsec_client::core::interface::operations::psa_algorithm::Hash;
 use parsec_client::core::interface::requests::ProviderId;
 use std::collections::BTreeSet;
@@ -37,14 +37,7 @@ fn keys_made_on_mbed_tls_3_0_are_served_by_the_3_6_build() {
     let recorded_with = std::fs::read_to_string(format!("{FIXTURE}/VERSION")).unwrap();
     assert!(recorded_with.contains("mbed TLS 3.0.0"), "{recorded_with}");
 
-    let dir = fresh_dir("mbedtls-upgrade");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{FIXTURE}/."))
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let dir = copy_fixture(FIXTURE, "mbedtls-upgrade");
     let text = std::fs::read_to_string(dir.join("config.toml"))
         .unwrap()
         .replace("@DIR@", &dir.display().to_string());
@@ -80,16 +73,14 @@ fn keys_made_on_mbed_tls_3_0_are_served_by_the_3_6_build() {
             "{name} must be as the 3.0 build wrote it"
         );
     }
-    let listed: BTreeSet<String> = client
+    let listed: Vec<String> = client
         .list_keys()
         .unwrap()
         .into_iter()
         .map(|k| k.name)
         .collect();
-    let expected: BTreeSet<String> = ["ecc-sign", "rsa-sign", "rsa-decrypt", "made-on-3.6"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let listed: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+    let expected = BTreeSet::from(["ecc-sign", "rsa-sign", "rsa-decrypt", "made-on-3.6"]);
     assert_eq!(listed, expected);
 
     // The service's log says which Mbed TLS it runs on.

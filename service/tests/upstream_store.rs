@@ -12,8 +12,8 @@
 
 mod common;
 
-use common::recorded::{assert_served, Recorded, MESSAGE};
-use common::{fresh_dir, Daemon, Swtpm};
+use common::recorded::{assert_served, copy_fixture, Recorded, MESSAGE};
+use common::{Daemon, Swtpm};
 use parsec_client::core::interface::requests::ProviderId;
 use parsec_client::BasicClient;
 use sha2::{Digest, Sha256};
@@ -63,14 +63,7 @@ fn upstream_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn device(variant: &str, name: &str) -> Device {
-    let dir = fresh_dir(name);
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(format!("{FIXTURES}/{variant}/."))
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let dir = copy_fixture(&format!("{FIXTURES}/{variant}"), name);
     std::fs::write(
         dir.join("softhsm2.conf"),
         format!(

@@ -24,6 +24,19 @@ pub struct Recorded {
     pub ciphertext: Option<Vec<u8>>,
 }
 
+/// A fresh copy of a fixture directory (`cp -a`: modes and times kept), named `name`.
+pub fn copy_fixture(fixture: &str, name: &str) -> PathBuf {
+    let dir = super::fresh_dir(name);
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{fixture}/."))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "copying {fixture}");
+    dir
+}
+
 impl Recorded {
     /// The keys of a fixture's keys.txt.
     pub fn read(path: &Path) -> Vec<Recorded> {
