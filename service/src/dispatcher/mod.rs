@@ -398,7 +398,8 @@ impl Dispatcher {
         };
         if running.takes_more_reads(limit) {
             // Its second crypto thread serves reads as they come; what changes keys waits
-            // until everything in flight is back (one batch of those at a time, as before).
+            // until everything in flight is back (one batch of those at a time, as before),
+            // and no read queued behind it overtakes it.
             let batch = slots::next_read_batch(&mut slot.queue, limit - running.in_flight);
             if !batch.is_empty() {
                 let id = slot.id;

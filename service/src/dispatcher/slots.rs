@@ -260,23 +260,22 @@ pub(super) fn next_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Wai
     batch
 }
 
-/// More work for a busy instance that shares (`Running::takes_more_reads`): up to
-/// `limit` requests that change nothing, taken from anywhere in the queue (the others stay
-/// in order). Everything queued was sent concurrently (nothing of it has been answered), so
-/// running a read before a create, destroy or another read queued ahead of it is one of the
-/// orders the clients may see.
+/// More work for a busy instance that shares (`Running::takes_more_reads`): up to `limit`
+/// requests that change nothing, from the front of the queue, in order. It stops at the
+/// first request that changes keys: that one waits until everything in flight is back
+/// (then it goes in the next batch), so a steady stream of reads never starves a create or
+/// a destroy queued among them.
 pub(super) fn next_read_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Waiting> {
     let mut batch = Vec::new();
-    let mut kept = VecDeque::with_capacity(queue.len());
-    while let Some(waiting) = queue.pop_front() {
-        let reads = matches!(&waiting.work, Work::Op(op) if crate::providers::changes_nothing(op));
-        if reads && batch.len() < limit {
-            batch.push(waiting);
-        } else {
-            kept.push_back(waiting);
+    while batch.len() < limit {
+        let reads = queue.front().is_some_and(
+            |w| matches!(&w.work, Work::Op(op) if crate::providers::changes_nothing(op)),
+        );
+        if !reads {
+            break;
         }
+        batch.extend(queue.pop_front());
     }
-    *queue = kept;
     batch
 }
 
@@ -322,5 +321,49 @@ pub(super) fn name_created_by(op: &NativeOperation) -> Option<&str> {
         NativeOperation::PsaGenerateKey(o) => Some(&o.key_name),
         NativeOperation::PsaImportKey(o) => Some(&o.key_name),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{next_read_batch, Waiting};
+    use crate::key_store::AppId;
+    use crate::providers::worker::Work;
+    use parsec_interface::operations::{psa_destroy_key, psa_export_public_key, NativeOperation};
+    use parsec_interface::requests::AuthType;
+    use std::collections::VecDeque;
+
+    fn waiting(ticket: u64, op: NativeOperation) -> Waiting {
+        Waiting {
+            ticket,
+            app: AppId::new(AuthType::Direct, "app"),
+            work: Work::Op(op),
+        }
+    }
+
+    fn read(ticket: u64) -> Waiting {
+        let key_name = format!("k{ticket}");
+        waiting(
+            ticket,
+            NativeOperation::PsaExportPublicKey(psa_export_public_key::Operation { key_name }),
+        )
+    }
+
+    #[test]
+    fn reads_handed_to_a_busy_provider_never_overtake_a_change() {
+        let destroy = NativeOperation::PsaDestroyKey(psa_destroy_key::Operation {
+            key_name: "k3".into(),
+        });
+        let mut queue: VecDeque<Waiting> =
+            VecDeque::from([read(1), read(2), waiting(3, destroy), read(4), read(5)]);
+        let batch = next_read_batch(&mut queue, 32);
+        let tickets = |w: &[Waiting]| w.iter().map(|w| w.ticket).collect::<Vec<_>>();
+        assert_eq!(tickets(&batch), [1, 2]);
+        // The destroy waits for everything in flight, with the reads behind it.
+        assert_eq!(tickets(queue.make_contiguous()), [3, 4, 5]);
+        assert!(next_read_batch(&mut queue, 32).is_empty());
+        // The limit counts what may still go in flight.
+        let mut queue = VecDeque::from([read(6), read(7), read(8)]);
+        assert_eq!(tickets(&next_read_batch(&mut queue, 2)), [6, 7]);
     }
 }
