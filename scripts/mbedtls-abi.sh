@@ -26,10 +26,23 @@ trap 'rm -rf "$work"' EXIT
 # psa-crypto-sys's source, where cargo keeps it (fetched if need be), and its config.
 sys_dir=${PSA_CRYPTO_SYS_DIR:-}
 if [ -z "$sys_dir" ]; then
-    manifest=$(cd "$root" && cargo metadata --format-version 1 --locked 2>/dev/null |
+    command -v cargo >/dev/null || {
+        echo "mbedtls-abi: no cargo on PATH to find psa-crypto-sys's source (or set PSA_CRYPTO_SYS_DIR)" >&2
+        exit 1
+    }
+    # cargo metadata downloads and unpacks the locked crates it does not have yet.
+    metadata=$(cd "$root" && cargo metadata --format-version 1 --locked) || {
+        echo "mbedtls-abi: cargo metadata failed (above): cannot find psa-crypto-sys's source" >&2
+        exit 1
+    }
+    manifest=$(printf '%s' "$metadata" |
         python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="psa-crypto-sys"))')
     sys_dir=$(dirname "$manifest")
 fi
+[ -f "$sys_dir/vendor/scripts/config.py" ] || {
+    echo "mbedtls-abi: $sys_dir has no vendor/scripts/config.py (psa-crypto-sys 0.12's)" >&2
+    exit 1
+}
 mkdir -p "$work/binding"
 python3 "$sys_dir/vendor/scripts/config.py" --write "$work/binding/config.h" crypto
 

@@ -265,8 +265,10 @@ pub fn build(
 
 /// How many waiting requests a provider's worker takes at once (each on a different key).
 /// The software provider computes: a batch of requests shares its fsyncs (`Provider::flush`,
-/// then the key store's group commit). A device serializes its commands anyway: one at a
-/// time, so that each request sees every change the one before it made.
+/// then the key store's group commit); with a second crypto thread it is also the most
+/// requests it has in flight while reads stream in (`Running::takes_more_reads`). A device
+/// serializes its commands anyway: one at a time, so that each request sees every change the
+/// one before it made.
 pub fn batch_limit(kind: &ProviderKind) -> usize {
     match kind {
         ProviderKind::MbedCrypto { .. } => 32,

@@ -16,7 +16,9 @@
 //! writes a batch's temporary files, the writer makes them durable (syncs, renames), and the
 //! loop answers the batch's clients when it reports back; meanwhile it serves everyone else.
 //!
-//! Threads: the event loop, the store's writer, plus one per provider configured.
+//! Threads: the event loop, the store's writer, plus one per provider configured; the
+//! software provider's worker on a thread-safe Mbed TLS has a second crypto thread for the
+//! operations that change nothing (`pool.rs`).
 
 pub use super::store_writer::StoreWriter;
 use super::{Change, Deferred, Limits, Provider, Shared, Snapshot};
