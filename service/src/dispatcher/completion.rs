@@ -25,6 +25,8 @@ impl Dispatcher {
     /// response, or a request now running in a child process. The key changes of all of them
     /// are stored first, together: a client hears of a key only once it is in the store.
     pub fn completed(&mut self) -> Vec<(u64, Dispatched)> {
+        // The answers of the last call have been sent by now, whoever called.
+        self.answers_sent();
         let mut answers = Vec::new();
         for (ticket, error) in std::mem::take(&mut self.failed) {
             if let Some(t) = self.tickets.remove(&ticket) {
@@ -38,6 +40,19 @@ impl Dispatcher {
         }
         answers.extend(self.handle(events));
         self.fold_chunks(answers)
+    }
+
+    /// The answers `completed` returned are written to their clients: the key material of
+    /// the entries their commits removed goes now (on each key's worker, behind its jobs).
+    pub fn answers_sent(&mut self) {
+        for (instance, entry) in std::mem::take(&mut self.destroy_after_answers) {
+            match self.running_mut(instance) {
+                Some(running) => running.destroy_material(entry),
+                None => log::error!(
+                    "provider instance {instance} stopped before a removed key's material was destroyed (resolved at the next start); report this as a bug"
+                ),
+            }
+        }
     }
 
     /// Finished requests go into one group commit; finished commits answer their requests.
@@ -82,7 +97,10 @@ impl Dispatcher {
         let mut answers = self.completed();
         loop {
             match answers.into_iter().find(|(t, _)| *t == ticket) {
-                Some((_, Dispatched::Done(response))) => return response,
+                Some((_, Dispatched::Done(response))) => {
+                    self.answers_sent();
+                    return response;
+                }
                 Some((_, Dispatched::Deferred(mut pending))) => {
                     let mut output = Vec::new();
                     let _ = std::io::Read::read_to_end(&mut pending.job.output, &mut output);
@@ -171,6 +189,7 @@ impl Dispatcher {
         committed: Result<(), OpError>,
     ) -> Vec<(u64, Dispatched)> {
         let mut answers = Vec::new();
+        let mut deferred = Vec::new();
         let any_created = settling.iter().any(|s| !s.created.is_empty());
         let any_removed = settling.iter().any(|s| !s.to_destroy.is_empty());
         if committed.is_ok() && any_created {
@@ -197,9 +216,9 @@ impl Dispatcher {
                     for entry in s.created {
                         running.committed(entry);
                     }
-                    for entry in s.to_destroy {
-                        running.destroy_material(entry);
-                    }
+                    // After the answer is written (`answers_sent`).
+                    let instance = s.instance;
+                    deferred.extend(s.to_destroy.into_iter().map(|e| (instance, e)));
                     Ok(s.result)
                 }
                 (_, None) if changed => {
@@ -215,6 +234,7 @@ impl Dispatcher {
             let response = self.respond(s.header, Some(&s.app.name), outcome);
             answers.push((s.ticket, Dispatched::Done(response)));
         }
+        self.destroy_after_answers.extend(deferred);
         answers
     }
 

@@ -126,6 +126,10 @@ pub struct Dispatcher {
     /// Tickets answered without their worker (refused before it ran, or the worker is
     /// gone), answered by `completed`.
     failed: Vec<(u64, OpError)>,
+    /// Key material to destroy once the answers of the commit that removed its entries are
+    /// written (`answers_sent`): a crash in between leaves a tombstone, resolved at the next
+    /// start, and never a client that was not told its key is gone.
+    destroy_after_answers: Vec<(providers::worker::Instance, crate::key_store::KeyEntry)>,
     limits: Limits,
     /// Makes the key store's group commits durable, off the loop.
     writer: StoreWriter,
@@ -167,6 +171,7 @@ impl Dispatcher {
             tickets: HashMap::new(),
             next_ticket: 1,
             failed: Vec::new(),
+            destroy_after_answers: Vec::new(),
             limits,
             writer,
             committing: HashMap::new(),
@@ -235,6 +240,8 @@ impl Dispatcher {
     /// the main thread while the worker's `C_Finalize` and `dlclose` run them too, and the
     /// main thread then waits forever on a lock in unmapped code (seen: one stop in ten).
     pub fn stop(&mut self, timeout: Duration) {
+        // The last answers are out: what they removed goes before the workers end.
+        self.answers_sent();
         let mut workers = Vec::new();
         for slot in self.slots.drain(..) {
             let name = format!("provider \"{}\"", slot.settings.name);

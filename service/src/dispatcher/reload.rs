@@ -225,13 +225,18 @@ impl Dispatcher {
     }
 
     /// Whether a retiring instance has nothing left in hand: no job with its worker, no
-    /// child process of its, no job pinned to it, no commit of its changes in flight.
+    /// child process of its, no job pinned to it, no commit of its changes in flight, no key
+    /// material waiting for an answer to be sent before it goes.
     fn drained(&self, r: usize) -> bool {
         let running = &self.retiring[r].running;
         let instance = running.instance();
         running.in_flight == 0
             && running.deferred == 0
             && running.pinned.is_empty()
+            && !self
+                .destroy_after_answers
+                .iter()
+                .any(|(i, _)| *i == instance)
             && !self
                 .committing
                 .values()

@@ -372,6 +372,8 @@ impl Server {
     fn deliver_completed(&mut self) {
         let answers = self.dispatcher.completed();
         self.deliver(answers);
+        // Written (or queued behind a slow reader): removed keys' material may go now.
+        self.dispatcher.answers_sent();
     }
 
     fn deliver(&mut self, answers: Vec<(u64, Dispatched)>) {
