@@ -136,12 +136,7 @@ fn a_full_disk_refuses_new_keys_and_loses_none() {
         stored.len()
     );
     // Nothing stored before is lost, and the service still serves.
-    let listed: Vec<String> = client
-        .list_keys()
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
+    let listed: Vec<String> = common::key_names(&client);
     assert_eq!(listed.len(), stored.len());
     for name in &stored {
         client

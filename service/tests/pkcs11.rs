@@ -278,12 +278,7 @@ fn existing_keys_made_by_pkcs11_tool() {
     let mut soft = daemon.client("carol");
     soft.set_implicit_provider(ProviderId::MbedCrypto);
 
-    let listed: Vec<String> = client
-        .list_keys()
-        .unwrap()
-        .into_iter()
-        .map(|k| k.name)
-        .collect();
+    let listed: Vec<String> = common::key_names(&client);
     for name in ["device-identity", "device-rsa", "scratch"] {
         assert!(listed.contains(&name.to_string()), "{listed:?}");
     }

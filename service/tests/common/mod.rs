@@ -1142,6 +1142,7 @@ pub fn assert_raw_ecdh_matches_openssl(
     assert!(failures.is_empty(), "{failures:#?}\n{}", daemon.log_text());
 }
 
+/// The names ListKeys gives this client.
 pub fn key_names(client: &BasicClient) -> Vec<String> {
     client
         .list_keys()
