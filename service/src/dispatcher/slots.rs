@@ -268,10 +268,7 @@ pub(super) fn next_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Wai
 pub(super) fn next_read_batch(queue: &mut VecDeque<Waiting>, limit: usize) -> Vec<Waiting> {
     let mut batch = Vec::new();
     while batch.len() < limit {
-        let reads = queue.front().is_some_and(
-            |w| matches!(&w.work, Work::Op(op) if crate::providers::changes_nothing(op)),
-        );
-        if !reads {
+        if !queue.front().is_some_and(|w| w.work.changes_nothing()) {
             break;
         }
         batch.extend(queue.pop_front());

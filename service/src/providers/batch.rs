@@ -6,10 +6,11 @@
 //! [`run_shared`].
 
 use super::worker::{Done, Instance, Job, Outcome, Work};
-use super::{AppKeys, Change, Provider, Shared, Start};
+use super::{AppKeys, Change, Provider, Shared, Snapshot, Start};
 use crate::error::OpError;
+use crate::key_store::AppId;
 use parsec_interface::operations::NativeResult;
-use parsec_interface::requests::ResponseStatus;
+use parsec_interface::requests::{ProviderId, ResponseStatus};
 
 /// Runs a batch; the results come back in the order of `jobs`.
 pub(super) fn run(
@@ -36,7 +37,7 @@ pub(super) fn run(
 /// An operation that changes nothing, on either of the pool's threads.
 pub(super) fn run_shared(
     instance: Instance,
-    id: parsec_interface::requests::ProviderId,
+    id: ProviderId,
     shared: &dyn Shared,
     mut job: Job,
 ) -> Done {
@@ -45,20 +46,41 @@ pub(super) fn run_shared(
         Work::Op(op) => shared.execute(op, keys),
         _ => Err(OpError::new(
             ResponseStatus::PsaErrorGenericError,
-            "a request that changes keys reached the shared part of a batch",
+            "a request that changes keys reached the second crypto thread's queue",
             "report this as a bug",
         )),
     };
-    let changes = match result {
-        Ok(_) => std::mem::take(&mut job.snapshot.changes),
-        Err(_) => Vec::new(),
+    let outcome = Outcome::Finished(result);
+    done(
+        instance,
+        id,
+        job.ticket,
+        job.app,
+        &mut job.snapshot,
+        outcome,
+    )
+}
+
+/// How a job ended, with the key changes it made if it finished well (a failed or deferred
+/// operation changes nothing, yet).
+fn done(
+    instance: Instance,
+    provider: ProviderId,
+    ticket: u64,
+    app: AppId,
+    snapshot: &mut Snapshot,
+    outcome: Outcome,
+) -> Done {
+    let changes = match outcome {
+        Outcome::Finished(Ok(_)) => std::mem::take(&mut snapshot.changes),
+        _ => Vec::new(),
     };
     Done {
         instance,
-        provider: id,
-        ticket: job.ticket,
-        app: job.app,
-        outcome: Outcome::Finished(result),
+        provider,
+        ticket,
+        app,
+        outcome,
         changes,
     }
 }
@@ -78,19 +100,14 @@ fn run_job(instance: Instance, provider: &mut (dyn Provider + Send), mut job: Jo
         Work::Complete(state, output) => Outcome::Finished(provider.complete(state, output, keys)),
         Work::Forget(names) => Outcome::Finished(forget(provider, keys, &names)),
     };
-    // A failed or deferred operation changes nothing (yet).
-    let changes = match outcome {
-        Outcome::Finished(Ok(_)) => std::mem::take(&mut job.snapshot.changes),
-        _ => Vec::new(),
-    };
-    Done {
+    done(
         instance,
-        provider: id,
-        ticket: job.ticket,
-        app: job.app,
+        id,
+        job.ticket,
+        job.app,
+        &mut job.snapshot,
         outcome,
-        changes,
-    }
+    )
 }
 
 /// One chunk of a DeleteClient: a tombstone for each key (durable with the batch's `flush`,

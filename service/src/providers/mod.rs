@@ -133,9 +133,9 @@ pub trait Provider {
     fn id(&self) -> ProviderId;
 
     /// The part of the provider a second thread may run at the same time as this one, for
-    /// the operations it `takes` (they change nothing the provider keeps), when its library
-    /// is thread-safe: the worker runs a batch's such operations on two threads
-    /// (`batch.rs`). `None`: everything runs on the worker's thread.
+    /// the operations that change nothing it keeps (`changes_nothing`), when its library is
+    /// thread-safe: the worker runs them on two threads (`pool.rs`). `None`: everything runs
+    /// on the worker's thread.
     fn shared(&self) -> Option<std::sync::Arc<dyn Shared>> {
         None
     }
@@ -195,8 +195,8 @@ pub trait Provider {
 }
 
 /// Whether an operation leaves what a provider keeps as it was (no key made, destroyed or
-/// recorded): what a provider's shared part may run (`Shared::takes`), and what the event
-/// loop may hand such a provider in a second batch while its first runs.
+/// recorded): what a provider's shared part runs (`Shared`), and what the event loop may
+/// hand such a provider while it is busy (`worker::Work::changes_nothing`).
 pub fn changes_nothing(op: &NativeOperation) -> bool {
     !matches!(
         op,
@@ -208,10 +208,8 @@ pub fn changes_nothing(op: &NativeOperation) -> bool {
 
 /// Operations of a provider that may run on two threads at once (`Provider::shared`).
 pub trait Shared: Send + Sync {
-    /// Whether this operation may run through `execute`, on any thread.
-    fn takes(&self, op: &NativeOperation) -> bool;
-
-    /// Runs one operation `takes` accepted, for one application.
+    /// Runs one operation that changes nothing (`changes_nothing`), for one application, on
+    /// any thread.
     fn execute(&self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError>;
 }
 

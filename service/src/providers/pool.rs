@@ -128,10 +128,14 @@ impl Pool {
     /// Runs the next queued job on the calling thread (the worker's) and sends its result;
     /// false if there was none.
     pub(super) fn run_one(&self) -> bool {
-        let Some(job) = self.inner.lock().jobs.pop_front() else {
-            return false;
+        let job = {
+            let mut state = self.inner.lock();
+            let Some(job) = state.jobs.pop_front() else {
+                return false;
+            };
+            state.ran[0] += 1;
+            job
         };
-        self.inner.lock().ran[0] += 1;
         let done = super::batch::run_shared(self.instance, self.provider, self.shared(), job);
         self.outbox.deliver([Event::Done(done)]);
         true

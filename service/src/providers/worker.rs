@@ -21,7 +21,7 @@
 //! operations that change nothing (`pool.rs`).
 
 pub use super::store_writer::StoreWriter;
-use super::{Change, Deferred, Limits, Provider, Shared, Snapshot};
+use super::{Change, Deferred, Limits, Provider, Snapshot};
 use crate::config::ProviderSettings;
 use crate::error::OpError;
 use crate::key_store::{AppId, Committed, KeyEntry, KeyStore};
@@ -44,6 +44,14 @@ pub enum Work {
     /// entries' removal is durable (one chunk of a DeleteClient): a tombstone for each
     /// (`Provider::before_forget`), made durable with the batch, then the removals.
     Forget(Vec<String>),
+}
+
+impl Work {
+    /// Whether it changes nothing its provider keeps (`providers::changes_nothing`): what a
+    /// provider's second crypto thread runs, and what the loop may hand a busy one.
+    pub fn changes_nothing(&self) -> bool {
+        matches!(self, Work::Op(op) if super::changes_nothing(op))
+    }
 }
 
 /// A request handed to a worker.
@@ -363,11 +371,6 @@ impl Worker {
     }
 }
 
-/// Whether a job may run in a batch's shared part.
-pub(super) fn takes(shared: &dyn Shared, job: &Job) -> bool {
-    matches!(&job.work, Work::Op(op) if shared.takes(op))
-}
-
 fn run(
     instance: Instance,
     mut provider: Box<dyn Provider + Send>,
@@ -404,7 +407,7 @@ fn run(
                     continue;
                 };
                 let (reads, changes): (Vec<Job>, Vec<Job>) =
-                    jobs.into_iter().partition(|job| takes(pool.shared(), job));
+                    jobs.into_iter().partition(|job| job.work.changes_nothing());
                 if !changes.is_empty() {
                     let _paused = pool.pause();
                     let batch = super::batch::run(instance, provider.as_mut(), changes);

@@ -42,8 +42,8 @@ pub fn spawn(attributes: Attributes) -> Result<(File, Pid), OpError> {
     })?;
     // SAFETY: the child has only this thread, the software provider's worker, which is the
     // only one that uses Mbed TLS now (the event loop and the device workers never do; the
-    // second crypto thread exists only during a batch's shared phase, which comes after its
-    // key generations start, `providers::batch`; and this one is between two calls), so
+    // second crypto thread is paused while a generation starts, done with its job and
+    // waiting, `providers::pool`; and this one is between two calls), so
     // Mbed TLS's state, its mutexes included, is a consistent copy; glibc's malloc is made usable in a forked child by its own fork
     // handlers. The child only uses Mbed TLS, the allocator and its end of the pipe, takes no
     // lock another thread may hold (no logging), and leaves with _exit, never returning into

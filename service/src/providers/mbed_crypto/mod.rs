@@ -6,10 +6,11 @@
 //! absolute by then. The key store maps (application, name) to the key id.
 //!
 //! The provider runs on a worker thread of its own, in batches of requests on different keys.
-//! On Mbed TLS 3.6 built thread-safe (`version::thread_safe`), a batch's operations that
-//! change nothing (`reader.rs`: signatures, decryptions, exports) run on two threads, after
-//! the batch's creates and destroys, which stay on the worker's thread; on an older or
-//! unthreaded Mbed TLS the worker's thread is the only one that calls it.
+//! On Mbed TLS 3.6 built thread-safe (`version::thread_safe`), the operations that change
+//! nothing (`reader.rs`: signatures, decryptions, exports) run on that thread and a second
+//! one (`providers::pool`); creates and destroys stay on the worker's thread, with the
+//! second one paused. On an older or unthreaded Mbed TLS the worker's thread is the only
+//! one that calls it.
 //!
 //! Key files are destroyed only on positive evidence (`journal`): an intent record is
 //! written before a key file is made, a tombstone before a key is forgotten; start-up
@@ -484,7 +485,8 @@ impl MbedCryptoProvider {
         });
         if let Err(e) = stored {
             // SAFETY: nothing else uses the key being undone: it was made just now and no
-            // entry names it (a batch's creates run before its shared phase, on this thread).
+            // entry names it (creates run on this thread with the second crypto thread
+            // paused, `providers::pool`).
             if unsafe { key_management::destroy(key) }.is_ok() {
                 self.unsynced.retain(|&u| u != id);
                 self.used_ids.remove(&id);
@@ -501,7 +503,7 @@ impl MbedCryptoProvider {
     fn destroy_id(&mut self, id: u32) -> Result<(), OpError> {
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
         // SAFETY: no operation on this key can be in flight: its entry is gone, and this runs
-        // between batches, when the worker's thread is the only one using Mbed TLS.
+        // at start-up, before the second crypto thread exists.
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
         self.reader.verified.forget(id);
         journal::sync_dir(&self.reader.storage_dir).map_err(|e| {
@@ -612,8 +614,9 @@ impl Provider for MbedCryptoProvider {
     fn destroy_material(&mut self, entry: &KeyEntry) -> Result<(), OpError> {
         let id = key_id_of(entry)?;
         let key = Id::from_persistent_key_id(id).map_err(|e| psa_error("opening the key", e))?;
-        // SAFETY: no operation on this key can be in flight: its entry is gone, and this runs
-        // between batches, when the worker's thread is the only one using Mbed TLS.
+        // SAFETY: no operation on this key can be in flight: its entry is gone (durably, and
+        // its removal answered), and this runs on the worker's thread with the second crypto
+        // thread paused (`providers::pool`).
         unsafe { key_management::destroy(key) }.map_err(|e| psa_error("psa_destroy_key", e))?;
         self.reader.verified.forget(id);
         self.used_ids.remove(&id);

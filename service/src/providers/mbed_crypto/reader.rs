@@ -3,9 +3,9 @@
 //!
 //! They need only the key's entry (from the request's snapshot), the key file's digest check
 //! and Mbed TLS. On a thread-safe Mbed TLS (3.6 with MBEDTLS_THREADING_C, `version.rs`) a
-//! [`Reader`] is shared with a second thread: the worker runs a batch's operations of this
-//! kind on two threads at once (`providers::batch`), while everything that makes, destroys
-//! or records keys stays on the worker's own thread, before them.
+//! [`Reader`] is shared with a second thread: the worker's thread and that one take these
+//! operations from one queue (`providers::pool`), while everything that makes, destroys or
+//! records keys runs on the worker's own thread with the second one idle.
 
 use super::{
     actual_bits, capabilities, digests, key_file, key_id_of, message, psa_error, recorded_digest,
@@ -76,10 +76,6 @@ impl Reader {
 }
 
 impl Shared for Reader {
-    fn takes(&self, op: &NativeOperation) -> bool {
-        crate::providers::changes_nothing(op)
-    }
-
     fn execute(&self, op: NativeOperation, keys: AppKeys<'_>) -> Result<NativeResult, OpError> {
         match op {
             NativeOperation::PsaExportPublicKey(op) => {
